@@ -1,0 +1,34 @@
+# nudiff: `make demo` runs the main job, `make test` runs the tests. Both set up .venv
+# first (idempotent: it reinstalls only when a pyproject or the constraints change).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PACKAGES := packages/nudiff-postproc
+STAMP := $(VENV)/.nudiff-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# every local package in one pip call: their metadata name each other by name only
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		$(foreach p,$(PACKAGES),-e $(p)[test]) "ruff>=0.5"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check packages tools tests
+
+clean:
+	rm -rf $(VENV) demo_out bench_out .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""Shared test fixtures: where ../shared is (data and reference fixtures), or a skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+
+
+def shared_dir() -> Path | None:
+    """``$NUDIFF_SHARED`` or ``../shared`` beside the repository, if it exists."""
+    env = os.environ.get("NUDIFF_SHARED")
+    path = Path(env) if env else ROOT.parent / "shared"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared (data and reference fixtures) is not beside the repository; set NUDIFF_SHARED")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity(shared: Path) -> dict[str, np.ndarray]:
+    """The reference outputs of HoVer-Net / Nudiff (../shared/fixtures/README.md)."""
+    path = shared / "fixtures" / "parity_kumar256.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def kumar(shared: Path) -> Path:
+    """The MoNuSeg 2018 training folder (images/, instance_maps/, annotations_xml/, splits/)."""
+    path = shared / "data" / "monuseg-train"
+    if not (path / "instance_maps").is_dir():
+        pytest.skip(f"{path} is missing")
+    return path

@@ -1,0 +1,59 @@
+"""nudiff-postproc: nuclei structures, watershed, metrics and label I/O.
+
+numpy, scipy and scikit-image only. Parity with HoVer-Net and the Nudiff paper's code
+is tested on fixtures made with those implementations.
+"""
+
+from ._io import (
+    read_image,
+    read_instance_map,
+    read_monuseg_xml,
+    to_geojson,
+    write_image,
+    write_instance_map,
+)
+from ._labels import compact_labels
+from ._metrics import METRIC_KEYS, OverlapTable, evaluate, overlap_table
+from ._morphology import MORPHOLOGY_FEATURES, morphology_distance, morphology_stats
+from ._patches import extract_patches, patch_origins, stitch
+from ._structure import (
+    DIHEDRAL,
+    encode_structure,
+    hv_maps,
+    transform_image,
+    transform_instance_map,
+    transform_structure,
+)
+from ._synthetic import synthetic_instance_map
+from ._watershed import instances_from_structure, instances_from_structures
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIHEDRAL",
+    "METRIC_KEYS",
+    "MORPHOLOGY_FEATURES",
+    "OverlapTable",
+    "compact_labels",
+    "encode_structure",
+    "evaluate",
+    "extract_patches",
+    "hv_maps",
+    "instances_from_structure",
+    "instances_from_structures",
+    "morphology_distance",
+    "morphology_stats",
+    "overlap_table",
+    "patch_origins",
+    "read_image",
+    "read_instance_map",
+    "read_monuseg_xml",
+    "stitch",
+    "synthetic_instance_map",
+    "to_geojson",
+    "transform_image",
+    "transform_instance_map",
+    "transform_structure",
+    "write_image",
+    "write_instance_map",
+]

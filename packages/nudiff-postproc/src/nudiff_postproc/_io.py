@@ -1,0 +1,339 @@
+"""Instance-map I/O: PNG/TIFF/NPY/HoVer-Net .mat, MoNuSeg XML, GeoJSON for QuPath."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validate import as_instance_map
+
+__all__ = [
+    "read_instance_map",
+    "write_instance_map",
+    "read_image",
+    "write_image",
+    "read_monuseg_xml",
+    "to_geojson",
+    "atomic_path",
+    "INSTANCE_MAP_SUFFIXES",
+    "IMAGE_SUFFIXES",
+]
+
+INSTANCE_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".mat", ".npy")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_PNG_MAX = 65535
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` when
+    the block succeeds, delete it when it fails. Readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _check_readable(path: Path, suffixes: tuple[str, ...], what: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: '{path}'")
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise ValueError(f"'{path}': unsupported {what} format '{suffix}'; expected one of {', '.join(suffixes)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"'{path}' is an empty file; expected a {what}")
+    return suffix
+
+
+def _load(path: Path, loader: Callable[[], Any], what: str) -> Any:
+    try:
+        return loader()
+    except (ValueError, OSError, KeyError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"'{path}' could not be read as {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an instance map.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        ``.png`` (8- or 16-bit grey), ``.tif``/``.tiff``, ``.npy``, or a HoVer-Net ``.mat``
+        with an ``inst_map`` array.
+
+    Returns
+    -------
+    (H, W) ndarray of int32 (int64 when ids exceed the int32 range)
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, TypeError
+        Missing, empty, corrupt or non-integer files, with the path in the message.
+    """
+    path = Path(path)
+    suffix = _check_readable(path, INSTANCE_MAP_SUFFIXES, "instance map")
+    if suffix == ".png":
+        import imageio.v3 as iio
+
+        arr = _load(path, lambda: iio.imread(path, extension=".png"), "a PNG instance map")
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        arr = _load(path, lambda: tifffile.imread(path), "a TIFF instance map")
+    elif suffix == ".npy":
+        arr = _load(path, lambda: np.load(path, allow_pickle=False), "a .npy instance map")
+    else:
+        from scipy.io import loadmat
+
+        mat = _load(path, lambda: loadmat(path), "a MATLAB .mat file")
+        if "inst_map" not in mat:
+            keys = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(f"'{path}' has no 'inst_map' array (HoVer-Net layout); it holds {keys}")
+        arr = mat["inst_map"]
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise ValueError(
+            f"'{path}' is a colour image of shape {arr.shape}; expected a single-channel map of "
+            "integer instance ids (0 = background)"
+        )
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.mod(arr, 1) == 0):
+        arr = arr.astype(np.int64)  # HoVer-Net .mat files often hold whole numbers as double
+    arr = as_instance_map(arr, f"instance map '{path}'")
+    if int(arr.max()) <= np.iinfo(np.int32).max:
+        return arr.astype(np.int32, copy=False)
+    return arr.astype(np.int64, copy=False)
+
+
+def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
+    """Write an instance map atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        ``.png`` (uint16; at most 65,535 ids), ``.tif``/``.tiff`` (uint16 or uint32,
+        zlib-compressed; for more nuclei), ``.npy``, or ``.mat`` (HoVer-Net layout:
+        ``inst_map``, ``inst_uid``, ``inst_centroid`` as x, y).
+    inst : (H, W) ndarray of int
+        Instance map, 0 = background. Not modified.
+
+    Returns
+    -------
+    Path
+        The written path.
+    """
+    path = Path(path)
+    inst = as_instance_map(inst, "inst")
+    suffix = path.suffix.lower()
+    if suffix not in INSTANCE_MAP_SUFFIXES:
+        raise ValueError(f"'{path}': cannot write instance maps as '{suffix}'; use {', '.join(INSTANCE_MAP_SUFFIXES)}")
+    max_id = int(inst.max())
+    with atomic_path(path) as tmp:
+        if suffix == ".png":
+            if max_id > _PNG_MAX:
+                raise ValueError(
+                    f"'{path}': the largest id is {max_id}, more than a 16-bit PNG holds ({_PNG_MAX}); "
+                    "write a .tif instead"
+                )
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp, inst.astype(np.uint16), extension=".png")
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            dtype = np.uint16 if max_id <= _PNG_MAX else np.uint32
+            tifffile.imwrite(tmp, inst.astype(dtype), compression="zlib")
+        elif suffix == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, inst.astype(np.int32 if max_id <= np.iinfo(np.int32).max else np.int64))
+        else:
+            from scipy.io import savemat
+
+            ids = np.unique(inst)
+            ids = ids[ids != 0]
+            centroids = np.zeros((ids.size, 2))
+            if ids.size:
+                from ._labels import compact_labels, instance_stats
+
+                compact, _ = compact_labels(inst)
+                s = instance_stats(compact, ids.size)
+                centroids = np.stack([s.col_sum[1:] / s.area[1:], s.row_sum[1:] / s.area[1:]], axis=1)
+            savemat(
+                tmp,
+                {"inst_map": inst.astype(np.int32), "inst_uid": ids.reshape(-1, 1).astype(np.int32),
+                 "inst_centroid": centroids},
+                do_compression=True,
+            )
+    return path
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an RGB image (PNG, TIFF or JPEG) as ``(H, W, 3)`` uint8; alpha is dropped."""
+    path = Path(path)
+    suffix = _check_readable(path, IMAGE_SUFFIXES, "image")
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        arr = _load(path, lambda: tifffile.imread(path), "a TIFF image")
+    else:
+        import imageio.v3 as iio
+
+        arr = _load(path, lambda: iio.imread(path), "an image")
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"'{path}' has shape {arr.shape}; expected an RGB image (H, W, 3)")
+    if arr.dtype != np.uint8:
+        raise TypeError(f"'{path}' has dtype {arr.dtype}; expected 8-bit RGB (uint8)")
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Write an ``(H, W, 3)`` uint8 RGB image as PNG or TIFF, atomically."""
+    path = Path(path)
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        got = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}"
+        raise ValueError(f"`image` must be an (H, W, 3) uint8 RGB array, got {got}")
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, image, photometric="rgb")
+        elif suffix == ".png":
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp, image, extension=".png")
+        else:
+            raise ValueError(f"'{path}': cannot write images as '{suffix}'; use .png or .tif")
+    return path
+
+
+def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise an Aperio ImageScope XML annotation (MoNuSeg) into an instance map.
+
+    Every ``<Region>`` is one nucleus, numbered in file order from 1. Vertex coordinates
+    in these files are 1-based, so the polygon ``(X - 1, Y - 1)`` is filled (pixels whose
+    centres lie inside it, ``skimage.draw.polygon``). Where outlines overlap, the later
+    region wins; regions with fewer than 3 vertices are skipped.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.xml`` file.
+    shape : (int, int)
+        ``(H, W)`` of the tile (1000 x 1000 for MoNuSeg).
+
+    Returns
+    -------
+    (H, W) ndarray of int32
+    """
+    from skimage.draw import polygon
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"XML annotation file not found: '{path}'")
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 2
+        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape)
+    ):
+        raise ValueError(f"`shape` must be (H, W) with positive integers, got {shape!r}")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise ValueError(f"'{path}' is not valid XML ({exc})") from exc
+    regions = list(root.iter("Region"))
+    if not regions:
+        raise ValueError(f"'{path}' has no <Region> elements; expected Aperio ImageScope annotations")
+    inst = np.zeros(tuple(int(s) for s in shape), np.int32)
+    label = 0
+    for region in regions:
+        try:
+            xy = np.array([[float(v.attrib["X"]), float(v.attrib["Y"])] for v in region.iter("Vertex")])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"'{path}': region {region.attrib.get('Id', '?')} has a malformed <Vertex> ({exc})") from exc
+        if len(xy) < 3:
+            continue
+        rr, cc = polygon(xy[:, 1] - 1, xy[:, 0] - 1, shape=inst.shape)
+        label += 1
+        inst[rr, cc] = label
+    return inst
+
+
+def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | None = None) -> dict[str, Any]:
+    """Nucleus outlines as a GeoJSON ``FeatureCollection`` that QuPath imports.
+
+    Each nucleus becomes a ``Feature`` whose geometry is a ``Polygon`` (a
+    ``MultiPolygon`` when the nucleus has several parts) traced along pixel edges at
+    half-pixel precision (``skimage.measure.find_contours`` at level 0.5), in QuPath's
+    pixel coordinates (x to the right, y down, pixel corners at integers). Properties hold
+    ``objectType`` and the instance id under ``measurements``.
+
+    Parameters
+    ----------
+    inst : (H, W) ndarray of int
+        Instance map. Not modified.
+    object_type : {"detection", "annotation", "cell"}
+    name : str, optional
+        ``properties.name`` of every feature.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable ``FeatureCollection``.
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    inst = as_instance_map(inst, "inst")
+    if object_type not in ("detection", "annotation", "cell"):
+        raise ValueError(f"`object_type` must be 'detection', 'annotation' or 'cell', got {object_type!r}")
+    features = []
+    slices = ndi.find_objects(inst) if int(inst.max()) <= 4 * inst.size else None
+    ids = np.unique(inst)
+    for inst_id in ids[ids != 0]:
+        if slices is not None:
+            sl = slices[int(inst_id) - 1]
+            r0, c0 = sl[0].start, sl[1].start
+            crop = inst[sl] == inst_id
+        else:
+            rr, cc = np.nonzero(inst == inst_id)
+            r0, c0 = rr.min(), cc.min()
+            crop = inst[r0 : rr.max() + 1, c0 : cc.max() + 1] == inst_id
+        parts, n_parts = ndi.label(crop, structure=np.ones((3, 3)))
+        polygons = []
+        for part in range(1, n_parts + 1):
+            padded = np.pad(parts == part, 1).astype(np.float32)
+            contours = find_contours(padded, 0.5)
+            outer = max(contours, key=len)
+            # padded (row, col) -> image pixel centres -> QuPath corner coordinates
+            xy = np.stack([outer[:, 1] - 1 + c0 + 0.5, outer[:, 0] - 1 + r0 + 0.5], axis=1)
+            ring = [[round(float(x), 2), round(float(y), 2)] for x, y in xy]
+            if ring[0] != ring[-1]:
+                ring.append(ring[0])
+            polygons.append([ring])
+        geometry = (
+            {"type": "Polygon", "coordinates": polygons[0]}
+            if len(polygons) == 1
+            else {"type": "MultiPolygon", "coordinates": polygons}
+        )
+        props: dict[str, Any] = {"objectType": object_type, "measurements": {"instance_id": int(inst_id)}}
+        if name is not None:
+            props["name"] = name
+        features.append({"type": "Feature", "geometry": geometry, "properties": props})
+    return {"type": "FeatureCollection", "features": features}

@@ -1,0 +1,128 @@
+"""The OpenCV operations of HoVer-Net's post-processing, with scipy.ndimage.
+
+Each function states which OpenCV call it reproduces and how. nudiff-postproc must not
+depend on OpenCV; these are the exact kernels and border rules OpenCV uses, so that the
+results match the reference implementation.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from math import comb
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["normalize_minmax", "sobel", "gaussian_blur_3x3", "open_ellipse_5x5", "ELLIPSE_5X5"]
+
+#: ``cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))``
+ELLIPSE_5X5 = np.array(
+    [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=bool
+)
+
+#: OpenCV's fixed kernel for a 3-tap Gaussian with sigma <= 0 (``small_gaussian_tab``)
+_GAUSS3 = np.array([0.25, 0.5, 0.25])
+
+
+@lru_cache(maxsize=8)
+def sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-D kernels of ``cv2.getDerivKernels(1, 0, ksize)``.
+
+    Returns
+    -------
+    smooth, deriv : (ksize,) ndarray of float64
+        Binomial smoothing ``C(ksize-1, k)`` and the first difference of the binomial of
+        order ``ksize-2`` (negative on the left), both applied as correlations.
+    """
+    smooth = np.array([comb(ksize - 1, k) for k in range(ksize)], dtype=np.float64)
+    b = [comb(ksize - 2, k) for k in range(ksize - 1)] + [0]
+    deriv = np.array([(b[j - 1] if j > 0 else 0) - b[j] for j in range(ksize)], dtype=np.float64)
+    smooth.flags.writeable = False
+    deriv.flags.writeable = False
+    return smooth, deriv
+
+
+def normalize_minmax(src: np.ndarray) -> np.ndarray:
+    """``cv2.normalize(src, None, 0, 1, cv2.NORM_MINMAX, dtype=cv2.CV_32F)``.
+
+    OpenCV forms ``scale = 1 / (max - min)`` and ``shift = -min * scale`` in float64
+    (scale 0 when ``max - min`` is below float64 epsilon) and converts with
+    ``src * scale + shift``; for float32 input the conversion runs in float32.
+    """
+    lo, hi = float(src.min()), float(src.max())
+    delta = hi - lo
+    scale = 1.0 / delta if delta > np.finfo(np.float64).eps else 0.0
+    shift = -lo * scale
+    if src.dtype == np.float32:
+        out = src * np.float32(scale)
+        out += np.float32(shift)
+        return out
+    return (src * scale + shift).astype(np.float32)
+
+
+def _along_rows(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate every row (axis 1) with ``kernel``, border reflect-101, float64 out."""
+    return ndi.correlate1d(src, kernel, axis=1, mode="mirror", output=np.float64)
+
+
+def _along_cols(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate every column (axis 0): rows of the transposed copy, which is about twice
+    as fast as a strided pass over axis 0. Returns a transposed (Fortran-ordered) view."""
+    return _along_rows(np.ascontiguousarray(src.T), kernel).T
+
+
+def sobel(src: np.ndarray, axis: int, ksize: int = 21) -> np.ndarray:
+    """``cv2.Sobel(src, cv2.CV_64F, dx, dy, ksize)`` with ``dx=1`` for ``axis=1`` and
+    ``dy=1`` for ``axis=0``: separable, float64, border ``BORDER_REFLECT_101``
+    (scipy's ``"mirror"``), the row filter applied first as in OpenCV."""
+    smooth, deriv = sobel_kernels(ksize)
+    if axis == 1:
+        return _along_cols(_along_rows(src, deriv), smooth)
+    return _along_cols(_along_rows(src, smooth), deriv)
+
+
+def gaussian_blur_3x3(src: np.ndarray) -> np.ndarray:
+    """``cv2.GaussianBlur(src, (3, 3), 0)``: OpenCV's fixed ``[1/4, 1/2, 1/4]`` kernel
+    (the tabulated kernel it uses for 3 taps and sigma 0), border ``BORDER_REFLECT_101``
+    (numpy's ``"reflect"`` padding), rows first. ``src`` is 2-D float64."""
+    p = np.pad(src, 1, mode="reflect")
+    rows = 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
+    return 0.25 * rows[:-2] + 0.5 * rows[1:-1] + 0.25 * rows[2:]
+
+
+def _shift_reduce(mask: np.ndarray, erode: bool) -> np.ndarray:
+    # ELLIPSE_5X5 is the union of a 3x5 rectangle and a 5x1 column. Erosion by a union
+    # of structuring elements is the intersection of the erosions (dilation: the union),
+    # and each rectangle separates into 1-D runs of shifted ANDs (ORs) of a padded copy.
+    h, w = mask.shape
+    p = np.pad(mask, 2, constant_values=erode)
+    op = np.logical_and if erode else np.logical_or
+
+    def combine(views: list[np.ndarray]) -> np.ndarray:
+        acc = views[0].copy()
+        for view in views[1:]:
+            op(acc, view, out=acc)
+        return acc
+
+    rows = combine([p[:, i : i + w] for i in range(5)])
+    wide = combine([rows[i : i + h] for i in range(1, 4)])
+    col = p[:, 2 : 2 + w]
+    tall = combine([col[i : i + h] for i in range(5)])
+    return op(wide, tall, out=wide)
+
+
+def open_ellipse_5x5(mask: np.ndarray) -> np.ndarray:
+    """``cv2.morphologyEx(mask, cv2.MORPH_OPEN, ELLIPSE_5X5)`` on a binary mask.
+
+    OpenCV's default border for erosion is the maximum value (the border never erodes)
+    and for dilation the minimum (the border never dilates).
+
+    Parameters
+    ----------
+    mask : (H, W) ndarray of bool
+
+    Returns
+    -------
+    (H, W) ndarray of bool
+    """
+    return _shift_reduce(_shift_reduce(mask.astype(bool, copy=False), True), False)

@@ -1,0 +1,139 @@
+"""Sliding-window patches with the last row and column flush to the border, and stitching."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["patch_origins", "extract_patches", "stitch"]
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"`{name}` must be a positive integer or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _starts(length: int, size: int, stride: int) -> np.ndarray:
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)  # the last window sits flush with the border
+    return np.array(starts, dtype=np.int64)
+
+
+def patch_origins(shape: tuple[int, ...], size: int | tuple[int, int], stride: int | tuple[int, int]) -> np.ndarray:
+    """Top-left corners of the windows :func:`extract_patches` takes, row-major.
+
+    Returns
+    -------
+    (N, 2) ndarray of int64
+        ``(row, col)`` of each window.
+    """
+    sh, sw = _pair(size, "size")
+    th, tw = _pair(stride, "stride")
+    if len(shape) < 2 or shape[0] < sh or shape[1] < sw:
+        raise ValueError(f"patch size {(sh, sw)} does not fit in an array of shape {tuple(shape)}")
+    rows, cols = _starts(shape[0], sh, th), _starts(shape[1], sw, tw)
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def extract_patches(
+    array: np.ndarray, size: int | tuple[int, int], stride: int | tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut an array into overlapping windows, as the Nudiff paper's code does.
+
+    Windows start every ``stride`` pixels; where the last one would not reach the border,
+    one more is added flush with it, so every pixel is covered and no padding is needed.
+
+    Parameters
+    ----------
+    array : (H, W) or (H, W, C) ndarray
+        Image, instance map or structure. Not modified.
+    size : int or (int, int)
+        Window height and width.
+    stride : int or (int, int)
+        Step between window origins.
+
+    Returns
+    -------
+    patches : (N, h, w[, C]) ndarray
+        Copies of the windows, same dtype as ``array``.
+    origins : (N, 2) ndarray of int64
+        ``(row, col)`` of each window's top-left corner.
+
+    Examples
+    --------
+    >>> patches, origins = extract_patches(np.zeros((1000, 1000)), 256, 128)
+    >>> patches.shape, origins[:, 0].max()
+    ((49, 256, 256), np.int64(744))
+    """
+    if not isinstance(array, np.ndarray) or array.ndim not in (2, 3):
+        raise ValueError(f"`array` must be an (H, W) or (H, W, C) ndarray, got {getattr(array, 'shape', type(array).__name__)}")
+    origins = patch_origins(array.shape, size, stride)
+    sh, sw = _pair(size, "size")
+    patches = np.stack([array[r : r + sh, c : c + sw] for r, c in origins])
+    return patches, origins
+
+
+def stitch(
+    patches: np.ndarray,
+    origins: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    mode: Literal["centre", "mean"] = "centre",
+) -> np.ndarray:
+    """Put patches back together.
+
+    Parameters
+    ----------
+    patches : (N, h, w[, C]) ndarray
+    origins : (N, 2) ndarray of int
+        Top-left corners, as returned by :func:`extract_patches`.
+    shape : (int, int)
+        ``(H, W)`` of the output.
+    mode : {"centre", "mean"}
+        ``"centre"``: each pixel comes from the patch in which it lies farthest from the
+        patch border (the usual choice for network outputs and label maps; any dtype).
+        ``"mean"``: overlapping values are averaged (float output).
+
+    Returns
+    -------
+    (H, W[, C]) ndarray
+        Pixels covered by no patch are 0.
+    """
+    patches = np.asarray(patches)
+    origins = np.asarray(origins)
+    if patches.ndim not in (3, 4):
+        raise ValueError(f"`patches` must be (N, h, w) or (N, h, w, C), got shape {patches.shape}")
+    if origins.shape != (patches.shape[0], 2):
+        raise ValueError(f"`origins` must have shape ({patches.shape[0]}, 2), got {origins.shape}")
+    h, w = _pair(tuple(shape), "shape")
+    ph, pw = patches.shape[1:3]
+    if (origins < 0).any() or (origins[:, 0] + ph > h).any() or (origins[:, 1] + pw > w).any():
+        raise ValueError(f"`origins` place {ph}x{pw} patches outside an output of shape {(h, w)}")
+    if mode not in ("centre", "mean"):
+        raise ValueError(f"`mode` must be 'centre' or 'mean', got {mode!r}")
+    extra = patches.shape[3:]
+    if mode == "mean":
+        total = np.zeros((h, w) + extra, np.float64)
+        count = np.zeros((h, w), np.float64)
+        for patch, (r, c) in zip(patches, origins):
+            total[r : r + ph, c : c + pw] += patch
+            count[r : r + ph, c : c + pw] += 1
+        covered = count > 0
+        count = count.reshape(count.shape + (1,) * len(extra))
+        return np.where(covered.reshape(count.shape), total / np.maximum(count, 1), 0.0)
+    # distance of each patch pixel to the nearest patch border
+    rr = np.minimum(np.arange(ph), np.arange(ph)[::-1])
+    cc = np.minimum(np.arange(pw), np.arange(pw)[::-1])
+    depth = np.minimum(rr[:, None], cc[None, :])
+    best = np.full((h, w), -1, np.int64)
+    out = np.zeros((h, w) + extra, patches.dtype)
+    for patch, (r, c) in zip(patches, origins):
+        region = best[r : r + ph, c : c + pw]
+        better = depth > region
+        region[better] = depth[better]
+        out[r : r + ph, c : c + pw][better] = patch[better]
+    return out

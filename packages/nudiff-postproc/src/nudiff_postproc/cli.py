@@ -1,0 +1,200 @@
+"""``nudiff-postproc``: instance maps from structures, evaluation, XML conversion, patches."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._folders import STRUCTURE_SUFFIXES, dataset_pairs, list_files, read_structure
+from ._io import (
+    IMAGE_SUFFIXES,
+    INSTANCE_MAP_SUFFIXES,
+    atomic_path,
+    read_image,
+    read_instance_map,
+    read_monuseg_xml,
+    write_image,
+    write_instance_map,
+)
+from ._metrics import METRIC_KEYS, evaluate
+from ._patches import extract_patches
+from ._watershed import instances_from_structures
+
+
+def _progress(iterable, total: int, desc: str, quiet: bool):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="file", disable=quiet or total < 2, file=sys.stderr)
+
+
+def _cmd_instances(args: argparse.Namespace) -> int:
+    files = list_files(args.structures, STRUCTURE_SUFFIXES, "structure")
+    out_dir = Path(args.out)
+    todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
+    if len(todo) < len(files):
+        print(f"skipping {len(files) - len(todo)} structure(s) whose instance map exists (--overwrite to redo)", file=sys.stderr)
+    chunk = max(1, args.batch)
+    bar = _progress(range(len(todo)), len(todo), "instances", args.quiet)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        preds = [read_structure(p) for _, p in part]
+        shapes = {p.shape for p in preds}
+        if len(shapes) == 1:
+            maps = instances_from_structures(np.stack(preds), threshold=args.threshold,
+                                             orientations=args.orientations, workers=args.workers)
+        else:
+            maps = [instances_from_structures(p[None], threshold=args.threshold, orientations=args.orientations,
+                                              workers=1)[0] for p in preds]
+        for (name, _), inst in zip(part, maps):
+            write_instance_map(out_dir / f"{name}{args.format}", inst)
+        bar.update(len(part))
+    bar.close()
+    print(f"wrote {len(todo)} instance map(s) to {out_dir}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    true_files = list_files(args.true, INSTANCE_MAP_SUFFIXES, "true instance map")
+    pred_files = list_files(args.pred, INSTANCE_MAP_SUFFIXES, "predicted instance map")
+    missing = sorted(set(true_files) - set(pred_files))
+    if missing:
+        raise ValueError(f"'{args.pred}' lacks predictions for {len(missing)} true map(s), e.g. {missing[:3]}")
+    rows = []
+    for name in _progress(true_files, len(true_files), "evaluate", args.quiet):
+        true = read_instance_map(true_files[name])
+        pred = read_instance_map(pred_files[name])
+        if true.shape != pred.shape:
+            raise ValueError(f"'{pred_files[name]}' has shape {pred.shape}, its true map '{true_files[name]}' {true.shape}")
+        rows.append((name, evaluate(true, pred)))
+    with np.errstate(all="ignore"):
+        mean = {k: float(np.nanmean([r[k] for _, r in rows])) if any(np.isfinite(r[k]) for _, r in rows) else float("nan")
+                for k in METRIC_KEYS}
+    header = ["name", *METRIC_KEYS]
+    lines = [[name, *(f"{r[k]:.6f}" for k in METRIC_KEYS)] for name, r in rows]
+    lines.append(["mean", *(f"{mean[k]:.6f}" for k in METRIC_KEYS)])
+    if args.out:
+        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(lines)
+    width = max(len(line[0]) for line in lines)
+    print(f"{'name':<{width}}  " + "  ".join(f"{k:>8}" for k in METRIC_KEYS))
+    for line in lines:
+        print(f"{line[0]:<{width}}  " + "  ".join(f"{v:>8}" for v in line[1:]))
+    empty = sum(1 for _, r in rows if not np.isfinite(r["dice"]))
+    if empty:
+        print(f"{empty} image(s) with no nuclei in the true or predicted map are NaN and left out of the mean")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must be H,W (e.g. 1000,1000), got {text!r}") from None
+    return h, w
+
+
+def _cmd_xml2inst(args: argparse.Namespace) -> int:
+    src = Path(args.xml)
+    xmls = {src.stem: src} if src.is_file() else list_files(src, (".xml",), "XML annotation")
+    images = list_files(args.images, IMAGE_SUFFIXES, "image") if args.images else {}
+    if not images and args.shape is None:
+        raise ValueError("give --images DIR (tiles whose sizes to use) or --shape H,W")
+    for name, path in _progress(xmls.items(), len(xmls), "xml2inst", args.quiet):
+        if images:
+            if name not in images:
+                raise ValueError(f"no image named '{name}' in '{args.images}' for '{path}'")
+            shape = read_image(images[name]).shape[:2]
+        else:
+            shape = args.shape
+        write_instance_map(Path(args.out) / f"{name}{args.format}", read_monuseg_xml(path, shape))
+    print(f"wrote {len(xmls)} instance map(s) to {args.out}")
+    return 0
+
+
+def _cmd_patches(args: argparse.Namespace) -> int:
+    pairs = dataset_pairs(args.data)
+    out = Path(args.out)
+    index = []
+    for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
+        image, inst = read_image(image_path), read_instance_map(map_path)
+        if image.shape[:2] != inst.shape:
+            raise ValueError(f"'{image_path}' is {image.shape[:2]} but its map '{map_path}' is {inst.shape}")
+        img_patches, origins = extract_patches(image, args.size, args.stride)
+        map_patches, _ = extract_patches(inst, args.size, args.stride)
+        for img, lab, (r, c) in zip(img_patches, map_patches, origins):
+            stem = f"{name}_r{r:05d}_c{c:05d}"
+            write_image(out / "images" / f"{stem}.png", img)
+            write_instance_map(out / "instance_maps" / f"{stem}.png", lab)
+            index.append((stem, name, int(r), int(c), int(len(np.unique(lab)) - 1)))
+    with atomic_path(out / "patches.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["patch", "source", "row", "col", "nuclei"])
+        writer.writerows(index)
+    print(f"wrote {len(index)} patch pairs of {args.size}x{args.size} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="nudiff-postproc", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("instances", help="structures (.npy or PNG) -> instance maps", formatter_class=fmt)
+    p.add_argument("structures", help="folder of structures: (H, W, 3) float .npy [prob, h, v] or RGB PNG")
+    p.add_argument("out", help="output folder of instance maps")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold on channel 0")
+    p.add_argument("--orientations", type=int, choices=(1, 8), default=1,
+                   help="1: HoVer-Net's one pass; 8: the Nudiff paper's try-all-orientations variant")
+    p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--batch", type=int, default=64, help="structures read and processed at a time")
+    p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="redo maps that exist (default: skip them, so a run resumes)")
+    p.set_defaults(func=_cmd_instances)
+
+    p = sub.add_parser("evaluate", help="Dice/AJI/AJI+/DQ/SQ/PQ per image and their mean", formatter_class=fmt)
+    p.add_argument("--true", required=True, help="folder of reference instance maps")
+    p.add_argument("--pred", required=True, help="folder of predicted instance maps (same stems)")
+    p.add_argument("--out", help="CSV to write (per image, then the mean)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("xml2inst", help="MoNuSeg / Aperio XML -> instance maps", formatter_class=fmt)
+    p.add_argument("xml", help="an .xml file or a folder of them")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--images", help="folder of the tiles (their sizes are used)")
+    p.add_argument("--shape", type=_parse_shape, help="tile size H,W when no --images")
+    p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
+    p.set_defaults(func=_cmd_xml2inst)
+
+    p = sub.add_parser("patches", help="dataset folder -> patch dataset folder", formatter_class=fmt)
+    p.add_argument("--data", required=True, help="folder with images/ and instance_maps/")
+    p.add_argument("--out", required=True, help="output dataset folder (images/, instance_maps/, patches.csv)")
+    p.add_argument("--size", type=int, default=256, help="patch size in pixels")
+    p.add_argument("--stride", type=int, default=128, help="step between patches")
+    p.set_defaults(func=_cmd_patches)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"nudiff-postproc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished files are complete, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
