@@ -59,7 +59,7 @@ def read_structure(path: str | os.PathLike[str]) -> np.ndarray:
         return arr.astype(np.float32, copy=False)
     import imageio.v3 as iio
 
-    img = np.asarray(_load(path, lambda: iio.imread(path, extension=".png"), "a PNG structure"))
+    img = np.asarray(_load(path, lambda: iio.imread(path, plugin="pillow"), "a PNG structure"))
     if img.ndim != 3 or img.shape[-1] < 3 or img.dtype != np.uint8:
         raise ValueError(f"'{path}' has shape {img.shape} and dtype {img.dtype}; a PNG structure is 8-bit RGB")
     out = img[..., :3].astype(np.float32) / 255.0

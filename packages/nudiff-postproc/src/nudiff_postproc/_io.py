@@ -89,7 +89,7 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
     if suffix == ".png":
         import imageio.v3 as iio
 
-        arr = _load(path, lambda: iio.imread(path, extension=".png"), "a PNG instance map")
+        arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "a PNG instance map")
     elif suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -150,7 +150,7 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
                 )
             import imageio.v3 as iio
 
-            iio.imwrite(tmp, inst.astype(np.uint16), extension=".png")
+            iio.imwrite(tmp, inst.astype(np.uint16), plugin="pillow", extension=".png")
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -191,7 +191,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     else:
         import imageio.v3 as iio
 
-        arr = _load(path, lambda: iio.imread(path), "an image")
+        arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "an image")
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -217,7 +217,7 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
         elif suffix == ".png":
             import imageio.v3 as iio
 
-            iio.imwrite(tmp, image, extension=".png")
+            iio.imwrite(tmp, image, plugin="pillow", extension=".png")
         else:
             raise ValueError(f"'{path}': cannot write images as '{suffix}'; use .png or .tif")
     return path

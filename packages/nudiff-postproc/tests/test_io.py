@@ -1,0 +1,139 @@
+"""Label I/O: instance-map files, MoNuSeg XML, GeoJSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.draw import polygon
+
+from nudiff_postproc import (
+    overlap_table,
+    read_image,
+    read_instance_map,
+    read_monuseg_xml,
+    synthetic_instance_map,
+    to_geojson,
+    write_image,
+    write_instance_map,
+)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".mat", ".npy"])
+def test_round_trip(tmp_path, suffix):
+    inst = synthetic_instance_map((64, 72), n_nuclei=30, seed=2) * 1000  # ids up to ~30,000
+    path = write_instance_map(tmp_path / f"map{suffix}", inst)
+    back = read_instance_map(path)
+    assert back.dtype == np.int32
+    np.testing.assert_array_equal(back, inst)
+    assert [p.name for p in tmp_path.iterdir()] == [f"map{suffix}"]  # no temporary left
+
+
+def test_more_than_65535_nuclei_need_tiff(tmp_path):
+    inst = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)
+    with pytest.raises(ValueError, match=r"largest id is 89999.*write a \.tif"):
+        write_instance_map(tmp_path / "big.png", inst)
+    assert not list(tmp_path.iterdir())  # nothing partial
+    np.testing.assert_array_equal(read_instance_map(write_instance_map(tmp_path / "big.tif", inst)), inst)
+
+
+def test_hovernet_mat_layout(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    inst = synthetic_instance_map((40, 40), n_nuclei=8, seed=0)
+    mat = loadmat(write_instance_map(tmp_path / "a.mat", inst))
+    assert set(mat) >= {"inst_map", "inst_uid", "inst_centroid"}
+    assert mat["inst_centroid"].shape == (inst.max(), 2)
+    # HoVer-Net's files may store the map as double
+    savemat(tmp_path / "b.mat", {"inst_map": inst.astype(np.float64)})
+    np.testing.assert_array_equal(read_instance_map(tmp_path / "b.mat"), inst)
+    savemat(tmp_path / "c.mat", {"something": inst})
+    with pytest.raises(ValueError, match=r"c\.mat' has no 'inst_map'.*something"):
+        read_instance_map(tmp_path / "c.mat")
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_instance_map(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.png' is an empty file"):
+        read_instance_map(tmp_path / "empty.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="corrupt.png' could not be read"):
+        read_instance_map(tmp_path / "corrupt.png")
+    (tmp_path / "x.bmp").write_bytes(b"BM")
+    with pytest.raises(ValueError, match="unsupported instance map format '.bmp'"):
+        read_instance_map(tmp_path / "x.bmp")
+    write_image(tmp_path / "rgb.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="rgb.png' is a colour image"):
+        read_instance_map(tmp_path / "rgb.png")
+    np.save(tmp_path / "f.npy", np.full((4, 4), 0.5))
+    with pytest.raises(TypeError, match="f.npy'.*integer instance ids"):
+        read_instance_map(tmp_path / "f.npy")
+
+
+def test_image_round_trip(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    for suffix in (".png", ".tif"):
+        np.testing.assert_array_equal(read_image(write_image(tmp_path / f"i{suffix}", img)), img)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        write_image(tmp_path / "bad.png", img.astype(np.float32))
+
+
+def test_monuseg_xml_agrees_with_the_instance_maps(kumar):
+    ious, fg_agreement = [], []
+    for xml in sorted((kumar / "annotations_xml").glob("*.xml")):
+        ref = read_instance_map(kumar / "instance_maps" / f"{xml.stem}.png")
+        got = read_monuseg_xml(xml, ref.shape)
+        assert abs(int(got.max()) - len(np.unique(ref)) + 1) <= 1, xml.name
+        table = overlap_table(ref, got)
+        best = np.zeros(table.n_true + 1)
+        np.maximum.at(best, table.true_index, table.intersection / table.union)
+        ious.append(best[1:])
+        fg_agreement.append(((ref > 0) == (got > 0)).mean())
+    assert len(ious) == 13
+    assert np.median(np.concatenate(ious)) >= 0.97
+    assert min(fg_agreement) >= 0.985
+
+
+def test_xml_errors(tmp_path):
+    (tmp_path / "none.xml").write_text("<Annotations><Annotation/></Annotations>")
+    with pytest.raises(ValueError, match="none.xml' has no <Region>"):
+        read_monuseg_xml(tmp_path / "none.xml", (10, 10))
+    (tmp_path / "broken.xml").write_text("<Annotations><Region>")
+    with pytest.raises(ValueError, match="broken.xml' is not valid XML"):
+        read_monuseg_xml(tmp_path / "broken.xml", (10, 10))
+    (tmp_path / "ok.xml").write_text(
+        '<Annotations><Annotation><Regions><Region Id="1"><Vertices>'
+        '<Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/><Vertex X="2" Y="6"/>'
+        "</Vertices></Region></Regions></Annotation></Annotations>"
+    )
+    inst = read_monuseg_xml(tmp_path / "ok.xml", (10, 10))
+    assert inst.max() == 1 and inst[1:6, 1:8].all() and inst.sum() == 5 * 7  # 1-based vertices
+    with pytest.raises(ValueError, match="shape"):
+        read_monuseg_xml(tmp_path / "ok.xml", (10,))
+
+
+def test_geojson_polygons_redraw_the_nuclei():
+    inst = synthetic_instance_map((80, 90), n_nuclei=25, seed=4)
+    inst[0:6, 0:6] = inst.max() + 1  # a nucleus at the corner
+    fc = json.loads(json.dumps(to_geojson(inst)))
+    assert fc["type"] == "FeatureCollection"
+    assert len(fc["features"]) == len(np.unique(inst)) - 1
+    redrawn = np.zeros_like(inst)
+    for feature in fc["features"]:
+        assert feature["properties"]["objectType"] == "detection"
+        geometry = feature["geometry"]
+        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+        for rings in polygons:
+            ring = np.array(rings[0])
+            assert (ring[0] == ring[-1]).all()
+            # corner coordinates -> pixel centres
+            rr, cc = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, inst.shape)
+            redrawn[rr, cc] = feature["properties"]["measurements"]["instance_id"]
+    table = overlap_table(inst, redrawn)
+    iou = table.intersection / table.union
+    best = np.zeros(table.n_true + 1)
+    np.maximum.at(best, table.true_index, iou)
+    assert best[1:].min() >= 0.6 and np.median(best[1:]) >= 0.85

@@ -1,0 +1,55 @@
+"""morphology_stats / morphology_distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.transform import rescale
+
+from nudiff_postproc import (
+    encode_structure,
+    extract_patches,
+    morphology_distance,
+    morphology_stats,
+    read_instance_map,
+    synthetic_instance_map,
+)
+
+
+def test_stats_of_a_known_disc():
+    yy, xx = np.mgrid[:41, :41]
+    inst = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 100).astype(np.int32)
+    s = morphology_stats(inst, encode_structure(inst))
+    assert s["area"][0] == inst.sum()
+    assert s["eccentricity"][0] < 0.05 and s["solidity"][0] > 0.9  # skimage hulls pixel corners
+    assert s["perimeter"][0] == pytest.approx(2 * np.pi * 10, rel=0.08)
+    assert s["hv_consistency"][0] > 0.99  # the structure of the map itself
+    np.testing.assert_array_equal(s["nuclei_per_patch"], [1])
+
+
+def test_distance_is_zero_for_identical_sets_and_large_for_scaled_nuclei():
+    maps = np.stack([synthetic_instance_map((128, 128), n_nuclei=30, seed=s) for s in range(8)])
+    assert morphology_distance(maps, maps)["mean"] == 0.0
+    big = np.stack([rescale(m, 2, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)[:128, :128]
+                    for m in maps])
+    d = morphology_distance(maps, big)
+    assert d["area"] > 1.0 and d["mean"] > 0.4
+
+
+def test_real_vs_real_halves_of_kumar_score_well_under_one(kumar):
+    names = [p.strip() for p in (kumar / "splits" / "kumar_train.txt").read_text().split()]
+    maps = [read_instance_map(kumar / "instance_maps" / f"{n}.png") for n in names]
+    halves = []
+    for part in (maps[::2], maps[1::2]):
+        patches = np.concatenate([extract_patches(m, 256, 256)[0] for m in part])
+        halves.append(morphology_stats(patches))
+    d = morphology_distance(*halves)
+    assert d["mean"] < 0.3, d
+    assert "hv_consistency" not in d
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="structure"):
+        morphology_stats(np.ones((8, 8), np.int32), np.zeros((8, 9, 3), np.float32))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        morphology_distance({"area": [1.0]}, np.ones((8, 8), np.int32))
