@@ -66,6 +66,21 @@ def _load(path: Path, loader: Callable[[], Any], what: str) -> Any:
         raise ValueError(f"'{path}' could not be read as {what} ({type(exc).__name__}: {exc})") from exc
 
 
+def _read_tiff(path: Path) -> np.ndarray:
+    """tifffile, or Pillow for compressions tifffile needs ``imagecodecs`` for (LZW, as in
+    the MoNuSeg tiles): Pillow decodes them without another dependency."""
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except ValueError as exc:
+        if "imagecodecs" not in str(exc):
+            raise
+        import imageio.v3 as iio
+
+        return iio.imread(path, plugin="pillow")
+
+
 def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an instance map.
 
@@ -91,9 +106,7 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
 
         arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "a PNG instance map")
     elif suffix in (".tif", ".tiff"):
-        import tifffile
-
-        arr = _load(path, lambda: tifffile.imread(path), "a TIFF instance map")
+        arr = _load(path, lambda: _read_tiff(path), "a TIFF instance map")
     elif suffix == ".npy":
         arr = _load(path, lambda: np.load(path, allow_pickle=False), "a .npy instance map")
     else:
@@ -185,9 +198,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     suffix = _check_readable(path, IMAGE_SUFFIXES, "image")
     if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        arr = _load(path, lambda: tifffile.imread(path), "a TIFF image")
+        arr = _load(path, lambda: _read_tiff(path), "a TIFF image")
     else:
         import imageio.v3 as iio
 
