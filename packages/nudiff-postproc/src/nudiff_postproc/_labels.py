@@ -86,17 +86,19 @@ def instance_stats(compact: np.ndarray, n: int) -> InstanceStats:
     InstanceStats
     """
     h, w = compact.shape
-    padded = np.zeros((h, w + 1), dtype=compact.dtype)
-    padded[:, :w] = compact
-    flat = padded.ravel()
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], starts))
-    ends = np.concatenate((starts[1:], [flat.size]))
+    flat = compact.ravel()
+    # runs of equal labels along rows: a change of value, or the start of a row
+    change = np.empty(flat.size, bool)
+    change[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=change[1:])
+    change[::w] = True
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], flat.size)
     lab = flat[starts]
     keep = lab != 0
     starts, ends, lab = starts[keep], ends[keep], lab[keep].astype(np.intp)
-    row = starts // (w + 1)
-    c0 = starts - row * (w + 1)
+    row = starts // w
+    c0 = starts - row * w
     length = ends - starts
     c1 = c0 + length - 1
     size = n + 1

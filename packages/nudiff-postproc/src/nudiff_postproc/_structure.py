@@ -54,7 +54,9 @@ def _axis_table(
     values[negative] = x[negative] / neg[owner[negative]]
     values[positive] = x[positive] / pos[owner[positive]]
     table = np.concatenate((np.zeros(extent, np.float32), values))
-    base = np.zeros(lo.size, np.int64)
+    if total >= np.iinfo(np.int32).max:
+        raise ValueError(f"distance-map table of {total} entries is too large")
+    base = np.zeros(lo.size, np.int32)
     base[labels] = offsets - lo_k
     return table, base
 
@@ -116,8 +118,20 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
         return out
     table_h, base_h = _axis_table(s.col_min, s.col_max, s.col_sum, s.area, keep, w, centre)
     table_v, base_v = _axis_table(s.row_min, s.row_max, s.row_sum, s.area, keep, h, centre)
-    out[..., 0] = np.take(table_h, np.take(base_h, labels) + np.arange(w))
-    out[..., 1] = np.take(table_v, np.take(base_v, labels) + np.arange(h)[:, None])
+    # Row blocks of ~64k pixels keep every temporary small: whole-image temporaries
+    # (several MB each) are handed back to the OS after each call, and faulting them in
+    # again costs more than the arithmetic.
+    rows_per_block = max(1, (1 << 16) // w)
+    cols = np.arange(w, dtype=np.int32)
+    for r0 in range(0, h, rows_per_block):
+        r1 = min(h, r0 + rows_per_block)
+        block = labels[r0:r1]
+        index = np.take(base_h, block)
+        index += cols
+        out[r0:r1, :, 0] = np.take(table_h, index)
+        np.take(base_v, block, out=index)
+        index += np.arange(r0, r1, dtype=np.int32)[:, None]
+        out[r0:r1, :, 1] = np.take(table_v, index)
     return out
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -58,13 +59,23 @@ class _HoverNetWatershed:
     counts markers for each orientation and floods only the winner.
     """
 
-    def __init__(self, pred: np.ndarray, threshold: float) -> None:
+    def __init__(self, pred: np.ndarray, threshold: float, orientations: int, helper: Executor | None) -> None:
         self.h_raw = pred[..., 1]
         self.v_raw = pred[..., 2]
+        self._edges: dict[tuple[int, int, int], np.ndarray] = {}
+        # the Sobel filters dominate; with a helper thread (scipy releases the GIL in them)
+        # half of them run beside the foreground labelling and the other half
+        keys = [(c, s, 1) for c in (1, 2) for s in (1, -1)] + [(c, s, 0) for c in (2, 1) for s in (1, -1)]
+        if orientations == 1:
+            keys = [(1, 1, 1), (2, 1, 0)]
+        pending = [helper.submit(self._edge, *k) for k in keys[len(keys) // 2 :]] if helper else []
         components, _ = ndi.label(pred[..., 0] >= threshold)
         self.components, self.n_components = _keep_large(components, _MIN_OBJECT)
         self.blb = self.components > 0
-        self._edges: dict[tuple[int, int, int], np.ndarray] = {}
+        for key in keys[: len(keys) // 2] if helper else []:
+            self._edge(*key)
+        for future in pending:
+            future.result()
 
     def _edge(self, channel: int, sign: int, axis: int) -> np.ndarray:
         """``1 - normalize(Sobel(normalize(sign * channel)))`` along ``axis``, float32."""
@@ -141,8 +152,23 @@ def _check_options(threshold: float, orientations: int) -> None:
         )
 
 
-def _instances(pred: np.ndarray, threshold: float, orientations: int) -> np.ndarray:
-    ws = _HoverNetWatershed(pred, threshold)
+_HELPER: ThreadPoolExecutor | None = None
+_HELPER_LOCK = threading.Lock()
+
+
+def _helper_thread() -> Executor | None:
+    """One shared background thread for single calls on machines with 2+ cores."""
+    global _HELPER
+    if (os.cpu_count() or 1) < 2:
+        return None
+    with _HELPER_LOCK:
+        if _HELPER is None:
+            _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nudiff-postproc")
+    return _HELPER
+
+
+def _instances(pred: np.ndarray, threshold: float, orientations: int, helper: Executor | None = None) -> np.ndarray:
+    ws = _HoverNetWatershed(pred, threshold, orientations, helper)
     if orientations == 1:
         return _relabel(ws.run())
     best, best_count = None, 0
@@ -195,7 +221,7 @@ def instances_from_structure(
     """
     pred = as_prediction(pred, "pred")
     _check_options(threshold, orientations)
-    return _instances(pred, float(threshold), orientations)
+    return _instances(pred, float(threshold), orientations, _helper_thread())
 
 
 def instances_from_structures(
@@ -212,7 +238,9 @@ def instances_from_structures(
         As in :func:`instances_from_structure`.
     workers : int, optional
         Number of threads; default ``os.cpu_count()``. The heavy steps (filters,
-        labelling, watershed) run in compiled code that releases the GIL.
+        labelling, watershed) run in compiled code that releases the GIL. Each
+        structure is processed by one thread (a single call of
+        :func:`instances_from_structure` instead splits its filters over two).
 
     Returns
     -------
