@@ -183,3 +183,11 @@ def test_bad_batches_are_rejected():
         instances_from_structures(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="workers"):
         instances_from_structures(np.zeros((1, 8, 8, 3), np.float32), workers=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (3, 40), (12, 12)])
+def test_tiny_inputs_equal_the_direct_algorithm(shape):
+    rng = np.random.default_rng(sum(shape))
+    pred = rng.uniform(-1, 1, shape + (3,)).astype(np.float32)
+    pred[..., 0] = (rng.random(shape) > 0.2).astype(np.float32)
+    assert same_up_to_relabelling(instances_from_structure(pred), _oracle(pred, 1))

@@ -85,7 +85,11 @@ def gaussian_blur_3x3(src: np.ndarray) -> np.ndarray:
     """``cv2.GaussianBlur(src, (3, 3), 0)``: OpenCV's fixed ``[1/4, 1/2, 1/4]`` kernel
     (the tabulated kernel it uses for 3 taps and sigma 0), border ``BORDER_REFLECT_101``
     (numpy's ``"reflect"`` padding), rows first. ``src`` is 2-D float64."""
-    p = np.pad(src, 1, mode="reflect")
+    h, w = src.shape
+    p = np.empty((h + 2, w + 2), src.dtype)
+    p[1:-1, 1:-1] = src
+    p[0, 1:-1], p[-1, 1:-1] = src[min(1, h - 1)], src[max(h - 2, 0)]
+    p[:, 0], p[:, -1] = (p[:, 2], p[:, w - 1]) if w > 1 else (p[:, 1], p[:, 1])
     rows = 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
     return 0.25 * rows[:-2] + 0.5 * rows[1:-1] + 0.25 * rows[2:]
 
@@ -95,7 +99,8 @@ def _shift_reduce(mask: np.ndarray, erode: bool) -> np.ndarray:
     # of structuring elements is the intersection of the erosions (dilation: the union),
     # and each rectangle separates into 1-D runs of shifted ANDs (ORs) of a padded copy.
     h, w = mask.shape
-    p = np.pad(mask, 2, constant_values=erode)
+    p = np.full((h + 4, w + 4), erode, bool)
+    p[2:-2, 2:-2] = mask
     op = np.logical_and if erode else np.logical_or
 
     def combine(views: list[np.ndarray]) -> np.ndarray:

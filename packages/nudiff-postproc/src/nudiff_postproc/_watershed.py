@@ -16,6 +16,7 @@ from ._validate import as_prediction
 
 __all__ = ["instances_from_structure", "instances_from_structures"]
 
+_CROSS = ndi.generate_binary_structure(2, 1)  # scipy's default 4-connectivity
 _MIN_OBJECT = 10  # HoVer-Net's remove_small_objects(min_size=10): drops sizes < 10
 _EDGE_LEVEL = 0.4  # HoVer-Net: pixels with "overall" >= 0.4 are boundaries, not markers
 
@@ -31,15 +32,17 @@ def _keep_large(labels: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
     sizes = np.bincount(labels.ravel())
     big = sizes >= min_size
     big[0] = False
+    if big[1:].all():
+        return labels, sizes.size - 1
     lut = np.cumsum(big, dtype=np.int32)
     lut[~big] = 0
-    return lut[labels], int(np.count_nonzero(big))
+    return np.take(lut, labels), int(np.count_nonzero(big))
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` (4-connected background) in one labelling pass:
     background components that do not touch the border are holes."""
-    bg, n = ndi.label(~mask)
+    bg, n = ndi.label(~mask, structure=_CROSS)
     if n == 0:
         return mask.copy()
     border = np.zeros(n + 1, bool)
@@ -69,7 +72,7 @@ class _HoverNetWatershed:
         if orientations == 1:
             keys = [(1, 1, 1), (2, 1, 0)]
         pending = [helper.submit(self._edge, *k) for k in keys[len(keys) // 2 :]] if helper else []
-        components, _ = ndi.label(pred[..., 0] >= threshold)
+        components, _ = ndi.label(pred[..., 0] >= threshold, structure=_CROSS)
         self.components, self.n_components = _keep_large(components, _MIN_OBJECT)
         self.blb = self.components > 0
         for key in keys[: len(keys) // 2] if helper else []:
@@ -96,7 +99,7 @@ class _HoverNetWatershed:
         """Marker labels 1..M and, per marker, its foreground component (0: none)."""
         marker = self.blb & ~(overall >= _EDGE_LEVEL)
         marker = open_ellipse_5x5(_fill_holes(marker))
-        marker, _ = ndi.label(marker)
+        marker, _ = ndi.label(marker, structure=_CROSS)
         marker, n_markers = _keep_large(marker, _MIN_OBJECT)
         component_of = np.zeros(n_markers + 1, np.int64)
         inside = marker.astype(bool) & self.blb
