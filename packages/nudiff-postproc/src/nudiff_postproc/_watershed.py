@@ -52,6 +52,13 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~border[bg]
 
 
+def _flood_surface(overall: np.ndarray, blb: np.ndarray) -> np.ndarray:
+    """HoVer-Net's ``-GaussianBlur((1 - overall) * blb)``: nuclei are mountains, so the
+    watershed floods their inverse."""
+    dist = gaussian_blur_3x3(np.where(blb, 1.0 - overall, 0.0))
+    return np.negative(dist, out=dist)
+
+
 class _HoverNetWatershed:
     """One prediction's watershed, with the orientation-independent parts computed once.
 
@@ -66,6 +73,7 @@ class _HoverNetWatershed:
         self.h_raw = pred[..., 1]
         self.v_raw = pred[..., 2]
         self._edges: dict[tuple[int, int, int], np.ndarray] = {}
+        self._helper = helper
         # the Sobel filters dominate; with a helper thread (scipy releases the GIL in them)
         # half of them run beside the foreground labelling and the other half
         keys = [(c, s, 1) for c in (1, 2) for s in (1, -1)] + [(c, s, 0) for c in (2, 1) for s in (1, -1)]
@@ -90,14 +98,15 @@ class _HoverNetWatershed:
         return self._edges[key]
 
     def _overall(self, orientation: tuple[bool, int, int]) -> np.ndarray:
+        """HoVer-Net's "overall" edge map, zero outside the foreground, float64."""
         swap, sign_h, sign_v = orientation
         h_channel, v_channel = (2, 1) if swap else (1, 2)
         overall = np.maximum(self._edge(h_channel, sign_h, 1), self._edge(v_channel, sign_v, 0))
-        return np.where(self.blb, overall.astype(np.float64), 0.0)
+        return np.multiply(overall, self.blb, dtype=np.float64)
 
     def markers(self, overall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Marker labels 1..M and, per marker, its foreground component (0: none)."""
-        marker = self.blb & ~(overall >= _EDGE_LEVEL)
+        marker = self.blb & (overall < _EDGE_LEVEL)
         marker = open_ellipse_5x5(_fill_holes(marker))
         marker, _ = ndi.label(marker, structure=_CROSS)
         marker, n_markers = _keep_large(marker, _MIN_OBJECT)
@@ -114,35 +123,30 @@ class _HoverNetWatershed:
         return int(np.count_nonzero(component_of))
 
     def run(self, orientation: tuple[bool, int, int] = (False, 1, 1)) -> np.ndarray:
+        """The instance map of one orientation, numbered 1..N in marker order."""
         if self.n_components == 0:
             return np.zeros(self.blb.shape, np.int32)
         overall = self._overall(orientation)
+        dist_job = self._helper.submit(_flood_surface, overall, self.blb) if self._helper else None
         marker, component_of = self.markers(overall)
-        per_component = np.bincount(component_of[1:], minlength=self.n_components + 1)
-        per_component[0] = 0
+        present = component_of != 0  # markers outside the foreground leave no instance
+        new_id = np.cumsum(present, dtype=np.int32)
+        new_id[~present] = 0
+        kept = np.flatnonzero(present)
+        per_component = np.bincount(component_of[kept], minlength=self.n_components + 1)
         # components with exactly one marker take that marker's label everywhere
+        single = kept[per_component[component_of[kept]] == 1]
         single_label = np.zeros(self.n_components + 1, np.int32)
-        ids = np.arange(1, component_of.size, dtype=np.int32)
-        single = per_component[component_of[1:]] == 1
-        single_label[component_of[1:][single]] = ids[single]
-        out = single_label[self.components]
-        multi = (per_component >= 2)[self.components]
-        if multi.any():
-            dist = -gaussian_blur_3x3((1.0 - overall) * self.blb)
+        single_label[component_of[single]] = new_id[single]
+        out = np.take(single_label, self.components)
+        multi_component = per_component >= 2
+        multi_component[0] = False
+        if multi_component.any():
+            multi = np.take(multi_component, self.components)
+            dist = dist_job.result() if dist_job else _flood_surface(overall, self.blb)
             flooded = watershed(dist, markers=np.where(multi, marker, 0), mask=multi)
-            out[multi] = flooded[multi]
+            np.copyto(out, np.take(new_id, flooded), where=multi)
         return out
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber to 1..N keeping the order of the ids."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    if present[1:].all():
-        return labels
-    lut = np.cumsum(present, dtype=np.int32)
-    lut[~present] = 0
-    return lut[labels]
 
 
 def _check_options(threshold: float, orientations: int) -> None:
@@ -173,7 +177,7 @@ def _helper_thread() -> Executor | None:
 def _instances(pred: np.ndarray, threshold: float, orientations: int, helper: Executor | None = None) -> np.ndarray:
     ws = _HoverNetWatershed(pred, threshold, orientations, helper)
     if orientations == 1:
-        return _relabel(ws.run())
+        return ws.run()
     best, best_count = None, 0
     for orientation in _NUDIFF_ORIENTATIONS:
         count = ws.count(orientation)
@@ -181,7 +185,7 @@ def _instances(pred: np.ndarray, threshold: float, orientations: int, helper: Ex
             best, best_count = orientation, count
     if best is None:
         return np.zeros(pred.shape[:2], np.int32)
-    return _relabel(ws.run(best))
+    return ws.run(best)
 
 
 def instances_from_structure(
