@@ -57,7 +57,9 @@ def normalize_minmax(src: np.ndarray) -> np.ndarray:
         out = src * np.float32(scale)
         out += np.float32(shift)
         return out
-    return (src * scale + shift).astype(np.float32)
+    out = src * scale
+    out += shift
+    return out.astype(np.float32)
 
 
 def _along_rows(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:

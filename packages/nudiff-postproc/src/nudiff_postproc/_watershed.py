@@ -94,7 +94,8 @@ class _HoverNetWatershed:
         if key not in self._edges:
             raw = self.h_raw if channel == 1 else self.v_raw
             directional = normalize_minmax(raw if sign == 1 else -raw)
-            self._edges[key] = np.float32(1) - normalize_minmax(sobel(directional, axis=axis))
+            edge = normalize_minmax(sobel(directional, axis=axis))
+            self._edges[key] = np.subtract(np.float32(1), edge, out=edge)
         return self._edges[key]
 
     def _overall(self, orientation: tuple[bool, int, int]) -> np.ndarray:
