@@ -16,17 +16,18 @@ import sys
 import time
 from pathlib import Path
 
+import nudiff_postproc as npp
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 
-import nudiff_postproc as npp
-
 
 def _example(data: str | None, size: int, seed: int) -> tuple[str, np.ndarray]:
     if data:
-        maps = sorted(p for p in (Path(data) / "instance_maps").iterdir() if p.suffix.lower() in (".png", ".tif", ".mat"))
+        maps = sorted(
+            p for p in (Path(data) / "instance_maps").iterdir() if p.suffix.lower() in (".png", ".tif", ".mat")
+        )
         if not maps:
             raise SystemExit(f"demo: no instance maps in '{data}/instance_maps'")
         inst = npp.read_instance_map(maps[0])
@@ -46,8 +47,13 @@ def _picture(inst: np.ndarray, structure: np.ndarray, pred: np.ndarray, out: np.
         return rgb
 
     gap = np.full((inst.shape[0], 4, 3), 255, np.uint8)
-    panels = [labels(inst), grey(structure[..., 1], -1, 1), grey(structure[..., 2], -1, 1),
-              grey(pred[..., 0], 0, 1), labels(out)]
+    panels = [
+        labels(inst),
+        grey(structure[..., 1], -1, 1),
+        grey(structure[..., 2], -1, 1),
+        grey(pred[..., 0], 0, 1),
+        labels(out),
+    ]
     row = [panels[0]]
     for p in panels[1:]:
         row += [gap, p]

@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import nudiff_postproc as npp
 import numpy as np
 from scipy import ndimage as ndi
-
-import nudiff_postproc as npp
 
 SHARED = Path(os.environ.get("NUDIFF_SHARED", Path(__file__).resolve().parents[4] / "shared"))
 
@@ -126,10 +125,14 @@ def main() -> int:
 
     print(f"# nudiff-postproc {npp.__version__} benchmark")
     print(f"# machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
-    print(f"# python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"scikit-image {skimage.__version__}")
-    print(f"# data: {'Kumar tiles and parity fixtures from ' + str(SHARED) if SHARED.is_dir() else 'procedural'}; "
-          f"median of {args.repeat} runs after a warm-up")
+    print(
+        f"# python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+        f"scikit-image {skimage.__version__}"
+    )
+    print(
+        f"# data: {'Kumar tiles and parity fixtures from ' + str(SHARED) if SHARED.is_dir() else 'procedural'}; "
+        f"median of {args.repeat} runs after a warm-up"
+    )
     print()
     header = f"| {'operation':<38} | {'nudiff':>10} | {'reference code':>14} | {'target':>9} | {'met':>3} |"
     print(header)
@@ -143,7 +146,8 @@ def main() -> int:
             instances[cls] = obj
         fn = getattr(instances[cls], method)
         fn()
-        repeat = max(3, args.repeat // 4) if "batch" in method else args.repeat
+        # single calls on 256 px: many more runs (they take milliseconds on a noisy VM)
+        repeat = max(5, args.repeat // 3) if "batch" in method else args.repeat * (5 if "pass" in method else 1)
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()

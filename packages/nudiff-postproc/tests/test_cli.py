@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from nudiff_postproc import (
     encode_structure,
     evaluate,
@@ -39,8 +38,21 @@ def test_instances_then_evaluate(tmp_path, capsys):
         out = read_instance_map(tmp_path / "pred" / f"{name}.png")
         np.testing.assert_array_equal(out, instances_from_structure(encode_structure(inst)))
         write_instance_map(tmp_path / "true" / f"{name}.png", inst)
-    assert main(["--quiet", "evaluate", "--true", str(tmp_path / "true"), "--pred", str(tmp_path / "pred"),
-                 "--out", str(tmp_path / "stats.csv")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "evaluate",
+                "--true",
+                str(tmp_path / "true"),
+                "--pred",
+                str(tmp_path / "pred"),
+                "--out",
+                str(tmp_path / "stats.csv"),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.reader(open(tmp_path / "stats.csv")))
     assert rows[0] == ["name", "dice", "aji", "aji_plus", "dq", "sq", "pq"]
     assert [r[0] for r in rows[1:]] == ["s0", "s1", "s2", "mean"]
@@ -88,16 +100,41 @@ def test_evaluate_reports_missing_predictions(tmp_path, capsys):
     for name in ("a", "b"):
         write_instance_map(tmp_path / "true" / f"{name}.png", synthetic_instance_map((32, 32), n_nuclei=3, seed=1))
     write_instance_map(tmp_path / "pred" / "a.png", synthetic_instance_map((32, 32), n_nuclei=3, seed=1))
-    assert main(["--quiet", "evaluate", "--true", str(tmp_path / "true"), "--pred", str(tmp_path / "pred"),
-                 "--out", str(tmp_path / "s.csv")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "evaluate",
+                "--true",
+                str(tmp_path / "true"),
+                "--pred",
+                str(tmp_path / "pred"),
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 2
+    )
     assert "lacks predictions for 1" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
 
 
 def test_xml2inst_and_patches_on_kumar(kumar, tmp_path):
     name = "TCGA-21-5784-01Z-00-DX1"
-    assert main(["--quiet", "xml2inst", str(kumar / "annotations_xml" / f"{name}.xml"), "--out",
-                 str(tmp_path / "maps"), "--images", str(kumar / "images")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "xml2inst",
+                str(kumar / "annotations_xml" / f"{name}.xml"),
+                "--out",
+                str(tmp_path / "maps"),
+                "--images",
+                str(kumar / "images"),
+            ]
+        )
+        == 0
+    )
     got = read_instance_map(tmp_path / "maps" / f"{name}.png")
     assert got.shape == (1000, 1000) and got.max() == 398
     data = tmp_path / "data"

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from skimage.draw import polygon
-
 from nudiff_postproc import (
     overlap_table,
     read_image,
@@ -18,6 +16,7 @@ from nudiff_postproc import (
     write_image,
     write_instance_map,
 )
+from skimage.draw import polygon
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".mat", ".npy"])

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import linear_sum_assignment
-
 from nudiff_postproc import METRIC_KEYS, evaluate, overlap_table, synthetic_instance_map
+from scipy.optimize import linear_sum_assignment
 
 
 # ---- a direct transcription of HoVer-Net's metric functions (dense masks), the oracle ----
@@ -58,7 +57,14 @@ def _oracle(true, pred):
     tp = tp_r.size
     dq = tp / (tp + 0.5 * (p_ids.size - tp) + 0.5 * (t_ids.size - tp))
     sq = exact[tp_r, tp_c].sum() / (tp + 1e-6)
-    return {"dice": dice, "aji": aji_i / aji_u, "aji_plus": inter[r, c].sum() / ajp_u, "dq": dq, "sq": sq, "pq": dq * sq}
+    return {
+        "dice": dice,
+        "aji": aji_i / aji_u,
+        "aji_plus": inter[r, c].sum() / ajp_u,
+        "dq": dq,
+        "sq": sq,
+        "pq": dq * sq,
+    }
 
 
 def _perturbed(seed: int, shape=(40, 48)) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +79,8 @@ def _perturbed(seed: int, shape=(40, 48)) -> tuple[np.ndarray, np.ndarray]:
 
 def test_parity_with_reference_fixtures(parity):
     assert tuple(parity["stats_keys"]) == METRIC_KEYS
-    for true, pred, expected, name in zip(parity["inst"], parity["seg_pred"], parity["stats"], parity["names"]):
+    cases = zip(parity["inst"], parity["seg_pred"], parity["stats"], parity["names"], strict=True)
+    for true, pred, expected, name in cases:
         got = evaluate(true, pred)
         values = np.array([got[k] for k in METRIC_KEYS])
         np.testing.assert_allclose(values, expected, rtol=0, atol=1e-9, equal_nan=True, err_msg=str(name))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from skimage.transform import rescale
-
 from nudiff_postproc import (
     encode_structure,
     extract_patches,
@@ -14,6 +12,7 @@ from nudiff_postproc import (
     read_instance_map,
     synthetic_instance_map,
 )
+from skimage.transform import rescale
 
 
 def test_stats_of_a_known_disc():
@@ -30,8 +29,9 @@ def test_stats_of_a_known_disc():
 def test_distance_is_zero_for_identical_sets_and_large_for_scaled_nuclei():
     maps = np.stack([synthetic_instance_map((128, 128), n_nuclei=30, seed=s) for s in range(8)])
     assert morphology_distance(maps, maps)["mean"] == 0.0
-    big = np.stack([rescale(m, 2, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)[:128, :128]
-                    for m in maps])
+    big = np.stack(
+        [rescale(m, 2, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)[:128, :128] for m in maps]
+    )
     d = morphology_distance(maps, big)
     assert d["area"] > 1.0 and d["mean"] > 0.4
 

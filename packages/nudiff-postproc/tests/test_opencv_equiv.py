@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
-
 from nudiff_postproc._opencv_equiv import (
     ELLIPSE_5X5,
     gaussian_blur_3x3,
@@ -14,6 +12,7 @@ from nudiff_postproc._opencv_equiv import (
     sobel,
     sobel_kernels,
 )
+from scipy import ndimage as ndi
 
 
 def test_sobel_kernels_are_opencvs():

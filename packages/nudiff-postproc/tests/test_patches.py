@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from nudiff_postproc import extract_patches, patch_origins, stitch
 
 

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import ndimage as ndi
-
 from nudiff_postproc import (
     DIHEDRAL,
     encode_structure,
@@ -17,17 +15,18 @@ from nudiff_postproc import (
     transform_instance_map,
     transform_structure,
 )
+from scipy import ndimage as ndi
 
 
 def test_hv_maps_match_reference_fixtures(parity):
-    for inst, structure, name in zip(parity["inst"], parity["structure"], parity["names"]):
+    for inst, structure, name in zip(parity["inst"], parity["structure"], parity["names"], strict=True):
         got = hv_maps(inst)
         assert got.dtype == np.float32 and got.shape == inst.shape + (2,)
         assert np.abs(got - structure[..., 1:]).max() <= 1e-6, name
 
 
 def test_encode_structure_matches_reference_fixtures(parity):
-    for inst, structure in zip(parity["inst"], parity["structure"]):
+    for inst, structure in zip(parity["inst"], parity["structure"], strict=True):
         np.testing.assert_array_equal(encode_structure(inst), structure)
 
 

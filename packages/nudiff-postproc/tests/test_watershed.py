@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import ndimage as ndi
-from skimage.segmentation import watershed
-
 from nudiff_postproc import (
     encode_structure,
     evaluate,
@@ -17,6 +14,8 @@ from nudiff_postproc import (
     read_instance_map,
     synthetic_instance_map,
 )
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
 
 
 def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
@@ -49,8 +48,12 @@ def _oracle_pass(prob, h_raw, v_raw):
     blb = ndi.label(prob >= 0.5)[0]
     blb[(np.bincount(blb.ravel()) < 10)[blb]] = 0
     blb = (blb > 0).astype(np.int32)
-    sh = ndi.correlate1d(ndi.correlate1d(_norm(h_raw).astype(np.float64), deriv, 1, mode="mirror"), smooth, 0, mode="mirror")
-    sv = ndi.correlate1d(ndi.correlate1d(_norm(v_raw).astype(np.float64), smooth, 1, mode="mirror"), deriv, 0, mode="mirror")
+    sh = ndi.correlate1d(
+        ndi.correlate1d(_norm(h_raw).astype(np.float64), deriv, 1, mode="mirror"), smooth, 0, mode="mirror"
+    )
+    sv = ndi.correlate1d(
+        ndi.correlate1d(_norm(v_raw).astype(np.float64), smooth, 1, mode="mirror"), deriv, 0, mode="mirror"
+    )
     overall = np.maximum(1 - _norm(sh), 1 - _norm(sv)) - (1 - blb)
     overall[overall < 0] = 0
     dist = (1.0 - overall) * blb
@@ -83,7 +86,7 @@ def _oracle(pred: np.ndarray, orientations: int) -> np.ndarray:
 @pytest.mark.parametrize(("orientations", "key"), [(1, "postproc_single"), (8, "postproc_nudiff8")])
 def test_parity_with_reference_fixtures(parity, orientations, key):
     identical, worst_aji = 0, 1.0
-    for pred, expected in zip(parity["noisy_pred"], parity[key]):
+    for pred, expected in zip(parity["noisy_pred"], parity[key], strict=True):
         got = instances_from_structure(pred.astype(np.float32), orientations=orientations)
         assert got.dtype == np.int32
         identical += same_up_to_relabelling(got, expected)

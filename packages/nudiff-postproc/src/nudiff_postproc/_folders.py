@@ -24,7 +24,9 @@ def list_files(folder: str | os.PathLike[str], suffixes: tuple[str, ...], what: 
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
             if path.stem in files:
-                raise ValueError(f"'{folder}' holds two {what} files named '{path.stem}': {files[path.stem].name}, {path.name}")
+                raise ValueError(
+                    f"'{folder}' holds two {what} files named '{path.stem}': {files[path.stem].name}, {path.name}"
+                )
             files[path.stem] = path
     if not files:
         raise ValueError(f"'{folder}' holds no {what} files (expected {', '.join(suffixes)})")
@@ -39,7 +41,9 @@ def dataset_pairs(folder: str | os.PathLike[str]) -> list[tuple[str, Path, Path]
     maps = list_files(folder / "instance_maps", INSTANCE_MAP_SUFFIXES, "instance map")
     missing = sorted(set(images) - set(maps))
     if missing:
-        raise ValueError(f"'{folder}': {len(missing)} image(s) have no instance map in instance_maps/, e.g. {missing[:3]}")
+        raise ValueError(
+            f"'{folder}': {len(missing)} image(s) have no instance map in instance_maps/, e.g. {missing[:3]}"
+        )
     return [(name, images[name], maps[name]) for name in images]
 
 

@@ -186,8 +186,11 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
                 centroids = np.stack([s.col_sum[1:] / s.area[1:], s.row_sum[1:] / s.area[1:]], axis=1)
             savemat(
                 tmp,
-                {"inst_map": inst.astype(np.int32), "inst_uid": ids.reshape(-1, 1).astype(np.int32),
-                 "inst_centroid": centroids},
+                {
+                    "inst_map": inst.astype(np.int32),
+                    "inst_uid": ids.reshape(-1, 1).astype(np.int32),
+                    "inst_centroid": centroids,
+                },
                 do_compression=True,
             )
     return path
@@ -277,7 +280,9 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
         try:
             xy = np.array([[float(v.attrib["X"]), float(v.attrib["Y"])] for v in region.iter("Vertex")])
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"'{path}': region {region.attrib.get('Id', '?')} has a malformed <Vertex> ({exc})") from exc
+            raise ValueError(
+                f"'{path}': region {region.attrib.get('Id', '?')} has a malformed <Vertex> ({exc})"
+            ) from exc
         if len(xy) < 3:
             continue
         rr, cc = polygon(xy[:, 1] - 1, xy[:, 0] - 1, shape=inst.shape)

@@ -73,9 +73,7 @@ def overlap_table(true: np.ndarray, pred: np.ndarray) -> OverlapTable:
     true = as_instance_map(true, "true")
     pred = as_instance_map(pred, "pred")
     if true.shape != pred.shape:
-        raise ValueError(
-            f"`true` (shape {true.shape}) and `pred` (shape {pred.shape}) must have the same shape"
-        )
+        raise ValueError(f"`true` (shape {true.shape}) and `pred` (shape {pred.shape}) must have the same shape")
     t, t_ids = compact_labels(true)
     p, p_ids = compact_labels(pred)
     nt, np_ = t_ids.size, p_ids.size

@@ -70,7 +70,9 @@ def extract_patches(
     ((49, 256, 256), np.int64(744))
     """
     if not isinstance(array, np.ndarray) or array.ndim not in (2, 3):
-        raise ValueError(f"`array` must be an (H, W) or (H, W, C) ndarray, got {getattr(array, 'shape', type(array).__name__)}")
+        raise ValueError(
+            f"`array` must be an (H, W) or (H, W, C) ndarray, got {getattr(array, 'shape', type(array).__name__)}"
+        )
     origins = patch_origins(array.shape, size, stride)
     sh, sw = _pair(size, "size")
     patches = np.stack([array[r : r + sh, c : c + sw] for r, c in origins])
@@ -119,7 +121,7 @@ def stitch(
     if mode == "mean":
         total = np.zeros((h, w) + extra, np.float64)
         count = np.zeros((h, w), np.float64)
-        for patch, (r, c) in zip(patches, origins):
+        for patch, (r, c) in zip(patches, origins, strict=True):
             total[r : r + ph, c : c + pw] += patch
             count[r : r + ph, c : c + pw] += 1
         covered = count > 0
@@ -131,7 +133,7 @@ def stitch(
     depth = np.minimum(rr[:, None], cc[None, :])
     best = np.full((h, w), -1, np.int64)
     out = np.zeros((h, w) + extra, patches.dtype)
-    for patch, (r, c) in zip(patches, origins):
+    for patch, (r, c) in zip(patches, origins, strict=True):
         region = best[r : r + ph, c : c + pw]
         better = depth > region
         region[better] = depth[better]

@@ -25,8 +25,13 @@ DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((k, f) for f in (False, True) for
 
 
 def _axis_table(
-    lo: np.ndarray, hi: np.ndarray, coord_sum: np.ndarray, area: np.ndarray,
-    keep: np.ndarray, extent: int, centre: Centre,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    coord_sum: np.ndarray,
+    area: np.ndarray,
+    keep: np.ndarray,
+    extent: int,
+    centre: Centre,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label lookup table of one distance map along one axis.
 

@@ -7,9 +7,7 @@ import numpy as np
 __all__ = ["synthetic_instance_map"]
 
 
-def synthetic_instance_map(
-    shape: tuple[int, int] = (256, 256), *, n_nuclei: int = 60, seed: int = 0
-) -> np.ndarray:
+def synthetic_instance_map(shape: tuple[int, int] = (256, 256), *, n_nuclei: int = 60, seed: int = 0) -> np.ndarray:
     """Nuclei as random ellipses, some touching, numbered 1..N.
 
     Ellipses with semi-axes of 4-11 pixels and random orientation are dropped at random

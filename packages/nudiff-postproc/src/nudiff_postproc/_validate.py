@@ -46,9 +46,7 @@ def as_instance_map(value: Any, name: str = "inst", *, ndim: int = 2) -> np.ndar
             raise TypeError(f"`{name}` must be a numpy array of integer ids, got {_describe(value)}")
     shape_txt = "(H, W)" if ndim == 2 else "(N, H, W)"
     if value.ndim != ndim:
-        raise ValueError(
-            f"`{name}` must be a {ndim}-D instance map {shape_txt}, got {_describe(value)}"
-        )
+        raise ValueError(f"`{name}` must be a {ndim}-D instance map {shape_txt}, got {_describe(value)}")
     if value.dtype == bool:
         value = value.astype(np.int32)
     if not np.issubdtype(value.dtype, np.integer):
@@ -59,9 +57,7 @@ def as_instance_map(value: Any, name: str = "inst", *, ndim: int = 2) -> np.ndar
     if value.size == 0:
         raise ValueError(f"`{name}` is empty ({_describe(value)}); expected a non-empty map")
     if np.issubdtype(value.dtype, np.signedinteger) and value.min() < 0:
-        raise ValueError(
-            f"`{name}` has negative instance id {int(value.min())}; ids must be >= 0 (0 = background)"
-        )
+        raise ValueError(f"`{name}` has negative instance id {int(value.min())}; ids must be >= 0 (0 = background)")
     return value
 
 
@@ -84,15 +80,14 @@ def as_prediction(value: Any, name: str = "pred", *, ndim: int = 3, channels: in
     """
     if not isinstance(value, np.ndarray):
         raise TypeError(f"`{name}` must be a numpy array, got {_describe(value)}")
-    shape_txt = "(H, W, %d)" % channels if ndim == 3 else "(N, H, W, %d)" % channels
+    shape_txt = f"(H, W, {channels})" if ndim == 3 else f"(N, H, W, {channels})"
     if value.ndim != ndim or value.shape[-1] != channels:
         raise ValueError(f"`{name}` must have shape {shape_txt}, got {_describe(value)}")
     if value.size == 0:
         raise ValueError(f"`{name}` is empty ({_describe(value)})")
     if not np.issubdtype(value.dtype, np.floating):
         raise TypeError(
-            f"`{name}` must be a float array (probability in [0, 1], h and v in [-1, 1]), "
-            f"got dtype {value.dtype}"
+            f"`{name}` must be a float array (probability in [0, 1], h and v in [-1, 1]), got dtype {value.dtype}"
         )
     if value.dtype == np.float16:
         value = value.astype(np.float32)

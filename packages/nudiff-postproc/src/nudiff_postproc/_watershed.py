@@ -155,8 +155,7 @@ def _check_options(threshold: float, orientations: int) -> None:
         raise ValueError(f"`threshold` must be a probability in [0, 1], got {threshold!r}")
     if orientations not in (1, 8):
         raise ValueError(
-            f"`orientations` must be 1 (HoVer-Net, one pass) or 8 (Nudiff's try-all variant), "
-            f"got {orientations!r}"
+            f"`orientations` must be 1 (HoVer-Net, one pass) or 8 (Nudiff's try-all variant), got {orientations!r}"
         )
 
 
@@ -233,7 +232,10 @@ def instances_from_structure(
 
 
 def instances_from_structures(
-    preds: np.ndarray, *, threshold: float = 0.5, orientations: Literal[1, 8] = 1,
+    preds: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    orientations: Literal[1, 8] = 1,
     workers: int | None = None,
 ) -> np.ndarray:
     """:func:`instances_from_structure` over a batch, on all cores.

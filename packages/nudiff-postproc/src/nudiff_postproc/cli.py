@@ -37,7 +37,10 @@ def _cmd_instances(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
     if len(todo) < len(files):
-        print(f"skipping {len(files) - len(todo)} structure(s) whose instance map exists (--overwrite to redo)", file=sys.stderr)
+        print(
+            f"skipping {len(files) - len(todo)} structure(s) whose instance map exists (--overwrite to redo)",
+            file=sys.stderr,
+        )
     chunk = max(1, args.batch)
     bar = _progress(range(len(todo)), len(todo), "instances", args.quiet)
     for start in range(0, len(todo), chunk):
@@ -45,12 +48,17 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         preds = [read_structure(p) for _, p in part]
         shapes = {p.shape for p in preds}
         if len(shapes) == 1:
-            maps = instances_from_structures(np.stack(preds), threshold=args.threshold,
-                                             orientations=args.orientations, workers=args.workers)
+            maps = instances_from_structures(
+                np.stack(preds), threshold=args.threshold, orientations=args.orientations, workers=args.workers
+            )
         else:
-            maps = [instances_from_structures(p[None], threshold=args.threshold, orientations=args.orientations,
-                                              workers=1)[0] for p in preds]
-        for (name, _), inst in zip(part, maps):
+            maps = [
+                instances_from_structures(p[None], threshold=args.threshold, orientations=args.orientations, workers=1)[
+                    0
+                ]
+                for p in preds
+            ]
+        for (name, _), inst in zip(part, maps, strict=True):
             write_instance_map(out_dir / f"{name}{args.format}", inst)
         bar.update(len(part))
     bar.close()
@@ -69,11 +77,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         true = read_instance_map(true_files[name])
         pred = read_instance_map(pred_files[name])
         if true.shape != pred.shape:
-            raise ValueError(f"'{pred_files[name]}' has shape {pred.shape}, its true map '{true_files[name]}' {true.shape}")
+            raise ValueError(
+                f"'{pred_files[name]}' has shape {pred.shape}, its true map '{true_files[name]}' {true.shape}"
+            )
         rows.append((name, evaluate(true, pred)))
     with np.errstate(all="ignore"):
-        mean = {k: float(np.nanmean([r[k] for _, r in rows])) if any(np.isfinite(r[k]) for _, r in rows) else float("nan")
-                for k in METRIC_KEYS}
+        mean = {
+            k: float(np.nanmean([r[k] for _, r in rows])) if any(np.isfinite(r[k]) for _, r in rows) else float("nan")
+            for k in METRIC_KEYS
+        }
     header = ["name", *METRIC_KEYS]
     lines = [[name, *(f"{r[k]:.6f}" for k in METRIC_KEYS)] for name, r in rows]
     lines.append(["mean", *(f"{mean[k]:.6f}" for k in METRIC_KEYS)])
@@ -128,7 +140,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
             raise ValueError(f"'{image_path}' is {image.shape[:2]} but its map '{map_path}' is {inst.shape}")
         img_patches, origins = extract_patches(image, args.size, args.stride)
         map_patches, _ = extract_patches(inst, args.size, args.stride)
-        for img, lab, (r, c) in zip(img_patches, map_patches, origins):
+        for img, lab, (r, c) in zip(img_patches, map_patches, origins, strict=True):
             stem = f"{name}_r{r:05d}_c{c:05d}"
             write_image(out / "images" / f"{stem}.png", img)
             write_instance_map(out / "instance_maps" / f"{stem}.png", lab)
@@ -151,12 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("structures", help="folder of structures: (H, W, 3) float .npy [prob, h, v] or RGB PNG")
     p.add_argument("out", help="output folder of instance maps")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold on channel 0")
-    p.add_argument("--orientations", type=int, choices=(1, 8), default=1,
-                   help="1: HoVer-Net's one pass; 8: the Nudiff paper's try-all-orientations variant")
+    p.add_argument(
+        "--orientations",
+        type=int,
+        choices=(1, 8),
+        default=1,
+        help="1: HoVer-Net's one pass; 8: the Nudiff paper's try-all-orientations variant",
+    )
     p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--batch", type=int, default=64, help="structures read and processed at a time")
     p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
-    p.add_argument("--overwrite", action="store_true", help="redo maps that exist (default: skip them, so a run resumes)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="redo maps that exist (default: skip them, so a run resumes)"
+    )
     p.set_defaults(func=_cmd_instances)
 
     p = sub.add_parser("evaluate", help="Dice/AJI/AJI+/DQ/SQ/PQ per image and their mean", formatter_class=fmt)
