@@ -22,13 +22,14 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
 test: $(STAMP)
+	$(BIN)/ruff check packages tools tests conftest.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check packages tools tests
+	$(BIN)/ruff check packages tools tests conftest.py
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache .hypothesis

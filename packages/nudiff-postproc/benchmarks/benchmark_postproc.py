@@ -3,7 +3,8 @@
 Run: ``make bench`` or ``python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
 [--repeat N] [--shared DIR]``. Uses the Kumar tiles and parity fixtures in ../shared when
 present (the numbers in the README come from them), else procedurally generated maps.
-Each row is the median of ``--repeat`` timed runs after one warm-up run.
+Each row is the median of ``--repeat`` timed runs after one warm-up run (5x as many for
+the millisecond-scale 256 px watershed rows, a third as many for the batch).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def main() -> int:
     )
     print(
         f"# data: {'Kumar tiles and parity fixtures from ' + str(SHARED) if SHARED.is_dir() else 'procedural'}; "
-        f"median of {args.repeat} runs after a warm-up"
+        f"median of {args.repeat} runs after a warm-up ({args.repeat * 5} for the 256 px watershed rows, "
+        f"{max(5, args.repeat // 3)} for the batch)"
     )
     print()
     header = f"| {'operation':<38} | {'nudiff':>10} | {'reference code':>14} | {'target':>9} | {'met':>3} |"
