@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import nudiff_postproc as npp
+import numpy as np
 
 
 def _frozen(*arrays: np.ndarray) -> None:
