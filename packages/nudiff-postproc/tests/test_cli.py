@@ -31,6 +31,12 @@ def _structures(folder, n=3):
     return maps
 
 
+def _evaluate(folder, csv_name: str) -> int:
+    """``nudiff-postproc evaluate`` on ``folder``/true and ``folder``/pred."""
+    args = ["--quiet", "evaluate", "--true", str(folder / "true"), "--pred", str(folder / "pred")]
+    return main([*args, "--out", str(folder / csv_name)])
+
+
 def test_instances_then_evaluate(tmp_path, capsys):
     maps = _structures(tmp_path / "structures")
     assert main(["--quiet", "instances", str(tmp_path / "structures"), str(tmp_path / "pred")]) == 0
@@ -38,21 +44,7 @@ def test_instances_then_evaluate(tmp_path, capsys):
         out = read_instance_map(tmp_path / "pred" / f"{name}.png")
         np.testing.assert_array_equal(out, instances_from_structure(encode_structure(inst)))
         write_instance_map(tmp_path / "true" / f"{name}.png", inst)
-    assert (
-        main(
-            [
-                "--quiet",
-                "evaluate",
-                "--true",
-                str(tmp_path / "true"),
-                "--pred",
-                str(tmp_path / "pred"),
-                "--out",
-                str(tmp_path / "stats.csv"),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(tmp_path, "stats.csv") == 0
     rows = list(csv.reader(open(tmp_path / "stats.csv")))
     assert rows[0] == ["name", "dice", "aji", "aji_plus", "dq", "sq", "pq"]
     assert [r[0] for r in rows[1:]] == ["s0", "s1", "s2", "mean"]
@@ -100,21 +92,7 @@ def test_evaluate_reports_missing_predictions(tmp_path, capsys):
     for name in ("a", "b"):
         write_instance_map(tmp_path / "true" / f"{name}.png", synthetic_instance_map((32, 32), n_nuclei=3, seed=1))
     write_instance_map(tmp_path / "pred" / "a.png", synthetic_instance_map((32, 32), n_nuclei=3, seed=1))
-    assert (
-        main(
-            [
-                "--quiet",
-                "evaluate",
-                "--true",
-                str(tmp_path / "true"),
-                "--pred",
-                str(tmp_path / "pred"),
-                "--out",
-                str(tmp_path / "s.csv"),
-            ]
-        )
-        == 2
-    )
+    assert _evaluate(tmp_path, "s.csv") == 2
     assert "lacks predictions for 1" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
 
