@@ -115,6 +115,14 @@ def test_equivariance_holds_on_real_crops(parity):
             np.testing.assert_allclose(lhs[ok], rhs[ok], atol=1e-6)
 
 
+def test_identity_transforms_return_new_arrays():
+    inst = synthetic_instance_map((16, 16), n_nuclei=3, seed=0)
+    s = encode_structure(inst)
+    assert not np.shares_memory(transform_instance_map(inst), inst)
+    assert not np.shares_memory(transform_structure(s), s)
+    assert not np.shares_memory(transform_image(s[..., 0]), s)
+
+
 def test_dihedral_group_laws():
     rng = np.random.default_rng(0)
     s = rng.uniform(-1, 1, (12, 17, 3)).astype(np.float32)

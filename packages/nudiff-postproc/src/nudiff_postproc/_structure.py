@@ -174,7 +174,7 @@ def _check_dihedral(rot90: int, flip: bool) -> int:
 def _spatial(arr: np.ndarray, k: int, flip: bool) -> np.ndarray:
     if flip:
         arr = arr[:, ::-1]
-    return np.ascontiguousarray(np.rot90(arr, k, axes=(0, 1)))
+    return np.array(np.rot90(arr, k, axes=(0, 1)), order="C", copy=True)  # always a new array
 
 
 def transform_instance_map(inst: np.ndarray, *, rot90: int = 0, flip: bool = False) -> np.ndarray:
@@ -220,7 +220,7 @@ def transform_structure(structure: np.ndarray, *, rot90: int = 0, flip: bool = F
         raise ValueError(f"`structure` must be an (H, W, 3) array [foreground, h, v], got {got}")
     if not np.issubdtype(structure.dtype, np.floating):
         raise TypeError(f"`structure` must be a float array, got dtype {structure.dtype}")
-    out = _spatial(structure, k, bool(flip)).copy()
+    out = _spatial(structure, k, bool(flip))
     # the value map is linear per pixel, so it commutes with moving the pixels
     h, v = out[..., 1].copy(), out[..., 2].copy()
     if flip:
