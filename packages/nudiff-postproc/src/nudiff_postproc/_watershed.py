@@ -52,10 +52,22 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~border[bg]
 
 
-def _flood_surface(overall: np.ndarray, blb: np.ndarray) -> np.ndarray:
+def _flood_surface(
+    overall: np.ndarray, blb: np.ndarray, box: tuple[slice, slice] | None = None
+) -> np.ndarray:
     """HoVer-Net's ``-GaussianBlur((1 - overall) * blb)``: nuclei are mountains, so the
-    watershed floods their inverse."""
-    dist = gaussian_blur_3x3(np.where(blb, 1.0 - overall, 0.0))
+    watershed floods their inverse. With ``box``, only that part of the result: the blur
+    reads one pixel beyond the box, and reflects only at the image's own borders."""
+    if box is None:
+        dist = gaussian_blur_3x3(np.where(blb, 1.0 - overall, 0.0))
+        return np.negative(dist, out=dist)
+    (r0, r1), (c0, c1) = (box[0].start, box[0].stop), (box[1].start, box[1].stop)
+    h, w = blb.shape
+    # grow the box by the blur's reach where the image goes on; keep real borders
+    gr0, gr1, gc0, gc1 = max(r0 - 1, 0), min(r1 + 1, h), max(c0 - 1, 0), min(c1 + 1, w)
+    grown = (slice(gr0, gr1), slice(gc0, gc1))
+    dist = gaussian_blur_3x3(np.where(blb[grown], 1.0 - overall[grown], 0.0))
+    dist = dist[r0 - gr0 : dist.shape[0] - (gr1 - r1), c0 - gc0 : dist.shape[1] - (gc1 - c1)]
     return np.negative(dist, out=dist)
 
 
@@ -116,10 +128,10 @@ class _HoverNetWatershed:
         marker, _ = ndi.label(marker, structure=_CROSS)
         marker, n_markers = _keep_large(marker, _MIN_OBJECT)
         component_of = np.zeros(n_markers + 1, np.int64)
-        inside = marker.astype(bool) & self.blb
         # a marker lies within one foreground component (it is grown from the foreground
         # and holes enclosed by it), so any of its foreground pixels names the component
-        component_of[marker[inside]] = self.components[inside]
+        inside = np.flatnonzero(np.logical_and(marker, self.blb))
+        component_of[np.take(marker, inside)] = np.take(self.components, inside)
         return marker, component_of
 
     def count(self, orientation: tuple[bool, int, int]) -> int:
@@ -148,14 +160,16 @@ class _HoverNetWatershed:
         multi_component[0] = False
         if multi_component.any():
             multi = np.take(multi_component, self.components)
-            dist = dist_job.result() if dist_job else _flood_surface(overall, self.blb)
             # scikit-image's call costs in proportion to the array it is given: pass the
             # bounding box of the pixels to flood (a flood never leaves its component)
             rows, cols = np.flatnonzero(multi.any(axis=1)), np.flatnonzero(multi.any(axis=0))
             box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            dist = dist_job.result()[box] if dist_job else _flood_surface(overall, self.blb, box)
             inside = multi[box]
-            flooded = watershed(dist[box], markers=np.where(inside, marker[box], 0), mask=inside)
+            flooded = watershed(dist, markers=np.where(inside, marker[box], 0), mask=inside)
             np.copyto(out[box], np.take(new_id, flooded), where=inside)
+        elif dist_job:
+            dist_job.result()
         return out
 
 
