@@ -45,11 +45,11 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     bg, n = ndi.label(~mask, structure=_CROSS)
     if n == 0:
         return mask.copy()
-    border = np.zeros(n + 1, bool)
+    hole = np.ones(n + 1, bool)
     for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
-        border[edge] = True
-    border[0] = True  # label 0 is the foreground itself
-    return mask | ~border[bg]
+        hole[edge] = False
+    hole[0] = False  # label 0 is the foreground itself
+    return mask | np.take(hole, bg)
 
 
 def _flood_surface(
@@ -86,8 +86,9 @@ class _HoverNetWatershed:
     """
 
     def __init__(self, pred: np.ndarray, threshold: float, orientations: int, helper: Executor | None) -> None:
-        self.h_raw = pred[..., 1]
-        self.v_raw = pred[..., 2]
+        # contiguous copies: every filter and reduction below reads them several times
+        self.h_raw = np.ascontiguousarray(pred[..., 1])
+        self.v_raw = np.ascontiguousarray(pred[..., 2])
         self._edges: dict[tuple[int, int, int], np.ndarray] = {}
         self._helper = helper
         # the Sobel filters dominate; with a helper thread (scipy releases the GIL in them)
