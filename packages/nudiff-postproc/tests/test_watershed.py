@@ -185,6 +185,10 @@ def test_bad_predictions_are_rejected(pred, kwargs, error, match):
 
 
 def test_bad_batches_are_rejected():
+    preds = np.zeros((3, 8, 8, 3), np.float32)
+    preds[2, 1, 1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"`preds\[2\]` contains 1 NaN or infinite"):
+        instances_from_structures(preds)
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         instances_from_structures(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="workers"):

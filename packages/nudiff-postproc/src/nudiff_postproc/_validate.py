@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_instance_map", "as_prediction", "as_image"]
+__all__ = ["as_instance_map", "as_prediction", "as_image", "check_finite"]
 
 
 def _describe(value: Any) -> str:
@@ -61,7 +61,9 @@ def as_instance_map(value: Any, name: str = "inst", *, ndim: int = 2) -> np.ndar
     return value
 
 
-def as_prediction(value: Any, name: str = "pred", *, ndim: int = 3, channels: int = 3) -> np.ndarray:
+def as_prediction(
+    value: Any, name: str = "pred", *, ndim: int = 3, channels: int = 3, check_values: bool = True
+) -> np.ndarray:
     """Check a float map with ``channels`` channels last (e.g. ``[probability, h, v]``).
 
     Parameters
@@ -72,6 +74,9 @@ def as_prediction(value: Any, name: str = "pred", *, ndim: int = 3, channels: in
         Argument name used in error messages.
     ndim, channels : int
         Required number of dimensions and size of the last axis.
+    check_values : bool
+        Check that every value is finite and widen float16 to float32. A batch may leave
+        both to :func:`check_finite` per item, where the work runs in parallel.
 
     Returns
     -------
@@ -89,6 +94,11 @@ def as_prediction(value: Any, name: str = "pred", *, ndim: int = 3, channels: in
         raise TypeError(
             f"`{name}` must be a float array (probability in [0, 1], h and v in [-1, 1]), got dtype {value.dtype}"
         )
+    return check_finite(value, name) if check_values else value
+
+
+def check_finite(value: np.ndarray, name: str) -> np.ndarray:
+    """Raise a ValueError naming ``name`` if ``value`` holds NaN or inf; widen float16."""
     if value.dtype == np.float16:
         value = value.astype(np.float32)
     # a float64 sum is finite exactly when every element is (NaN and inf propagate, and

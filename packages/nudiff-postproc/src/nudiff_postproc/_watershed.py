@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from ._opencv_equiv import gaussian_blur_3x3, normalize_minmax, open_ellipse_5x5, sobel
-from ._validate import as_prediction
+from ._validate import as_prediction, check_finite
 
 __all__ = ["instances_from_structure", "instances_from_structures"]
 
@@ -52,9 +52,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | np.take(hole, bg)
 
 
-def _flood_surface(
-    overall: np.ndarray, blb: np.ndarray, box: tuple[slice, slice] | None = None
-) -> np.ndarray:
+def _flood_surface(overall: np.ndarray, blb: np.ndarray, box: tuple[slice, slice] | None = None) -> np.ndarray:
     """HoVer-Net's ``-GaussianBlur((1 - overall) * blb)``: nuclei are mountains, so the
     watershed floods their inverse. With ``box``, only that part of the result: the blur
     reads one pixel beyond the box, and reflects only at the image's own borders."""
@@ -280,7 +278,7 @@ def instances_from_structures(
     -------
     (N, H, W) ndarray of int32
     """
-    preds = as_prediction(preds, "preds", ndim=4)
+    preds = as_prediction(preds, "preds", ndim=4, check_values=False)  # values: per item, in parallel
     _check_options(threshold, orientations)
     if workers is None:
         workers = os.cpu_count() or 1
@@ -289,7 +287,7 @@ def instances_from_structures(
     out = np.empty(preds.shape[:3], np.int32)
 
     def one(i: int) -> None:
-        out[i] = _instances(preds[i], float(threshold), orientations)
+        out[i] = _instances(check_finite(preds[i], f"preds[{i}]"), float(threshold), orientations)
 
     if workers == 1 or len(preds) == 1:
         for i in range(len(preds)):
