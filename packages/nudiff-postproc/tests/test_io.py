@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -27,6 +28,9 @@ def test_round_trip(tmp_path, suffix):
     assert back.dtype == np.int32
     np.testing.assert_array_equal(back, inst)
     assert [p.name for p in tmp_path.iterdir()] == [f"map{suffix}"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
 
 
 def test_more_than_65535_nuclei_need_tiff(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,9 +37,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     the block succeeds, delete it when it fails. Readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # a fresh hidden name that the writer creates itself, so that the file gets the usual
+    # permissions (mkstemp would make it private to the owner)
+    tmp_path = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part{path.suffix}"
     try:
         yield tmp_path
         os.replace(tmp_path, path)
