@@ -109,7 +109,7 @@ class _HoverNetWatershed:
         if key not in self._edges:
             raw = self.h_raw if channel == 1 else self.v_raw
             directional = normalize_minmax(raw if sign == 1 else -raw)
-            edge = normalize_minmax(sobel(directional, axis=axis))
+            edge = normalize_minmax(sobel(directional, axis=axis), overwrite=True)
             self._edges[key] = np.subtract(np.float32(1), edge, out=edge)
         return self._edges[key]
 
