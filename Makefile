@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := packages/nudiff-postproc
+PACKAGES := packages/nudiff-postproc packages/nudiff-diffusion
 STAMP := $(VENV)/.nudiff-installed
 PYTEST_ARGS ?=
 
@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
+	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_samplers.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py

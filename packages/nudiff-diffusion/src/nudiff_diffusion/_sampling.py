@@ -1,0 +1,194 @@
+"""Samplers over a denoiser callable: DDPM (ancestral), DDIM and DPM-Solver++(2M)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ._schedule import NoiseSchedule
+
+__all__ = ["sample", "sampling_timesteps", "EpsFn"]
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Method = Literal["ddpm", "ddim", "dpmpp2m"]
+Spacing = Literal["uniform", "quadratic", "logsnr"]
+_DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
+
+
+def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> np.ndarray:
+    """Indices (increasing) of the ``steps`` schedule steps a sampler visits.
+
+    ``uniform``: evenly in index, both ends included; ``quadratic``: evenly in the square
+    root of the index; ``logsnr``: evenly in log-SNR between the two ends, each target
+    mapped to the nearest step. Duplicates are dropped, so very large ``steps`` may give
+    fewer (never more) than asked.
+    """
+    n = schedule.num_timesteps
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
+        raise ValueError(f"`steps` must be an integer in [1, {n}], got {steps!r}")
+    if spacing == "uniform":
+        idx = np.round(np.linspace(0, n - 1, steps))
+    elif spacing == "quadratic":
+        idx = np.round(np.linspace(0, np.sqrt(n - 1), steps) ** 2)
+    elif spacing == "logsnr":
+        lam = schedule.log_snr
+        targets = np.linspace(lam[0], lam[-1], steps)
+        idx = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    else:
+        raise ValueError(f"`spacing` must be 'uniform', 'quadratic' or 'logsnr', got {spacing!r}")
+    return np.unique(idx.astype(np.int64))
+
+
+def _split_output(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    channels = x.shape[1]
+    if out.shape == x.shape:
+        return out, None
+    if (
+        out.ndim == x.ndim
+        and out.shape[0] == x.shape[0]
+        and out.shape[1] == 2 * channels
+        and out.shape[2:] == x.shape[2:]
+    ):
+        return out[:, :channels], out[:, channels:]
+    raise ValueError(
+        f"eps_fn returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected the input's shape, "
+        f"or {2 * channels} channels (eps and the learned-range variance)"
+    )
+
+
+def _clip_x0(x0: torch.Tensor, clip: float | Literal["dynamic"] | None) -> torch.Tensor:
+    if clip is None:
+        return x0
+    if clip == "dynamic":
+        # Imagen's dynamic thresholding: clip at the 99.5th percentile of |x0| (>= 1), rescale
+        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), 0.995, dim=1).clamp(min=1.0)
+        s = s.to(x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+        return x0.clamp(-s, s) / s
+    return x0.clamp(-float(clip), float(clip))
+
+
+def sample(
+    eps_fn: EpsFn,
+    *,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    method: Method = "dpmpp2m",
+    steps: int = 20,
+    spacing: Spacing | None = None,
+    generator: torch.Generator | None = None,
+    clip: float | Literal["dynamic"] | None = None,
+    eta: float = 0.0,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draw samples from a diffusion model given as its noise predictor.
+
+    Parameters
+    ----------
+    eps_fn : callable
+        ``eps_fn(x, t)`` with ``x`` (N, C, H, W) float and ``t`` (N,) int64 indices into
+        ``schedule``'s original steps (``schedule.timesteps``); returns eps (N, C, H, W), or
+        (N, 2C, H, W) whose second half is the learned-range variance in [-1, 1].
+    shape : tuple of int
+        ``(N, C, H, W)`` (any number of trailing dims works).
+    schedule : NoiseSchedule
+        The schedule the model was trained with (e.g. ``NoiseSchedule.linear(1000)``).
+    method : {"ddpm", "ddim", "dpmpp2m"}
+        Ancestral sampling (learned variance if given, else the posterior variance);
+        DDIM (deterministic for ``eta=0``); DPM-Solver++(2M) in data prediction.
+    steps : int
+        Model evaluations (steps of the visited grid).
+    spacing : {"uniform", "quadratic", "logsnr"}, optional
+        How the visited steps are chosen (:func:`sampling_timesteps`); default
+        ``"logsnr"`` for dpmpp2m and ``"uniform"`` otherwise.
+    generator : torch.Generator, optional
+        Source of the initial noise and of the noise of stochastic steps.
+    clip : float, "dynamic" or None
+        Clip predicted x0 to [-clip, clip], or dynamic thresholding (Imagen), or nothing.
+    eta : float
+        DDIM's stochasticity (0: deterministic).
+    callback : callable, optional
+        Called after every step with ``{"i", "t", "x", "x0"}``.
+    progress : bool
+        Show a tqdm bar.
+    x_T : tensor, optional
+        Initial noise; drawn from ``generator`` when not given.
+
+    Returns
+    -------
+    tensor of ``shape``
+        The samples (``x0``).
+    """
+    if method not in ("ddpm", "ddim", "dpmpp2m"):
+        raise ValueError(f"`method` must be 'ddpm', 'ddim' or 'dpmpp2m', got {method!r}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"`schedule` must be a NoiseSchedule, got {type(schedule).__name__}")
+    spacing = spacing or _DEFAULT_SPACING[method]
+    kept = sampling_timesteps(schedule, steps, spacing)
+    sub = schedule.subset(kept)  # betas recomputed from the kept alphas-bar
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"`x_T` has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        x = x_T.to(device=device, dtype=dtype)
+    n = x.shape[0]
+    order = range(sub.num_timesteps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        order = tqdm(order, desc=f"{method} {sub.num_timesteps} steps", unit="step")
+
+    def predict(i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        t_model = torch.full((n,), int(sub.timesteps[i]), dtype=torch.int64, device=x.device)
+        eps, v = _split_output(eps_fn(x, t_model), x)
+        t_sub = torch.full((n,), i, dtype=torch.int64, device=x.device)
+        x0 = _clip_x0(sub.x0_from_eps(x, t_sub, eps), clip)
+        if clip is not None:
+            eps = sub.eps_from_x0(x, t_sub, x0)
+        return eps, v, x0, t_sub
+
+    history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0) of earlier dpmpp2m steps
+    x0 = x
+    for i in order:
+        eps, v, x0, t_sub = predict(i, x)
+        if method == "ddpm":
+            mean, _, log_var = sub.posterior_mean_variance(x0, x, t_sub)
+            if v is not None:
+                log_var = sub.learned_log_variance(v, t_sub)
+            if i > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = mean + torch.exp(0.5 * log_var) * noise
+            else:
+                x = mean
+        elif method == "ddim":
+            ab, ab_prev = float(sub.alphas_bar[i]), float(sub.alphas_bar_prev[i])
+            sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+            x = np.sqrt(ab_prev) * x0 + np.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+            if i > 0 and sigma > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            lam = 0.5 * float(sub.log_snr[i])
+            if i > 0:
+                ab_next = float(sub.alphas_bar[i - 1])
+                lam_next = 0.5 * float(np.log(ab_next) - np.log1p(-ab_next))
+                h = lam_next - lam
+                sigma_ratio = np.sqrt((1 - ab_next) / (1 - float(sub.alphas_bar[i])))
+                d = x0
+                if history:
+                    lam_prev, x0_prev = history[-1]
+                    r = (lam - lam_prev) / h
+                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+                x = sigma_ratio * x - np.sqrt(ab_next) * np.expm1(-h) * d
+            history.append((lam, x0))
+        if callback is not None:
+            callback({"i": i, "t": int(sub.timesteps[i]), "x": x, "x0": x0})
+    return x0 if method == "dpmpp2m" else x

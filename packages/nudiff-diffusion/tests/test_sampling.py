@@ -1,0 +1,179 @@
+"""Samplers on Gaussian data, where the exact noise predictor is known in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nudiff_diffusion import NoiseSchedule, guided, sample, sampling_timesteps
+
+MU, S = 0.3, 0.5
+SCHEDULE = NoiseSchedule.linear(1000)
+_AB = torch.tensor(SCHEDULE.alphas_bar)
+
+
+def gaussian_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The exact eps predictor for x0 ~ N(MU, S^2 I)."""
+    ab = _AB[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * S * S + 1 - ab)
+
+
+# (method, steps, spacing) -> the standard deviation a correct implementation gives
+EXPECTED_STD = [
+    ("ddpm", 1000, "uniform", 0.495),
+    ("ddpm", 250, "uniform", 0.487),
+    ("ddim", 50, "uniform", 0.473),
+    ("ddim", 50, "logsnr", 0.476),
+    ("dpmpp2m", 20, "uniform", 0.62),
+    ("dpmpp2m", 20, "logsnr", 0.508),
+    ("dpmpp2m", 10, "logsnr", 0.517),
+    ("dpmpp2m", 50, "logsnr", 0.502),
+]
+
+
+@pytest.mark.parametrize(("method", "steps", "spacing", "std"), EXPECTED_STD)
+def test_samplers_reach_the_gaussian(method, steps, spacing, std):
+    x = sample(
+        gaussian_eps,
+        shape=(16384, 1, 8, 8),
+        schedule=SCHEDULE,
+        method=method,
+        steps=steps,
+        spacing=spacing,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert x.shape == (16384, 1, 8, 8) and x.dtype == torch.float32
+    assert x.mean().item() == pytest.approx(MU, abs=0.0025)
+    assert x.std().item() == pytest.approx(std, abs=0.01)
+
+
+def test_more_logsnr_steps_mean_less_error():
+    errors = []
+    for steps in (5, 10, 20, 50):
+        x = sample(
+            gaussian_eps,
+            shape=(4096, 1, 4, 4),
+            schedule=SCHEDULE,
+            method="dpmpp2m",
+            steps=steps,
+            generator=torch.Generator().manual_seed(1),
+        )
+        errors.append(abs(x.std().item() - S))
+    assert errors == sorted(errors, reverse=True), errors
+
+
+def test_learned_variance_at_minus_one_is_the_fixed_small_variance():
+    def with_v(x, t):
+        return torch.cat([gaussian_eps(x, t), -torch.ones_like(x)], dim=1)
+
+    a = sample(
+        gaussian_eps,
+        shape=(64, 1, 4, 4),
+        schedule=SCHEDULE,
+        method="ddpm",
+        steps=50,
+        generator=torch.Generator().manual_seed(2),
+    )
+    b = sample(
+        with_v,
+        shape=(64, 1, 4, 4),
+        schedule=SCHEDULE,
+        method="ddpm",
+        steps=50,
+        generator=torch.Generator().manual_seed(2),
+    )
+    torch.testing.assert_close(a, b)
+
+
+def test_model_sees_original_timesteps_and_callback_runs():
+    seen, steps = [], []
+    sample(
+        lambda x, t: (seen.append(t[0].item()), gaussian_eps(x, t))[1],
+        shape=(2, 1, 2, 2),
+        schedule=SCHEDULE,
+        method="ddim",
+        steps=10,
+        callback=lambda info: steps.append(info["i"]),
+    )
+    np.testing.assert_array_equal(seen, sampling_timesteps(SCHEDULE, 10, "uniform")[::-1])
+    assert seen[0] == 999 and seen[-1] == 0 and steps == list(range(9, -1, -1))
+
+
+def test_stochastic_ddim_is_reproducible_and_differs_from_eta0():
+    kw = dict(shape=(8, 1, 4, 4), schedule=SCHEDULE, method="ddim", steps=20)
+    a = sample(gaussian_eps, eta=1.0, generator=torch.Generator().manual_seed(3), **kw)
+    b = sample(gaussian_eps, eta=1.0, generator=torch.Generator().manual_seed(3), **kw)
+    c = sample(gaussian_eps, eta=0.0, generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_clipping_bounds_the_output():
+    x = sample(
+        lambda x, t: torch.zeros_like(x) - 3,
+        shape=(4, 1, 4, 4),
+        schedule=SCHEDULE,
+        method="ddim",
+        steps=10,
+        clip=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert x.abs().max() <= 1.0 + 1e-6
+    y = sample(
+        gaussian_eps,
+        shape=(4, 1, 4, 4),
+        schedule=SCHEDULE,
+        method="dpmpp2m",
+        steps=10,
+        clip="dynamic",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert y.abs().max() <= 1.0 + 1e-6
+
+
+def test_spacings():
+    for spacing in ("uniform", "quadratic", "logsnr"):
+        idx = sampling_timesteps(SCHEDULE, 25, spacing)
+        assert idx[0] == 0 and idx[-1] == 999 and np.all(np.diff(idx) > 0)
+    quad = sampling_timesteps(SCHEDULE, 25, "quadratic")
+    assert np.diff(quad)[0] < np.diff(quad)[-1]  # denser near the data end
+
+
+def test_guidance_mixes_eps_in_one_batch():
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(x.shape[0])
+        eps = x * 0 + cond  # eps = the condition value
+        return torch.cat([eps, torch.full_like(x, 0.5)], dim=1)
+
+    x = torch.zeros(3, 2, 4, 4)
+    t = torch.zeros(3, dtype=torch.int64)
+    cond = torch.full((3, 2, 4, 4), 2.0)
+    out = guided(model, cond, torch.zeros(1, 2, 4, 4), 3.0)(x, t)
+    assert calls == [6]  # conditional and unconditional halves in one call
+    torch.testing.assert_close(out[:, :2], torch.full((3, 2, 4, 4), 6.0))  # 0 + 3 * (2 - 0)
+    torch.testing.assert_close(out[:, 2:], torch.full((3, 2, 4, 4), 0.5))
+    same = guided(model, cond, torch.zeros(1, 2, 4, 4), 1.0)(x, t)
+    torch.testing.assert_close(same[:, :2], cond)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "euler"}, ValueError, "method"),
+        ({"steps": 0}, ValueError, r"steps.*\[1, 1000\]"),
+        ({"spacing": "cubic"}, ValueError, "spacing"),
+        ({"schedule": "linear"}, TypeError, "NoiseSchedule"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = dict(shape=(1, 1, 2, 2), schedule=SCHEDULE, method="ddim", steps=5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        sample(gaussian_eps, **args)
+
+
+def test_wrong_model_output_shape_is_named():
+    with pytest.raises(ValueError, match=r"eps_fn returned shape \(1, 3, 2, 2\).*expected"):
+        sample(lambda x, t: torch.zeros(1, 3, 2, 2), shape=(1, 1, 2, 2), schedule=SCHEDULE, method="ddim", steps=3)
