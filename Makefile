@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := packages/nudiff-postproc packages/nudiff-diffusion
 STAMP := $(VENV)/.nudiff-installed
+# the CPU wheel of torch lies in /opt/wheels on this project's machines (PIP_FIND_LINKS
+# says so too, but CI may not pass the variable on)
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench lint clean
@@ -14,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# every local package in one pip call: their metadata name each other by name only
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) -c constraints.txt \
 		$(foreach p,$(PACKAGES),-e $(p)[test]) "ruff>=0.5"
 	@touch $(STAMP)
 
