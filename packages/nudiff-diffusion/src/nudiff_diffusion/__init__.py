@@ -1,13 +1,24 @@
-"""nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers)."""
+"""nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers, UNet)."""
 
+from ._checkpoint import load_model, read_config, save_model
+from ._config import PRESETS, UNetConfig
 from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
 from ._sampling import EpsFn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
+from ._unet import GroupNorm32, UNet, timestep_embedding
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "GroupNorm32",
+    "UNet",
+    "UNetConfig",
+    "load_model",
+    "read_config",
+    "save_model",
+    "timestep_embedding",
     "EpsFn",
     "NoiseSchedule",
     "discretized_gaussian_log_likelihood",

@@ -1,0 +1,105 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._config import UNetConfig
+from ._unet import NormFactory, UNet
+
+__all__ = ["save_model", "load_model", "read_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FORMAT = "nudiff-diffusion/unet"
+
+
+def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_model(
+    directory: str | os.PathLike[str],
+    model: UNet,
+    *,
+    diffusion: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` (model config, diffusion settings, extras) and the weights as
+    ``model.safetensors`` into ``directory``; each file is replaced atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": _FORMAT, "unet": model.config.to_dict(), "diffusion": diffusion or {}, **(extra or {})}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": _FORMAT}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint directory, with clear errors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: '{directory}'")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"'{directory}' has no {CONFIG_NAME}; expected a checkpoint directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != _FORMAT or "unet" not in config:
+        raise ValueError(f"'{path}' is not a nudiff UNet config (expected format '{_FORMAT}' and a 'unet' entry)")
+    return config
+
+
+def load_model(
+    directory: str | os.PathLike[str], *, norm_factory: NormFactory | None = None, device: str | torch.device = "cpu"
+) -> UNet:
+    """Rebuild a UNet from a checkpoint directory (no flags needed) and load its weights.
+
+    The weights are read with safetensors (no code runs); missing or unexpected tensors,
+    a truncated file or a config with unknown keys raise an error naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        unet_config = UNetConfig.from_dict(config["unet"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"'{directory / CONFIG_NAME}': {exc}") from exc
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"'{directory}' has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"'{weights}' could not be read as safetensors ({exc}); is it truncated?") from exc
+    model = UNet(unet_config, norm_factory)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"'{weights}' does not fit the config in '{directory / CONFIG_NAME}': missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval()
