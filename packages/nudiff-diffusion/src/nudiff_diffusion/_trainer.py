@@ -1,0 +1,241 @@
+"""The training loop: AdamW, EMA, mixed precision, checkpoints with exact resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._checkpoint import save_model
+from ._losses import training_losses
+from ._schedule import NoiseSchedule
+from ._unet import UNet
+
+__all__ = ["TrainConfig", "train", "latest_checkpoint"]
+
+STATE_NAME = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (the paper's: AdamW, lr 1e-4, weight decay 0.05, batch 4)."""
+
+    steps: int = 1000
+    batch_size: int = 4
+    microbatch: int = 0  # split each batch into chunks of this size (0: no split)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    ema_rate: float = 0.9999
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = 1.0
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"`precision` must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        for name in ("steps", "batch_size", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"`ema_rate` must be in [0, 1), got {self.ema_rate}")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The randomness of one step (batch, timesteps, noise) depends only on (seed, rank,
+    step): a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``checkpoints/step_NNNNNNN`` directory of a run, if any."""
+    root = Path(out_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_NAME).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _save(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    ema: UNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    schedule: NoiseSchedule,
+    config: TrainConfig,
+    diffusion: dict,
+) -> Path:
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".step_{step:07d}.part"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, ema, diffusion=diffusion, extra={"train": dataclasses.asdict(config), "step": step})
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "betas": torch.from_numpy(schedule.betas.copy()),
+    }
+    torch.save(state, tmp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a checkpoint directory appears whole or not at all
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -config.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    save_model(out, ema, diffusion=diffusion, extra={"train": dataclasses.asdict(config), "step": step})
+    return final
+
+
+def train(
+    model: UNet,
+    data: torch.Tensor,
+    schedule: NoiseSchedule,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    callback: Callable[[int, UNet], None] | None = None,
+    diffusion: dict | None = None,
+    progress: bool = True,
+) -> UNet:
+    """Train ``model`` on ``data`` and return the EMA model.
+
+    Parameters
+    ----------
+    model : UNet
+        The network; with ``config.learn_sigma`` the hybrid loss is used, else the simple one.
+    data : (M, C, H, W) float tensor in [-1, 1]
+        The training examples; each step draws ``batch_size`` of them (with replacement).
+    schedule : NoiseSchedule
+        The training schedule (timesteps drawn uniformly).
+    out_dir : path
+        The run directory: ``config.json`` + ``model.safetensors`` (the latest EMA weights,
+        loadable with :func:`load_model`), ``checkpoints/step_NNNNNNN/`` (the same plus
+        ``train_state.pt``: raw weights, optimiser, step), ``log.csv``.
+    config : TrainConfig
+    resume : bool
+        Continue from the newest checkpoint of ``out_dir``: on a CPU, 10 + 10 resumed steps
+        give the same weights, bit for bit, as 20 uninterrupted ones.
+    augment : callable, optional
+        ``augment(batch, generator)`` -> batch, e.g. random dihedral transforms.
+    callback : callable, optional
+        ``callback(step, ema_model)`` after every checkpoint (sample grids, metrics).
+    diffusion : dict, optional
+        Diffusion settings written to ``config.json`` (e.g. ``{"schedule": "linear",
+        "num_timesteps": 1000}``); the exact betas are kept in ``train_state.pt``.
+
+    Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP,
+    every rank draws its own batches and noise, and only rank 0 writes.
+    """
+    if data.ndim != 4 or data.shape[1] != model.config.in_channels:
+        raise ValueError(f"`data` must be (M, {model.config.in_channels}, H, W), got {tuple(data.shape)}")
+    rank, world = _rank_world()
+    out = Path(out_dir)
+    device = next(model.parameters()).device
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None:
+            from safetensors.torch import load_file
+
+            state = torch.load(ckpt / STATE_NAME, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            ema.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+            start = int(state["step"])
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    micro = config.microbatch or config.batch_size
+    log_path = out / "log.csv"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
+    t_last, logged = time.perf_counter(), []
+    for step in range(start, config.steps):
+        g = _step_generator(config.seed, rank, step)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout
+        idx = torch.randint(len(data), (config.batch_size,), generator=g)
+        x0 = data[idx]
+        if augment is not None:
+            x0 = augment(x0, g)
+        t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, config.batch_size, micro):
+            sl = slice(i, i + micro)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                losses = training_losses(net, schedule, x0[sl], t[sl], noise[sl], learn_sigma=model.config.learn_sigma)
+            loss = losses["loss"].float().mean() * (x0[sl].shape[0] / config.batch_size)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step} (precision {config.precision})")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.item()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1.0 - config.ema_rate)
+        logged.append(total)
+        done = step + 1
+        if rank == 0:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+            if done % config.log_every == 0 or done == config.steps:
+                now = time.perf_counter()
+                new = not log_path.exists()
+                with open(log_path, "a", newline="") as fh:
+                    writer = csv.writer(fh)
+                    if new:
+                        writer.writerow(["step", "loss", "steps_per_s"])
+                    writer.writerow([done, sum(logged) / len(logged), len(logged) / (now - t_last)])
+                t_last, logged = now, []
+            if done % config.save_every == 0 or done == config.steps:
+                settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
+                _save(out, done, model, ema, optimizer, scaler, schedule, config, settings)
+                if callback is not None:
+                    callback(done, ema)
+    if bar is not None:
+        bar.close()
+    return ema

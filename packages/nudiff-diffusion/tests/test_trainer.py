@@ -1,0 +1,125 @@
+"""The trainer: it learns, it resumes exactly, it runs under torchrun with DDP."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, latest_checkpoint, load_model, train
+
+CFG = UNetConfig.preset("tiny-64", image_size=16, in_channels=1)
+SCHEDULE = NoiseSchedule.linear(1000)
+
+
+def _data() -> torch.Tensor:
+    # a toy dataset with structure: discs at random positions, in [-1, 1]
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    centres = torch.rand(64, 2, generator=g) * 10 + 3
+    d2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    return (torch.where(d2 < 9, 1.0, -1.0))[:, None]
+
+
+def _model() -> UNet:
+    torch.manual_seed(0)
+    return UNet(CFG)
+
+
+def test_loss_goes_down(tmp_path):
+    train(
+        _model(),
+        _data(),
+        SCHEDULE,
+        tmp_path,
+        TrainConfig(steps=150, batch_size=8, lr=5e-4, log_every=25, save_every=150),
+        progress=False,
+    )
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.7 * first, rows
+    assert load_model(tmp_path).config == CFG  # the run directory is a checkpoint
+
+
+def test_resume_is_exact(tmp_path):
+    config = TrainConfig(steps=12, batch_size=4, save_every=6, ema_rate=0.9, log_every=3)
+    whole = train(_model(), _data(), SCHEDULE, tmp_path / "whole", config, progress=False)
+    half = dataclass_replace(config, steps=6)
+    train(_model(), _data(), SCHEDULE, tmp_path / "split", half, progress=False)
+    resumed = train(_model(), _data(), SCHEDULE, tmp_path / "split", config, resume=True, progress=False)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    raw_a = torch.load(latest_checkpoint(tmp_path / "whole") / "train_state.pt", weights_only=True)["model"]
+    raw_b = torch.load(latest_checkpoint(tmp_path / "split") / "train_state.pt", weights_only=True)["model"]
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+    steps = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert steps == ["step_0000006", "step_0000012"]
+
+
+def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_bf16_training_stays_finite(tmp_path):
+    ema = train(
+        _model(),
+        _data(),
+        SCHEDULE,
+        tmp_path,
+        TrainConfig(steps=5, batch_size=4, precision="bf16", microbatch=2),
+        progress=False,
+    )
+    assert all(torch.isfinite(p).all() for p in ema.parameters())
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match=r"`data` must be \(M, 1, H, W\)"):
+        train(_model(), torch.zeros(4, 3, 16, 16), SCHEDULE, "unused", TrainConfig(steps=1), progress=False)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, train
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        model = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1))
+        data = torch.rand(32, 1, 16, 16) * 2 - 1
+        train(model, data, NoiseSchedule.linear(1000), r"{tmp_path / "run"}", TrainConfig(steps=3, batch_size=2),
+              progress=False)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        if dist.get_rank() == 0:
+            same = all(torch.equal(gathered[0], g) for g in gathered)
+            torch.manual_seed(0)  # the initial weights, to show that training moved them
+            start = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1))
+            changed = not torch.equal(gathered[0], torch.cat([p.detach().flatten() for p in start.parameters()]))
+            open(r"{tmp_path / "result.txt"}", "w").write(f"{{same}} {{changed}}")
+        dist.destroy_process_group()
+    """)
+    )
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert (tmp_path / "result.txt").read_text() == "True True"
+    assert (tmp_path / "run" / "model.safetensors").is_file()
