@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
 	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_samplers.py
+	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_unet.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py

@@ -48,9 +48,9 @@ def test_loss_goes_down(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    config = TrainConfig(steps=12, batch_size=4, save_every=6, ema_rate=0.9, log_every=3)
+    config = TrainConfig(steps=20, batch_size=4, save_every=10, ema_rate=0.9, log_every=5)
     whole = train(_model(), _data(), SCHEDULE, tmp_path / "whole", config, progress=False)
-    half = dataclass_replace(config, steps=6)
+    half = dataclass_replace(config, steps=10)
     train(_model(), _data(), SCHEDULE, tmp_path / "split", half, progress=False)
     resumed = train(_model(), _data(), SCHEDULE, tmp_path / "split", config, resume=True, progress=False)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
@@ -59,7 +59,7 @@ def test_resume_is_exact(tmp_path):
     raw_b = torch.load(latest_checkpoint(tmp_path / "split") / "train_state.pt", weights_only=True)["model"]
     assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
     steps = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
-    assert steps == ["step_0000006", "step_0000012"]
+    assert steps == ["step_0000010", "step_0000020"]
 
 
 def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:

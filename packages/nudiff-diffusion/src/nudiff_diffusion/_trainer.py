@@ -132,7 +132,8 @@ def train(
     out_dir : path
         The run directory: ``config.json`` + ``model.safetensors`` (the latest EMA weights,
         loadable with :func:`load_model`), ``checkpoints/step_NNNNNNN/`` (the same plus
-        ``train_state.pt``: raw weights, optimiser, step), ``log.csv``.
+        ``train_state.pt``: raw weights, optimiser, step; the last ``keep_last`` kept),
+        ``log.csv`` (and ``tensorboard/`` when TensorBoard is installed).
     config : TrainConfig
     resume : bool
         Continue from the newest checkpoint of ``out_dir``: on a CPU, 10 + 10 resumed steps
@@ -177,6 +178,14 @@ def train(
     log_path = out / "log.csv"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    writer_tb = None
+    if rank == 0:
+        try:  # TensorBoard when it is installed; the CSV log always
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer_tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            writer_tb = None
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -230,6 +239,8 @@ def train(
                     if new:
                         writer.writerow(["step", "loss", "steps_per_s"])
                     writer.writerow([done, sum(logged) / len(logged), len(logged) / (now - t_last)])
+                if writer_tb is not None:
+                    writer_tb.add_scalar("loss", sum(logged) / len(logged), done)
                 t_last, logged = now, []
             if done % config.save_every == 0 or done == config.steps:
                 settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
@@ -238,4 +249,6 @@ def train(
                     callback(done, ema)
     if bar is not None:
         bar.close()
+    if writer_tb is not None:
+        writer_tb.close()
     return ema
