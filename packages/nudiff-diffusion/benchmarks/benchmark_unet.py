@@ -60,11 +60,11 @@ def main() -> int:
             x = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
             t = torch.randint(1000, (batch,))
 
-            def forward() -> None:
+            def forward(model: UNet = model, x: torch.Tensor = x, t: torch.Tensor = t) -> None:
                 with torch.no_grad():
                     model(x, t)
 
-            def forward_backward() -> None:
+            def forward_backward(model: UNet = model, x: torch.Tensor = x, t: torch.Tensor = t) -> None:
                 model.zero_grad(set_to_none=True)
                 model(x, t).square().mean().backward()
 
