@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -68,15 +69,10 @@ def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
-def test_bf16_training_stays_finite(tmp_path):
-    ema = train(
-        _model(),
-        _data(),
-        SCHEDULE,
-        tmp_path,
-        TrainConfig(steps=5, batch_size=4, precision="bf16", microbatch=2),
-        progress=False,
-    )
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_stays_finite(tmp_path, precision):
+    config = TrainConfig(steps=5, batch_size=4, precision=precision, microbatch=2)
+    ema = train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
     assert all(torch.isfinite(p).all() for p in ema.parameters())
 
 
@@ -93,8 +89,8 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import torch, torch.distributed as dist
-        from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, train
-        dist.init_process_group("gloo")
+        from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, setup_distributed, train
+        assert setup_distributed()[1] == 2
         torch.manual_seed(0)
         model = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1))
         data = torch.rand(32, 1, 16, 16) * 2 - 1
@@ -114,8 +110,11 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     )
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(script)],
         check=True,
         env=env,
         capture_output=True,

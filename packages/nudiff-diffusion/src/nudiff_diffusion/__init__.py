@@ -6,7 +6,7 @@ from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
 from ._sampling import EpsFn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
-from ._trainer import TrainConfig, latest_checkpoint, train
+from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
 from ._unet import GroupNorm32, UNet, timestep_embedding
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "PRESETS",
     "TrainConfig",
     "latest_checkpoint",
+    "setup_distributed",
     "train",
     "GroupNorm32",
     "UNet",

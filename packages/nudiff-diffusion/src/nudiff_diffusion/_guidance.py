@@ -10,18 +10,18 @@ __all__ = ["guided"]
 
 
 def guided(
-    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cond: torch.Tensor,
     null_cond: torch.Tensor,
     scale: float,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """An ``eps_fn(x, t)`` that runs ``model`` on the conditional and the unconditional
-    input as one batch and mixes ``eps_u + scale * (eps_c - eps_u)``.
+    """An ``eps_fn(x, t)`` that runs the conditional ``eps_fn`` on the conditional and the
+    unconditional input as one batch and mixes ``eps_u + scale * (eps_c - eps_u)``.
 
     Parameters
     ----------
-    model : callable
-        ``model(x, t, cond)`` -> (N, C or 2C, ...); with 2C channels the second half (the
+    eps_fn : callable
+        ``eps_fn(x, t, cond)`` -> (N, C or 2C, ...); with 2C channels the second half (the
         learned variance) is taken from the conditional pass, unmixed.
     cond, null_cond : tensor
         The condition of each sample, (N, ...), and the "no condition" input (the same
@@ -33,13 +33,13 @@ def guided(
         null_cond = null_cond.expand_as(cond)
     both_cond = torch.cat([cond, null_cond])
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != cond.shape[0]:
             raise ValueError(f"batch of {x.shape[0]} samples but {cond.shape[0]} conditions")
-        out = model(torch.cat([x, x]), torch.cat([t, t]), both_cond)
+        out = eps_fn(torch.cat([x, x]), torch.cat([t, t]), both_cond)
         out_c, out_u = out.chunk(2)
         channels = x.shape[1]
         eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
         return torch.cat([eps, out_c[:, channels:]], dim=1) if out.shape[1] > channels else eps
 
-    return eps_fn
+    return guided_eps

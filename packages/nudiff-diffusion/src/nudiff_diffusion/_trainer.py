@@ -22,7 +22,7 @@ from ._losses import training_losses
 from ._schedule import NoiseSchedule
 from ._unet import UNet
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "setup_distributed"]
 
 STATE_NAME = "train_state.pt"
 
@@ -52,6 +52,17 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"`ema_rate` must be in [0, 1), got {self.ema_rate}")
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE`` and
+    ``MASTER_ADDR`` in the environment): nccl when CUDA is there, gloo otherwise. Without
+    torchrun, nothing happens. Returns ``(rank, world_size)``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return _rank_world()
 
 
 def _rank_world() -> tuple[int, int]:
