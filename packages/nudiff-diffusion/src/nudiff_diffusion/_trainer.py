@@ -220,7 +220,7 @@ def train(
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 losses = training_losses(net, schedule, x0[sl], t[sl], noise[sl], learn_sigma=model.config.learn_sigma)
             loss = losses["loss"].float().mean() * (x0[sl].shape[0] / config.batch_size)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and scaler is None:  # fp16: the scaler skips such steps
                 raise FloatingPointError(f"loss became {loss.item()} at step {step} (precision {config.precision})")
             (scaler.scale(loss) if scaler is not None else loss).backward()
             total += loss.item()
