@@ -105,6 +105,7 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
             start = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1))
             changed = not torch.equal(gathered[0], torch.cat([p.detach().flatten() for p in start.parameters()]))
             open(r"{tmp_path / "result.txt"}", "w").write(f"{{same}} {{changed}}")
+        dist.barrier()  # let rank 0 finish before the group is torn down
         dist.destroy_process_group()
     """)
     )
@@ -113,12 +114,13 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    subprocess.run(
+    done = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(script)],
-        check=True,
         env=env,
         capture_output=True,
         timeout=300,
+        text=True,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "result.txt").read_text() == "True True"
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import gc
 import os
 import shutil
 import time
@@ -262,4 +263,9 @@ def train(
         bar.close()
     if writer_tb is not None:
         writer_tb.close()
+    if net is not model:
+        # release DDP's reducer (and the gloo work it holds) now, while the process group
+        # lives: left to interpreter shutdown, gloo can abort the process (SIGABRT)
+        del net
+        gc.collect()
     return ema
