@@ -15,16 +15,11 @@ import sys
 import time
 
 import torch
-from nudiff_diffusion import NoiseSchedule, sample
+from nudiff_diffusion import NoiseSchedule, gaussian_eps_fn, sample
 
 MU, S = 0.3, 0.5
 SCHEDULE = NoiseSchedule.linear(1000)
-_AB = torch.tensor(SCHEDULE.alphas_bar)
-
-
-def gaussian_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    ab = _AB[t].to(x.dtype).reshape(-1, 1, 1, 1)
-    return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * S * S + 1 - ab)
+gaussian_eps = gaussian_eps_fn(SCHEDULE, MU, S)
 
 
 def main() -> int:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nudiff_diffusion import NoiseSchedule, guided, sample, sampling_timesteps
+from nudiff_diffusion import NoiseSchedule, gaussian_eps_fn, guided, sample, sampling_timesteps
 
 MU, S = 0.3, 0.5
 SCHEDULE = NoiseSchedule.linear(1000)
-_AB = torch.tensor(SCHEDULE.alphas_bar)
+gaussian_eps = gaussian_eps_fn(SCHEDULE, MU, S)  # the exact eps predictor for x0 ~ N(MU, S^2 I)
 
 
-def gaussian_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The exact eps predictor for x0 ~ N(MU, S^2 I)."""
-    ab = _AB[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * S * S + 1 - ab)
+def test_gaussian_eps_fn_is_the_closed_form():
+    ab = float(SCHEDULE.alphas_bar[500])
+    x = torch.tensor([[[[0.7]]]])
+    want = np.sqrt(1 - ab) * (0.7 - np.sqrt(ab) * MU) / (ab * S * S + 1 - ab)
+    assert gaussian_eps(x, torch.tensor([500])).item() == pytest.approx(want, rel=1e-5)
 
 
 # (method, steps, spacing) -> the standard deviation a correct implementation gives

@@ -4,7 +4,7 @@ from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
 from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
-from ._sampling import EpsFn, sample, sampling_timesteps
+from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
 from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
 from ._unet import GroupNorm32, UNet, timestep_embedding
@@ -27,6 +27,7 @@ __all__ = [
     "EpsFn",
     "NoiseSchedule",
     "discretized_gaussian_log_likelihood",
+    "gaussian_eps_fn",
     "guided",
     "normal_kl",
     "sample",

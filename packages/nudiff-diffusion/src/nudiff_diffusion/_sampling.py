@@ -10,12 +10,27 @@ import torch
 
 from ._schedule import NoiseSchedule
 
-__all__ = ["sample", "sampling_timesteps", "EpsFn"]
+__all__ = ["sample", "sampling_timesteps", "gaussian_eps_fn", "EpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["ddpm", "ddim", "dpmpp2m"]
 Spacing = Literal["uniform", "quadratic", "logsnr"]
 _DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
+
+
+def gaussian_eps_fn(schedule: NoiseSchedule, mean: float, std: float) -> EpsFn:
+    """The exact noise predictor for data ``x0 ~ N(mean, std^2 I)``: a denoiser whose
+    samples have a known answer, for testing and benchmarking samplers.
+
+    ``eps(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mean) / (abar_t std^2 + 1 - abar_t)``
+    """
+    alphas_bar = torch.tensor(schedule.alphas_bar)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = alphas_bar.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mean) / (ab * std * std + 1 - ab)
+
+    return eps_fn
 
 
 def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> np.ndarray:
