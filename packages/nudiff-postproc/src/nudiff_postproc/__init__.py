@@ -24,6 +24,7 @@ from ._structure import (
     transform_instance_map,
     transform_structure,
 )
+from ._subset import patch_features, select_subset
 from ._synthetic import synthetic_instance_map
 from ._watershed import instances_from_structure, instances_from_structures
 
@@ -44,10 +45,12 @@ __all__ = [
     "morphology_distance",
     "morphology_stats",
     "overlap_table",
+    "patch_features",
     "patch_origins",
     "read_image",
     "read_instance_map",
     "read_monuseg_xml",
+    "select_subset",
     "stitch",
     "synthetic_instance_map",
     "to_geojson",

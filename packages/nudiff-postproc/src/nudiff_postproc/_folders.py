@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES, _check_readable, _load
+from ._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES, _check_readable, _load, read_image, read_instance_map
 from ._validate import as_prediction
 
-__all__ = ["list_files", "dataset_pairs", "read_structure"]
+__all__ = ["list_files", "dataset_pairs", "read_pair", "read_structure"]
 
 STRUCTURE_SUFFIXES = (".npy", ".png")
 
@@ -45,6 +45,14 @@ def dataset_pairs(folder: str | os.PathLike[str]) -> list[tuple[str, Path, Path]
             f"'{folder}': {len(missing)} image(s) have no instance map in instance_maps/, e.g. {missing[:3]}"
         )
     return [(name, images[name], maps[name]) for name in images]
+
+
+def read_pair(image_path: str | os.PathLike[str], map_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image and its instance map, checked to have the same height and width."""
+    image, inst = read_image(image_path), read_instance_map(map_path)
+    if image.shape[:2] != inst.shape:
+        raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
+    return image, inst
 
 
 def read_structure(path: str | os.PathLike[str]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""``nudiff-postproc``: instance maps from structures, evaluation, XML conversion, patches."""
+"""``nudiff-postproc``: instance maps from structures, evaluation, XML conversion, patches,
+labelled subsets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._folders import STRUCTURE_SUFFIXES, dataset_pairs, list_files, read_structure
+from ._folders import STRUCTURE_SUFFIXES, dataset_pairs, list_files, read_pair, read_structure
 from ._io import (
     IMAGE_SUFFIXES,
     INSTANCE_MAP_SUFFIXES,
@@ -135,9 +136,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
     out = Path(args.out)
     index = []
     for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
-        image, inst = read_image(image_path), read_instance_map(map_path)
-        if image.shape[:2] != inst.shape:
-            raise ValueError(f"'{image_path}' is {image.shape[:2]} but its map '{map_path}' is {inst.shape}")
+        image, inst = read_pair(image_path, map_path)
         img_patches, origins = extract_patches(image, args.size, args.stride)
         map_patches, _ = extract_patches(inst, args.size, args.stride)
         for img, lab, (r, c) in zip(img_patches, map_patches, origins, strict=True):
@@ -150,6 +149,23 @@ def _cmd_patches(args: argparse.Namespace) -> int:
         writer.writerow(["patch", "source", "row", "col", "nuclei"])
         writer.writerows(index)
     print(f"wrote {len(index)} patch pairs of {args.size}x{args.size} to {out}")
+    return 0
+
+
+def _cmd_subset(args: argparse.Namespace) -> int:
+    from ._subset import select_subset
+
+    pairs = dataset_pairs(args.data)
+    patches = [read_pair(i, m) for _, i, m in _progress(pairs, len(pairs), "read", args.quiet)]
+    chosen = select_subset(patches, args.fraction, seed=args.seed)
+    counts = [int(np.count_nonzero(np.bincount(inst.ravel())[1:])) for _, inst in patches]
+    held = sum(counts[i] for i in chosen)
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text("".join(f"{pairs[i][0]}\n" for i in chosen))
+    print(
+        f"wrote {len(chosen)} of {len(pairs)} patches to {args.out}: {held} of {sum(counts)} nuclei "
+        f"({held / sum(counts):.1%}, asked {args.fraction:.1%})"
+    )
     return 0
 
 
@@ -198,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="patch size in pixels")
     p.add_argument("--stride", type=int, default=128, help="step between patches")
     p.set_defaults(func=_cmd_patches)
+    p = sub.add_parser("subset", help="representative patches holding a fraction of the nuclei", formatter_class=fmt)
+    p.add_argument("--data", required=True, help="dataset folder (images/, instance_maps/), usually patches")
+    p.add_argument("--fraction", type=float, required=True, help="share of all nuclei the subset holds, e.g. 0.1")
+    p.add_argument("--out", required=True, help="text file: the chosen names, one per line")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (same seed, same subset)")
+    p.set_defaults(func=_cmd_subset)
     return parser
 
 

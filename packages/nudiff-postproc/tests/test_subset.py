@@ -1,0 +1,86 @@
+"""select_subset / patch_features and the subset CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nudiff_postproc import (
+    extract_patches,
+    patch_features,
+    read_image,
+    read_instance_map,
+    select_subset,
+    synthetic_instance_map,
+    write_image,
+    write_instance_map,
+)
+from nudiff_postproc.cli import main
+
+
+def _synthetic_patches(n: int = 40) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        inst = synthetic_instance_map((64, 64), n_nuclei=int(rng.integers(2, 30)), seed=i)
+        image = np.full((64, 64, 3), rng.integers(120, 250, 3), np.uint8)
+        image[inst > 0] = (90, 40, 140)
+        out.append((image, inst))
+    return out
+
+
+def _counts(patches) -> np.ndarray:
+    return np.array([len(np.unique(m)) - 1 for _, m in patches])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_subset_holds_the_requested_fraction(fraction):
+    patches = _synthetic_patches()
+    counts = _counts(patches)
+    idx = select_subset(patches, fraction, seed=1)
+    held = counts[idx].sum() / counts.sum()
+    assert fraction <= held <= fraction + counts.max() / counts.sum()
+    np.testing.assert_array_equal(idx, select_subset(patches, fraction, seed=1))  # deterministic
+    assert np.all(np.diff(idx) > 0)
+
+
+def test_full_fraction_and_errors():
+    patches = _synthetic_patches(5)
+    np.testing.assert_array_equal(select_subset(patches, 1.0), np.arange(5))
+    with pytest.raises(ValueError, match="fraction"):
+        select_subset(patches, 0.0)
+    empty = [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32))]
+    with pytest.raises(ValueError, match="no nuclei"):
+        select_subset(empty, 0.5)
+    with pytest.raises(ValueError, match="same height and width"):
+        patch_features(np.zeros((8, 9, 3), np.uint8), np.zeros((8, 8), np.int32))
+
+
+def test_kumar_subsets_are_representative(kumar):
+    names = (kumar / "splits" / "kumar_train.txt").read_text().split()
+    patches, tiles = [], []
+    for name in names:
+        image, inst = (
+            read_image(kumar / "images" / f"{name}.tif"),
+            read_instance_map(kumar / "instance_maps" / f"{name}.png"),
+        )
+        image_patches, _ = extract_patches(image, 256, 128)
+        map_patches, _ = extract_patches(inst, 256, 128)
+        patches += list(zip(image_patches, map_patches, strict=True))
+        tiles += [name] * len(image_patches)
+    counts = _counts(patches)
+    idx = select_subset(patches, 0.1, seed=0)
+    held = counts[idx].sum() / counts.sum()
+    assert 0.1 <= held <= 0.1 + counts.max() / counts.sum()
+    assert len({tiles[i] for i in idx}) >= 12  # the 10% subset spans the organs, not one tile
+
+
+def test_subset_cli(tmp_path, capsys):
+    for i, (image, inst) in enumerate(_synthetic_patches(12)):
+        write_image(tmp_path / "data" / "images" / f"p{i:02d}.png", image)
+        write_instance_map(tmp_path / "data" / "instance_maps" / f"p{i:02d}.png", inst)
+    out = tmp_path / "subset.txt"
+    assert main(["--quiet", "subset", "--data", str(tmp_path / "data"), "--fraction", "0.3", "--out", str(out)]) == 0
+    chosen = out.read_text().split()
+    assert chosen and all(name.startswith("p") for name in chosen)
+    assert "asked 30.0%" in capsys.readouterr().out
+    assert main(["--quiet", "subset", "--data", str(tmp_path / "nope"), "--fraction", "0.3", "--out", str(out)]) == 2
