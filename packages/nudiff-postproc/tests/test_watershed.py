@@ -99,6 +99,12 @@ def test_parity_with_reference_fixtures(parity, orientations, key):
     assert worst_aji >= 0.99
 
 
+def test_float64_input_is_taken_as_float32_like_the_reference():
+    pred = _noisy_structure(11, 30).astype(np.float64)
+    pred[..., 0] = np.where(pred[..., 0] > 0.5, pred[..., 0], 0.5 - 1e-12)  # rounds to 0.5 in float32
+    np.testing.assert_array_equal(instances_from_structure(pred), instances_from_structure(pred.astype(np.float32)))
+
+
 def test_float16_input_equals_float32(parity):
     pred = parity["noisy_pred"][0]
     np.testing.assert_array_equal(instances_from_structure(pred), instances_from_structure(pred.astype(np.float32)))

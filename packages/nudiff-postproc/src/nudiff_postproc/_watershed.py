@@ -197,7 +197,8 @@ def _helper_thread() -> Executor | None:
 
 
 def _instances(pred: np.ndarray, threshold: float, orientations: int, helper: Executor | None = None) -> np.ndarray:
-    ws = _HoverNetWatershed(pred, threshold, orientations, helper)
+    # HoVer-Net works on float32 (np.array(pred, dtype=np.float32)); so must a float64 input
+    ws = _HoverNetWatershed(np.asarray(pred, dtype=np.float32), threshold, orientations, helper)
     if orientations == 1:
         return ws.run()
     best, best_count = None, 0
