@@ -123,7 +123,7 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
             f"'{path}' is a colour image of shape {arr.shape}; expected a single-channel map of "
             "integer instance ids (0 = background)"
         )
-    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.mod(arr, 1) == 0):
+    if suffix == ".mat" and np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.mod(arr, 1) == 0):
         arr = arr.astype(np.int64)  # HoVer-Net .mat files often hold whole numbers as double
     arr = as_instance_map(arr, f"instance map '{path}'")
     if int(arr.max()) <= np.iinfo(np.int32).max:
