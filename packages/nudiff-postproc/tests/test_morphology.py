@@ -48,6 +48,13 @@ def test_real_vs_real_halves_of_kumar_score_well_under_one(kumar):
     assert "hv_consistency" not in d
 
 
+def test_a_set_without_nuclei_is_infinitely_far():
+    maps = np.stack([synthetic_instance_map((64, 64), n_nuclei=10, seed=s) for s in range(3)])
+    d = morphology_distance(maps, np.zeros_like(maps))
+    assert d["area"] == np.inf and d["mean"] == np.inf and np.isfinite(d["nuclei_per_patch"])
+    assert morphology_distance(np.zeros_like(maps), np.zeros_like(maps))["area"] == 0.0
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="structure"):
         morphology_stats(np.ones((8, 8), np.int32), np.zeros((8, 9, 3), np.float32))

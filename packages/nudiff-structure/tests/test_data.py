@@ -41,7 +41,7 @@ def test_downscale_acts_on_the_instance_map(folder):
     from nudiff_postproc import read_instance_map
 
     inst = read_instance_map(folder / "instance_maps" / "tile0.png")[:128, :128]
-    np.testing.assert_array_equal(tiny[0], encode_structure(inst[1::2, 1::2], centre="nearest"))
+    np.testing.assert_array_equal(tiny[0], encode_structure(inst[1::2, 1::2], min_size=8, centre="nearest"))
 
 
 def test_cache_is_reused_and_invalidated(folder):

@@ -4,6 +4,7 @@ from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
 from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
+from ._runtime import TorchDenoiser, load_denoiser
 from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
 from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "TorchDenoiser",
+    "load_denoiser",
     "TrainConfig",
     "latest_checkpoint",
     "setup_distributed",

@@ -99,7 +99,7 @@ def morphology_distance(a: Any, b: Any) -> dict[str, float]:
     dict
         One entry per feature (``area``, ``perimeter``, ``eccentricity``, ``solidity``,
         ``hv_consistency`` when both sides have it, ``nuclei_per_patch``) and ``mean``,
-        their average.
+        their average. A feature is ``inf`` when only one side has nuclei.
     """
     from scipy.stats import wasserstein_distance
 
@@ -112,7 +112,10 @@ def morphology_distance(a: Any, b: Any) -> dict[str, float]:
         if xa.size == 0 or xb.size == 0:
             if key == "hv_consistency":
                 continue
-            raise ValueError(f"morphology_distance: no finite '{key}' values in {'a' if xa.size == 0 else 'b'}")
+            # one side has no nuclei at all (e.g. an untrained model's samples): as far
+            # from any set with nuclei as can be, and equal to another empty set
+            out[key] = 0.0 if xa.size == xb.size else float("inf")
+            continue
         scale = np.concatenate([xa, xb]).std()
         out[key] = float(wasserstein_distance(xa, xb) / scale) if scale > 0 else 0.0
     out["mean"] = float(np.mean(list(out.values())))

@@ -1,6 +1,10 @@
-"""nudiff-structure: the nuclei-structure model of nudiff (data side so far)."""
+"""nudiff-structure: the nuclei-structure model of nudiff (data, training, sampling, evaluation)."""
 
 from ._data import PRESETS, StructurePreset, build_structures, dihedral_augment, from_model_output, to_model_input
+from ._evaluate import evaluate_structures
+from ._render import structure_grid
+from ._sample import sample_structures, structure_name
+from ._train import draw_structures, train_structure_model
 
 __version__ = "0.1.0"
 
@@ -9,6 +13,12 @@ __all__ = [
     "StructurePreset",
     "build_structures",
     "dihedral_augment",
+    "draw_structures",
+    "evaluate_structures",
+    "sample_structures",
+    "structure_grid",
+    "structure_name",
+    "train_structure_model",
     "from_model_output",
     "to_model_input",
 ]

@@ -95,14 +95,15 @@ def build_structures(
     Returns
     -------
     structures : (N, h, w, 3) ndarray of float32
-        ``[foreground, h, v]`` with ``centre="nearest"`` (exactly equivariant).
+        ``[foreground, h, v]`` with ``centre="nearest"`` (exactly equivariant); nuclei of at
+        most 30 full-resolution pixels (30 / downscale^2 after downscaling) keep h = v = 0.
     names : list of str
         ``TILE_rRRRRR_cCCCCC`` of each patch (origin in the full-size tile).
     """
     p = _preset(preset)
     files = list_files(Path(data_dir) / "instance_maps", INSTANCE_MAP_SUFFIXES, "instance map")
     stat = [(name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in files.items()]
-    key = hashlib.sha256(json.dumps([stat, asdict(p), "v1"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([stat, asdict(p), "v2"]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir else Path(data_dir) / ".nudiff-cache"
     cache_file = cache / f"structures-{key}.npz"
     if cache_file.is_file():
@@ -115,7 +116,12 @@ def build_structures(
             if min(inst.shape) < p.patch_size:
                 raise ValueError(f"'{path}' is {inst.shape}, smaller than the {p.patch_size} px patches of the preset")
             patches, origins = extract_patches(inst, p.patch_size, p.stride)
-            chunks += [encode_structure(_downscale(m, p.downscale), centre="nearest") for m in patches]
+            # HoVer-Net leaves nuclei of <= 30 px without distance maps; keep that area in
+            # full-resolution pixels when the maps are downscaled
+            min_size = max(1, round(30 / p.downscale**2))
+            chunks += [
+                encode_structure(_downscale(m, p.downscale), min_size=min_size, centre="nearest") for m in patches
+            ]
             names += [f"{tile}_r{r:05d}_c{c:05d}" for r, c in origins]
         structures = np.stack(chunks)
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:

@@ -1,0 +1,64 @@
+"""Model runtimes behind one call, ``eps(x, t, cond=None)``: samplers never know which runs.
+
+A checkpoint directory runs in PyTorch (here); ONNX Runtime (``*.onnx``) and TensorRT
+(``*.plan``, ``*.engine``) runtimes come with the export tools.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._checkpoint import load_model, read_config
+from ._unet import UNet
+
+__all__ = ["TorchDenoiser", "load_denoiser"]
+
+
+class TorchDenoiser:
+    """A UNet in PyTorch as a runtime: ``eps(x, t, cond=None)``, no gradients.
+
+    Attributes
+    ----------
+    config : dict
+        The checkpoint's ``config.json`` (model and diffusion settings).
+    """
+
+    def __init__(self, model: UNet, config: dict[str, Any] | None = None, *, dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.config = config or {"unet": model.config.to_dict()}
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.in_channels
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
+        ):
+            out = self.model(x.to(self.device), t.to(self.device), None if cond is None else cond.to(self.device))
+        return out.float()
+
+    __call__ = eps
+
+
+def load_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> TorchDenoiser:
+    """The runtime for ``path``: a checkpoint directory runs in PyTorch.
+
+    ``*.onnx`` (ONNX Runtime) and ``*.plan`` / ``*.engine`` (TensorRT) are not available in
+    this version and raise an error that says so.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+        raise NotImplementedError(f"'{path}': ONNX Runtime and TensorRT engines are not supported by this version yet")
+    return TorchDenoiser(load_model(path, device=device), read_config(path))

@@ -1,0 +1,133 @@
+"""``nudiff-structure``: train, sample and judge the nuclei-structure model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import TrainConfig
+
+    from ._train import train_structure_model
+
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        ema_rate=args.ema,
+        precision=args.precision,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    train_structure_model(
+        args.data, args.out, args.preset, config, subset=args.subset, resume=args.resume, progress=not args.quiet
+    )
+    print(f"trained {args.preset} for {args.steps} steps; the model is in {args.out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import load_denoiser
+
+    from ._sample import sample_structures
+
+    if args.engine:
+        runtime = load_denoiser(args.engine)
+    else:
+        runtime = load_denoiser(args.checkpoint)
+    manifest = sample_structures(
+        runtime,
+        args.out,
+        args.num,
+        batch=args.batch,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        rank=args.rank,
+        world_size=args.world_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"{manifest['this_rank']} structures of rank {args.rank} in {args.out} "
+        f"({manifest['drawn_now']} drawn now, {manifest['seconds']} s)"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nudiff_postproc._io import atomic_path
+
+    from ._evaluate import evaluate_structures
+
+    result = evaluate_structures(args.samples, args.real, preset=args.preset)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(args.out) if args.out else Path(args.samples) / "evaluation.json"
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="nudiff-structure", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a structure model", formatter_class=fmt)
+    p.add_argument("--data", required=True, help="dataset folder (its instance_maps/ are used)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, previews, logs)")
+    p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
+    p.add_argument("--subset", help="text file of patch names to train on (nudiff-postproc subset)")
+    p.add_argument("--steps", type=int, default=10000, help="training steps")
+    p.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw structures and their instance maps", formatter_class=fmt)
+    p.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a trained model")
+    p.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    p.add_argument("--num", type=int, required=True, help="structures to draw (over all ranks)")
+    p.add_argument("--batch", type=int, default=16, help="structures per model call")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--seed", type=int, default=0, help="seed: names and noise derive from it")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--rank", type=int, default=0, help="this shard's index")
+    p.add_argument("--world-size", type=int, default=1, help="number of shards")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="judge sampled structures against real ones", formatter_class=fmt)
+    p.add_argument("--samples", required=True, help="output folder of `sample`")
+    p.add_argument("--real", required=True, help="dataset folder of real instance maps")
+    p.add_argument("--preset", help="preset to encode the real maps with (default: by the samples' size)")
+    p.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "sample" and not (args.checkpoint or args.engine):
+        print("nudiff-structure sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"nudiff-structure {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
