@@ -76,6 +76,15 @@ def test_mixed_precision_training_stays_finite(tmp_path, precision):
     assert all(torch.isfinite(p).all() for p in ema.parameters())
 
 
+def test_ema_warmup_forgets_the_random_init(tmp_path):
+    start = _model()
+    init = [p.detach().clone() for p in start.parameters()]
+    ema = train(start, _data(), SCHEDULE, tmp_path, TrainConfig(steps=1, batch_size=2, ema_rate=0.9999), progress=False)
+    # step 0: rate min(0.9999, 1 / 10) = 0.1, so the EMA is 0.1 init + 0.9 trained
+    for p_ema, p0, p1 in zip(ema.parameters(), init, start.parameters(), strict=True):
+        torch.testing.assert_close(p_ema, 0.1 * p0 + 0.9 * p1.detach())
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")

@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     ema_rate: float = 0.9999
+    ema_warmup: bool = True  # rate min(ema_rate, (1 + step) / (10 + step)): the EMA forgets the random init
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = 1.0
     save_every: int = 500
@@ -234,9 +235,10 @@ def train(
             scaler.update()
         else:
             optimizer.step()
+        rate = min(config.ema_rate, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_rate
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - config.ema_rate)
+                p_ema.lerp_(p, 1.0 - rate)
         logged.append(total)
         done = step + 1
         if rank == 0:
