@@ -38,6 +38,7 @@ def sample_structures(
     sampler: str = "dpmpp2m",
     steps: int = 20,
     seed: int = 0,
+    clip: float | None = 1.0,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -51,7 +52,8 @@ def sample_structures(
     a rerun skips what exists, so a killed run resumes without losing or duplicating
     anything, and shards need no coordination. Each sample starts from its own noise, so a
     deterministic sampler (``ddim``, ``dpmpp2m``) gives the same structure for an index
-    whatever the batch size or the number of ranks.
+    whatever the batch size or the number of ranks. ``clip`` bounds the predicted x0 (the
+    structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}")
@@ -87,6 +89,7 @@ def sample_structures(
             schedule=schedule,
             method=sampler,
             steps=steps,
+            clip=clip,
             x_T=x_T,
             generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk[0]),
         )
@@ -108,6 +111,7 @@ def sample_structures(
         "runtime": getattr(runtime, "config", {}),
         "sampler": sampler,
         "steps": steps,
+        "clip": clip,
         "seed": seed,
         "num": num,
         "rank": rank,

@@ -22,7 +22,8 @@ __all__ = ["train_structure_model", "draw_structures"]
 def draw_structures(
     model: UNet, num: int, *, sampler: str = "dpmpp2m", steps: int = 20, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``num`` structures from ``model`` and post-process them.
+    """Sample ``num`` structures from ``model`` (x0 clipped to [-1, 1], the data range, as
+    guided-diffusion's ``clip_denoised``) and post-process them.
 
     Returns
     -------
@@ -37,6 +38,7 @@ def draw_structures(
             schedule=NoiseSchedule.linear(1000),
             method=sampler,
             steps=steps,
+            clip=1.0,
             generator=torch.Generator().manual_seed(seed),
         )
     structures = from_model_output(x)
