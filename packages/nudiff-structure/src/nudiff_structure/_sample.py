@@ -52,7 +52,8 @@ def sample_structures(
     a rerun skips what exists, so a killed run resumes without losing or duplicating
     anything, and shards need no coordination. Each sample starts from its own noise, so a
     deterministic sampler (``ddim``, ``dpmpp2m``) gives the same structure for an index
-    whatever the batch size or the number of ranks. ``clip`` bounds the predicted x0 (the
+    whatever the batch size or the number of ranks (up to float rounding: batched kernels
+    round differently for other batch sizes, by about 1e-7). ``clip`` bounds the predicted x0 (the
     structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
     """
     if not 0 <= rank < world_size:
