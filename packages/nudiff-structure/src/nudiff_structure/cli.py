@@ -35,10 +35,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from ._sample import sample_structures
 
-    if args.engine:
-        runtime = load_denoiser(args.engine)
-    else:
-        runtime = load_denoiser(args.checkpoint)
+    runtime = load_denoiser(args.engine or args.checkpoint)
     manifest = sample_structures(
         runtime,
         args.out,
@@ -47,6 +44,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
+        clip=args.clip or None,
         rank=args.rank,
         world_size=args.world_size,
         progress=not args.quiet,
@@ -103,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--seed", type=int, default=0, help="seed: names and noise derive from it")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--clip", type=float, default=1.0, help="clip predicted x0 to [-clip, clip] (0: no clipping)")
     p.add_argument("--rank", type=int, default=0, help="this shard's index")
     p.add_argument("--world-size", type=int, default=1, help="number of shards")
     p.set_defaults(func=_cmd_sample)
