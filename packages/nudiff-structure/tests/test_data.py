@@ -55,6 +55,16 @@ def test_cache_is_reused_and_invalidated(folder):
     assert not np.array_equal(a, c)  # a changed file gives a new cache entry
 
 
+def test_read_only_data_caches_in_the_user_cache(folder, tmp_path, monkeypatch):
+    import nudiff_structure._data as data_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "usercache"))
+    monkeypatch.setattr(data_module.os, "access", lambda path, mode: False)  # a read-only data folder
+    build_structures(folder, "tiny-64")
+    assert list((tmp_path / "usercache" / "nudiff" / "structures").glob("structures-*.npz"))
+    assert not (folder / ".nudiff-cache").exists()
+
+
 def test_subset_lists_select_patches(folder, tmp_path):
     _, names = build_structures(folder, "tiny-64")
     (tmp_path / "list.txt").write_text(f"{names[5]}\n{names[2]}\n")

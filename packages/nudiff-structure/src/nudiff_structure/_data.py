@@ -89,8 +89,9 @@ def build_structures(
         A text file of patch names (one per line, as ``nudiff-postproc subset`` writes);
         only those patches are kept. Names not found raise an error.
     cache_dir : path, optional
-        Where to keep the encoded structures (default ``data_dir/.nudiff-cache``); the cache
-        key covers the files' names, sizes and times and the preset.
+        Where to keep the encoded structures (default ``data_dir/.nudiff-cache``, or
+        ``~/.cache/nudiff/structures`` when ``data_dir`` is read-only); the cache key covers
+        the files' names, sizes and times and the preset.
 
     Returns
     -------
@@ -104,7 +105,12 @@ def build_structures(
     files = list_files(Path(data_dir) / "instance_maps", INSTANCE_MAP_SUFFIXES, "instance map")
     stat = [(name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in files.items()]
     key = hashlib.sha256(json.dumps([stat, asdict(p), "v2"]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else Path(data_dir) / ".nudiff-cache"
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+    elif os.access(data_dir, os.W_OK):
+        cache = Path(data_dir) / ".nudiff-cache"
+    else:  # read-only data (a shared folder): the user's cache directory
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nudiff" / "structures"
     cache_file = cache / f"structures-{key}.npz"
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as data:
