@@ -26,6 +26,18 @@ def test_stats_of_a_known_disc():
     np.testing.assert_array_equal(s["nuclei_per_patch"], [1])
 
 
+def test_consistency_compares_small_nuclei_with_the_encoding_convention():
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:9, 5:9] = 1  # 16 px: HoVer-Net's min_size=30 leaves it without distance maps
+    inst[20:32, 20:32] = 2
+    structure = encode_structure(inst, min_size=30)
+    assert np.all(structure[5:9, 5:9, 1:] == 0)
+    matched = morphology_stats(inst, structure, min_size=30)["hv_consistency"]
+    np.testing.assert_allclose(matched, [1.0, 1.0])
+    mismatched = morphology_stats(inst, structure, min_size=0)["hv_consistency"]
+    assert mismatched[0] < 0.9 and mismatched[1] == 1.0  # the old bias: a good sample scored low
+
+
 def test_distance_is_zero_for_identical_sets_and_large_for_scaled_nuclei():
     maps = np.stack([synthetic_instance_map((128, 128), n_nuclei=30, seed=s) for s in range(8)])
     assert morphology_distance(maps, maps)["mean"] == 0.0

@@ -1,5 +1,6 @@
 """nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers, UNet)."""
 
+from ._arrays import images_to_tensor, structures_to_tensor, tensor_to_images, tensor_to_structures
 from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
 from ._guidance import guided
@@ -13,6 +14,10 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "images_to_tensor",
+    "structures_to_tensor",
+    "tensor_to_images",
+    "tensor_to_structures",
     "PRESETS",
     "TorchDenoiser",
     "load_denoiser",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -14,6 +15,8 @@ def guided(
     cond: torch.Tensor,
     null_cond: torch.Tensor,
     scale: float,
+    *,
+    prepare: Callable[[torch.Tensor], Any] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """An ``eps_fn(x, t)`` that runs the conditional ``eps_fn`` on the conditional and the
     unconditional input as one batch and mixes ``eps_u + scale * (eps_c - eps_u)``.
@@ -27,11 +30,19 @@ def guided(
         The condition of each sample, (N, ...), and the "no condition" input (the same
         shape, or broadcastable to it: zeros for a dropped structure).
     scale : float
-        Guidance scale; 1 gives the conditional model (same code path, same type).
+        Guidance scale (>= 0); 1 gives the conditional model (same code path, same type),
+        0 the unconditional one.
+    prepare : callable, optional
+        Applied once to the stacked ``[cond, null_cond]`` batch; its result is what every
+        call passes to ``eps_fn`` (e.g. a cache of the condition's SPADE modulation).
     """
+    if not scale >= 0:
+        raise ValueError(f"guidance `scale` must be >= 0, got {scale}")
     if null_cond.shape != cond.shape:
         null_cond = null_cond.expand_as(cond)
     both_cond = torch.cat([cond, null_cond])
+    if prepare is not None:
+        both_cond = prepare(both_cond)
 
     def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != cond.shape[0]:

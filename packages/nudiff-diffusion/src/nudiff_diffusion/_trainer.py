@@ -45,6 +45,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     seed: int = 0
+    cond_drop_prob: float = 0.0  # conditional models: replace the condition by zeros this often
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -54,6 +55,8 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"`ema_rate` must be in [0, 1), got {self.ema_rate}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"`cond_drop_prob` must be in [0, 1], got {self.cond_drop_prob}")
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -128,6 +131,7 @@ def train(
     *,
     resume: bool = False,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    batch_fn: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
     callback: Callable[[int, UNet], None] | None = None,
     diffusion: dict | None = None,
     progress: bool = True,
@@ -140,6 +144,7 @@ def train(
         The network; with ``config.learn_sigma`` the hybrid loss is used, else the simple one.
     data : (M, C, H, W) float tensor in [-1, 1]
         The training examples; each step draws ``batch_size`` of them (with replacement).
+        With ``batch_fn``, whatever ``batch_fn`` turns into ``(x0, cond)``.
     schedule : NoiseSchedule
         The training schedule (timesteps drawn uniformly).
     out_dir : path
@@ -153,6 +158,12 @@ def train(
         give the same weights, bit for bit, as 20 uninterrupted ones.
     augment : callable, optional
         ``augment(batch, generator)`` -> batch, e.g. random dihedral transforms.
+    batch_fn : callable, optional
+        Conditional models: ``batch_fn(rows, generator) -> (x0, cond)`` makes the images and
+        their conditions from the drawn rows of ``data`` (augmenting both together); the model
+        is called as ``model(x_t, t, cond)``, and ``config.cond_drop_prob`` of the conditions
+        (drawn per sample) are replaced by zeros, the "no condition" of classifier-free
+        guidance.
     callback : callable, optional
         ``callback(step, ema_model)`` after every checkpoint (sample grids, metrics).
     diffusion : dict, optional
@@ -162,7 +173,7 @@ def train(
     Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP,
     every rank draws its own batches and noise, and only rank 0 writes.
     """
-    if data.ndim != 4 or data.shape[1] != model.config.in_channels:
+    if data.ndim != 4 or (batch_fn is None and data.shape[1] != model.config.in_channels):
         raise ValueError(f"`data` must be (M, {model.config.in_channels}, H, W), got {tuple(data.shape)}")
     rank, world = _rank_world()
     out = Path(out_dir)
@@ -209,7 +220,11 @@ def train(
         g = _step_generator(config.seed, rank, step)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout
         idx = torch.randint(len(data), (config.batch_size,), generator=g)
-        x0 = data[idx]
+        x0, cond = data[idx], None
+        if batch_fn is not None:
+            x0, cond = batch_fn(x0, g)
+            keep = torch.rand(config.batch_size, generator=g) >= config.cond_drop_prob
+            cond = (cond * keep.to(cond.dtype)[:, None, None, None]).to(device)
         if augment is not None:
             x0 = augment(x0, g)
         t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=g)
@@ -220,7 +235,15 @@ def train(
         for i in range(0, config.batch_size, micro):
             sl = slice(i, i + micro)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                losses = training_losses(net, schedule, x0[sl], t[sl], noise[sl], learn_sigma=model.config.learn_sigma)
+                c = None if cond is None else cond[sl]
+                losses = training_losses(
+                    lambda x, tt, c=c: net(x, tt, c),
+                    schedule,
+                    x0[sl],
+                    t[sl],
+                    noise[sl],
+                    learn_sigma=model.config.learn_sigma,
+                )
             loss = losses["loss"].float().mean() * (x0[sl].shape[0] / config.batch_size)
             if not torch.isfinite(loss) and scaler is None:  # fp16: the scaler skips such steps
                 raise FloatingPointError(f"loss became {loss.item()} at step {step} (precision {config.precision})")

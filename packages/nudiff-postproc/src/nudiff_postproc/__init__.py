@@ -15,7 +15,16 @@ from ._io import (
 from ._labels import compact_labels
 from ._metrics import METRIC_KEYS, OverlapTable, evaluate, overlap_table
 from ._morphology import MORPHOLOGY_FEATURES, morphology_distance, morphology_stats
-from ._patches import extract_patches, patch_origins, stitch
+from ._patches import (
+    PATCH_GEOMETRY,
+    PatchGeometry,
+    downscale_image,
+    downscale_instance_map,
+    extract_patches,
+    patch_origins,
+    stitch,
+)
+from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
 from ._structure import (
     DIHEDRAL,
     encode_structure,
@@ -35,11 +44,18 @@ __all__ = [
     "METRIC_KEYS",
     "MORPHOLOGY_FEATURES",
     "OverlapTable",
+    "PATCH_GEOMETRY",
+    "PatchGeometry",
     "compact_labels",
+    "downscale_image",
+    "downscale_instance_map",
     "encode_structure",
     "evaluate",
     "extract_patches",
     "hv_maps",
+    "instances_rgb",
+    "outline_overlay",
+    "picture_grid",
     "instances_from_structure",
     "instances_from_structures",
     "morphology_distance",
@@ -52,6 +68,8 @@ __all__ = [
     "read_monuseg_xml",
     "select_subset",
     "stitch",
+    "structure_grid",
+    "structure_rgb",
     "synthetic_instance_map",
     "to_geojson",
     "transform_image",

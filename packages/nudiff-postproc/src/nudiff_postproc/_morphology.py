@@ -15,7 +15,7 @@ __all__ = ["morphology_stats", "morphology_distance", "MORPHOLOGY_FEATURES"]
 MORPHOLOGY_FEATURES: tuple[str, ...] = ("area", "perimeter", "eccentricity", "solidity", "hv_consistency")
 
 
-def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre) -> dict[str, np.ndarray]:
+def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre, min_size: int) -> dict[str, np.ndarray]:
     from skimage.measure import regionprops_table
 
     props = regionprops_table(inst, properties=("label", "area", "perimeter", "eccentricity", "solidity"))
@@ -26,7 +26,7 @@ def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre) -> 
     else:
         # agreement of the given h/v maps with the maps of the instance map itself,
         # 1 - mean |difference| / 2 over each nucleus's pixels, in [0, 1]
-        diff = np.abs(structure[..., 1:].astype(np.float64) - hv_maps(inst, min_size=0, centre=centre)).mean(-1)
+        diff = np.abs(structure[..., 1:].astype(np.float64) - hv_maps(inst, min_size=min_size, centre=centre)).mean(-1)
         flat = inst.ravel()
         sums = np.bincount(flat, weights=diff.ravel(), minlength=int(flat.max()) + 1)
         counts = np.bincount(flat, minlength=int(flat.max()) + 1)
@@ -35,7 +35,7 @@ def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre) -> 
 
 
 def morphology_stats(
-    inst: np.ndarray, structure: np.ndarray | None = None, *, centre: Centre = "hovernet"
+    inst: np.ndarray, structure: np.ndarray | None = None, *, centre: Centre = "hovernet", min_size: int = 0
 ) -> dict[str, Any]:
     """Per-nucleus shape statistics of one instance map or a stack of them.
 
@@ -48,6 +48,9 @@ def morphology_stats(
         ``hv_consistency``, how well its h/v maps agree with the maps' own.
     centre : {"hovernet", "nearest"}
         The distance-map convention of ``structure`` (see :func:`hv_maps`).
+    min_size : int
+        The ``min_size`` ``structure`` was encoded with (see :func:`hv_maps`): nuclei of at
+        most this many pixels carry h = v = 0 there, and are compared with zeros.
 
     Returns
     -------
@@ -66,7 +69,7 @@ def morphology_stats(
             raise ValueError(
                 f"`structure` (shape {structure.shape}) must match `inst` (shape {inst.shape}) plus 3 channels"
             )
-    per_map = [_one_map(m, None if structure is None else structure[i], centre) for i, m in enumerate(inst)]
+    per_map = [_one_map(m, None if structure is None else structure[i], centre, min_size) for i, m in enumerate(inst)]
     stats: dict[str, Any] = {k: np.concatenate([p[k] for p in per_map]) for k in MORPHOLOGY_FEATURES}
     stats["nuclei_per_patch"] = np.array([p["area"].size for p in per_map], np.int64)
     return stats

@@ -2,11 +2,77 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["patch_origins", "extract_patches", "stitch"]
+__all__ = [
+    "PatchGeometry",
+    "PATCH_GEOMETRY",
+    "patch_origins",
+    "extract_patches",
+    "stitch",
+    "downscale_instance_map",
+    "downscale_image",
+]
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a preset cuts tiles: patches of ``patch_size`` every ``stride`` pixels, then
+    downscaled by ``downscale`` (instance maps by nearest neighbour before any encoding,
+    images by block means); ``image_size`` is the size the models see."""
+
+    patch_size: int
+    stride: int
+    downscale: int
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_size // self.downscale
+
+    @property
+    def min_size(self) -> int:
+        """HoVer-Net's minimum nucleus area for distance maps (30 px), in downscaled pixels."""
+        return max(1, round(30 / self.downscale**2))
+
+
+#: The patch geometry of each model preset, shared by the structure and histology models.
+PATCH_GEOMETRY: dict[str, PatchGeometry] = {
+    "tiny-64": PatchGeometry(patch_size=128, stride=64, downscale=2),
+    "small-128": PatchGeometry(patch_size=256, stride=128, downscale=2),
+    "paper-256": PatchGeometry(patch_size=256, stride=128, downscale=1),  # the paper's
+}
+
+
+def _check_factor(factor: int, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"`factor` must be a positive integer, got {factor!r}")
+    if shape[0] % factor or shape[1] % factor:
+        raise ValueError(f"{name} of shape {tuple(shape)} is not divisible by the downscale factor {factor}")
+
+
+def downscale_instance_map(inst: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour downscale of an (H, W) instance map: the centre pixel of each
+    ``factor`` x ``factor`` block, so ids stay ids (distance maps are then computed at the
+    new size, never resized). Returns a new (H / factor, W / factor) array, same dtype."""
+    _check_factor(factor, inst.shape, "instance map")
+    return np.ascontiguousarray(inst[factor // 2 :: factor, factor // 2 :: factor]).copy()
+
+
+def downscale_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Block-mean downscale of an (H, W, C) uint8 image (area averaging, rounded).
+
+    Returns (H / factor, W / factor, C) uint8."""
+    if image.ndim != 3:
+        raise ValueError(f"`image` must be (H, W, C), got shape {image.shape}")
+    _check_factor(factor, image.shape, "image")
+    if factor == 1:
+        return image.copy()
+    h, w, c = image.shape
+    blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
+    return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

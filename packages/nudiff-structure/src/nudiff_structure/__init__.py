@@ -1,8 +1,9 @@
 """nudiff-structure: the nuclei-structure model of nudiff (data, training, sampling, evaluation)."""
 
+from nudiff_postproc import structure_grid
+
 from ._data import PRESETS, StructurePreset, build_structures, dihedral_augment, from_model_output, to_model_input
 from ._evaluate import evaluate_structures
-from ._render import structure_grid
 from ._sample import sample_structures, structure_name
 from ._train import draw_structures, train_structure_model
 

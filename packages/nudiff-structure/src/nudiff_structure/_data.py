@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nudiff_diffusion import structures_to_tensor, tensor_to_structures
 from nudiff_postproc import (
     DIHEDRAL,
+    PATCH_GEOMETRY,
+    PatchGeometry,
+    downscale_instance_map,
     encode_structure,
     extract_patches,
     read_instance_map,
@@ -33,9 +37,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StructurePreset:
-    """Patch geometry of a preset: patches of ``patch_size`` every ``stride`` pixels,
-    instance maps downscaled by ``downscale`` before encoding; ``unet`` names the
-    nudiff-diffusion UNet preset of the matching image size."""
+    """Patch geometry of a preset (``nudiff_postproc.PATCH_GEOMETRY``): patches of
+    ``patch_size`` every ``stride`` pixels, instance maps downscaled by ``downscale`` before
+    encoding; ``unet`` names the nudiff-diffusion UNet preset of the matching image size."""
 
     patch_size: int
     stride: int
@@ -46,11 +50,14 @@ class StructurePreset:
     def image_size(self) -> int:
         return self.patch_size // self.downscale
 
+    @property
+    def min_size(self) -> int:
+        """HoVer-Net's 30 px minimum nucleus area, in downscaled pixels."""
+        return PatchGeometry(self.patch_size, self.stride, self.downscale).min_size
+
 
 PRESETS: dict[str, StructurePreset] = {
-    "tiny-64": StructurePreset(patch_size=128, stride=64, downscale=2, unet="tiny-64"),
-    "small-128": StructurePreset(patch_size=256, stride=128, downscale=2, unet="small-128"),
-    "paper-256": StructurePreset(patch_size=256, stride=128, downscale=1, unet="paper-256"),
+    name: StructurePreset(**asdict(g), unet=name) for name, g in PATCH_GEOMETRY.items()
 }
 
 
@@ -60,14 +67,6 @@ def _preset(preset: str | StructurePreset) -> StructurePreset:
     if preset not in PRESETS:
         raise ValueError(f"unknown structure preset {preset!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[preset]
-
-
-def _downscale(inst: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour downscale of an instance map (the centre pixel of each block):
-    ids stay ids, and the distance maps are then computed at the new size."""
-    if factor == 1:
-        return inst
-    return np.ascontiguousarray(inst[factor // 2 :: factor, factor // 2 :: factor])
 
 
 def build_structures(
@@ -122,11 +121,9 @@ def build_structures(
             if min(inst.shape) < p.patch_size:
                 raise ValueError(f"'{path}' is {inst.shape}, smaller than the {p.patch_size} px patches of the preset")
             patches, origins = extract_patches(inst, p.patch_size, p.stride)
-            # HoVer-Net leaves nuclei of <= 30 px without distance maps; keep that area in
-            # full-resolution pixels when the maps are downscaled
-            min_size = max(1, round(30 / p.downscale**2))
             chunks += [
-                encode_structure(_downscale(m, p.downscale), min_size=min_size, centre="nearest") for m in patches
+                encode_structure(downscale_instance_map(m, p.downscale), min_size=p.min_size, centre="nearest")
+                for m in patches
             ]
             names += [f"{tile}_r{r:05d}_c{c:05d}" for r, c in origins]
         structures = np.stack(chunks)
@@ -146,24 +143,10 @@ def build_structures(
     return structures, names
 
 
-def to_model_input(structures: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) structures ``[fg in {0, 1} or [0, 1], h, v]`` -> (N, 3, H, W) float32 in [-1, 1]."""
-    if not isinstance(structures, np.ndarray) or structures.ndim != 4 or structures.shape[-1] != 3:
-        raise ValueError(f"`structures` must be (N, H, W, 3), got {getattr(structures, 'shape', type(structures))}")
-    x = torch.from_numpy(np.ascontiguousarray(structures, dtype=np.float32)).permute(0, 3, 1, 2).clone()
-    x[:, 0] = x[:, 0] * 2 - 1
-    return x
-
-
-def from_model_output(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) model samples in [-1, 1] -> (N, H, W, 3) float32 ``[probability in
-    [0, 1], h, v]`` (clipped to the valid ranges), the input of
-    ``nudiff_postproc.instances_from_structures``."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected (N, 3, H, W) samples, got {tuple(x.shape)}")
-    out = x.detach().float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy().copy()
-    out[..., 0] = (out[..., 0] + 1) / 2
-    return out
+#: structures (N, H, W, 3) -> model tensors (N, 3, H, W) in [-1, 1] (nudiff-diffusion's conversion)
+to_model_input = structures_to_tensor
+#: model samples (N, 3, H, W) -> structures (N, H, W, 3) ``[probability, h, v]``
+from_model_output = tensor_to_structures
 
 
 def dihedral_augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from nudiff_diffusion import NoiseSchedule, sample
-from nudiff_postproc import instances_from_structures, write_image, write_instance_map
+from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
 from nudiff_postproc._io import atomic_path
 
 from ._data import from_model_output
-from ._render import structure_grid
 
 __all__ = ["sample_structures", "structure_name"]
 

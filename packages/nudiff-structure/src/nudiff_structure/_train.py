@@ -11,10 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, sample, train
-from nudiff_postproc import instances_from_structures, morphology_distance, morphology_stats, write_image
+from nudiff_postproc import (
+    instances_from_structures,
+    morphology_distance,
+    morphology_stats,
+    structure_grid,
+    write_image,
+)
 
 from ._data import PRESETS, build_structures, dihedral_augment, from_model_output, to_model_input
-from ._render import structure_grid
 
 __all__ = ["train_structure_model", "draw_structures"]
 
@@ -80,7 +85,7 @@ def train_structure_model(
     def preview(step: int, ema: UNet) -> None:
         s, inst = draw_structures(ema, preview_samples, seed=config.seed)
         write_image(out / "previews" / f"step_{step:07d}.png", structure_grid(s, inst))
-        distance = morphology_distance(real_stats, morphology_stats(inst, s, centre="nearest"))
+        distance = morphology_distance(real_stats, morphology_stats(inst, s, centre="nearest", min_size=p.min_size))
         path = out / "morphology.csv"
         new = not path.exists()
         with open(path, "a", newline="") as fh:
@@ -100,6 +105,7 @@ def train_structure_model(
         callback=preview,
         progress=progress,
         diffusion={
+            "kind": "structure",
             "schedule": "linear",
             "num_timesteps": 1000,
             "structure_preset": preset,

@@ -35,6 +35,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from ._sample import sample_structures
 
+    if not args.engine:
+        from nudiff_diffusion import read_config
+
+        kind = read_config(args.checkpoint).get("diffusion", {}).get("kind", "structure")
+        if kind != "structure":
+            raise ValueError(f"'{args.checkpoint}' holds a {kind!r} model, not a structure model")
     runtime = load_denoiser(args.engine or args.checkpoint)
     manifest = sample_structures(
         runtime,

@@ -1,0 +1,36 @@
+"""nudiff-histo: the SPADE-conditioned histology model of nudiff (data, training, guided
+sampling, evaluation)."""
+
+from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
+from ._model import (
+    PRESETS,
+    HistoDenoiser,
+    HistoPreset,
+    ModulationCache,
+    SpadeNorm,
+    build_histo_unet,
+    load_histo_denoiser,
+    load_histo_model,
+)
+from ._paint import paint_images
+from ._train import preview_grid, train_histo_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "HistoDenoiser",
+    "HistoPreset",
+    "ModulationCache",
+    "SpadeNorm",
+    "build_histo_unet",
+    "build_pairs",
+    "encode_condition",
+    "load_histo_denoiser",
+    "load_histo_model",
+    "paint_images",
+    "paired_batch",
+    "pairs_to_rows",
+    "preview_grid",
+    "train_histo_model",
+]

@@ -1,0 +1,144 @@
+"""Paired data (H&E patch, instance map) for the histology model: patches cut once and
+cached; structures encoded on the fly after a dihedral transform of the pair."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from nudiff_diffusion import images_to_tensor, structures_to_tensor
+from nudiff_postproc import (
+    DIHEDRAL,
+    compact_labels,
+    downscale_image,
+    downscale_instance_map,
+    encode_structure,
+    extract_patches,
+    transform_image,
+    transform_instance_map,
+)
+from nudiff_postproc._folders import dataset_pairs, read_pair
+from nudiff_postproc._io import atomic_path
+
+from ._model import PRESETS, HistoPreset
+
+__all__ = ["build_pairs", "pairs_to_rows", "paired_batch", "encode_condition"]
+
+
+def _preset(preset: str | HistoPreset) -> HistoPreset:
+    if isinstance(preset, HistoPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _cache_dir(data_dir: Path) -> Path:
+    if os.access(data_dir, os.W_OK):
+        return data_dir / ".nudiff-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nudiff" / "pairs"
+
+
+def build_pairs(
+    pairs_dir: str | os.PathLike[str], preset: str | HistoPreset
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Patches of every (image, instance map) pair of a dataset folder, at the preset's size.
+
+    Parameters
+    ----------
+    pairs_dir : path
+        A dataset folder: ``images/NAME.png|tif`` and ``instance_maps/NAME.png|tif|mat``.
+    preset : str or HistoPreset
+        Patch size, stride and downscale factor (``nudiff_postproc.PATCH_GEOMETRY``).
+
+    Returns
+    -------
+    images : (N, s, s, 3) uint8
+        Block-mean downscaled RGB patches.
+    instance_maps : (N, s, s) int32
+        Nearest-downscaled instance maps, ids compacted to 1..n per patch.
+    names : list of str
+        ``TILE_rRRRRR_cCCCCC`` (origin in the full-size tile), as the structure model's.
+
+    Tiles equal to the patch size after downscaling (already patches) are taken whole. The
+    result is cached in ``pairs_dir/.nudiff-cache`` (or the user's cache directory when the
+    folder is read-only), keyed by the files' names, sizes and times and the geometry.
+    """
+    p = _preset(preset)
+    g = p.geometry
+    folder = Path(pairs_dir)
+    pairs = dataset_pairs(folder)
+    stat = [
+        (n, str(i.stat().st_size), i.stat().st_mtime_ns, m.stat().st_size, m.stat().st_mtime_ns) for n, i, m in pairs
+    ]
+    key = hashlib.sha256(json.dumps([stat, asdict(g), "pairs-v1"]).encode()).hexdigest()[:16]
+    cache_file = _cache_dir(folder) / f"pairs-{key}.npz"
+    if cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as data:
+            return data["images"], data["instance_maps"], [str(n) for n in data["names"]]
+    images, maps, names = [], [], []
+    for name, image_path, map_path in pairs:
+        image, inst = read_pair(image_path, map_path)
+        if image.shape[:2] == (g.image_size, g.image_size) and g.downscale > 1:
+            images.append(image)  # already a model-sized patch
+            maps.append(compact_labels(inst)[0].astype(np.int32))
+            names.append(name)
+            continue
+        if min(inst.shape) < g.patch_size:
+            raise ValueError(
+                f"'{image_path}' is {inst.shape}; the preset's patches are {g.patch_size} px "
+                f"(or exactly {g.image_size} px patches)"
+            )
+        image_patches, origins = extract_patches(image, g.patch_size, g.stride)
+        map_patches, _ = extract_patches(inst, g.patch_size, g.stride)
+        for im, m, (r, c) in zip(image_patches, map_patches, origins, strict=True):
+            images.append(downscale_image(im, g.downscale))
+            maps.append(compact_labels(downscale_instance_map(m, g.downscale))[0].astype(np.int32))
+            names.append(f"{name}_r{r:05d}_c{c:05d}")
+    out_images, out_maps = np.stack(images), np.stack(maps)
+    with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=out_images, instance_maps=out_maps, names=np.array(names))
+    return out_images, out_maps, names
+
+
+def pairs_to_rows(images: np.ndarray, instance_maps: np.ndarray) -> torch.Tensor:
+    """(N, s, s, 3) uint8 images and (N, s, s) instance maps -> (N, 4, s, s) float32 rows:
+    the image in [-1, 1] and the instance ids (exact in float32 below 2^24), the training
+    data that :func:`paired_batch` turns into (image, structure) batches."""
+    if instance_maps.shape != images.shape[:3]:
+        raise ValueError(f"{images.shape[:3]} images but {instance_maps.shape} instance maps")
+    if instance_maps.max(initial=0) >= 2**24:
+        raise ValueError("instance ids must be below 2^24 (compact them first)")
+    ids = torch.from_numpy(instance_maps.astype(np.float32))[:, None]
+    return torch.cat([images_to_tensor(images), ids], dim=1)
+
+
+def encode_condition(instance_maps: np.ndarray | list[np.ndarray], min_size: int) -> torch.Tensor:
+    """Structures of (N, s, s) instance maps as the model's condition (N, 3, s, s) in [-1, 1]
+    (``centre="nearest"``, the exactly equivariant convention, as the structure model's;
+    ``min_size``: the preset's ``geometry.min_size``)."""
+    structures = np.stack([encode_structure(m, min_size=min_size, centre="nearest") for m in instance_maps])
+    return structures_to_tensor(structures)
+
+
+def paired_batch(min_size: int):  # type: ignore[no-untyped-def]
+    """The trainer's ``batch_fn``: rows (B, 4, s, s) -> (images (B, 3, s, s), structures
+    (B, 3, s, s)), each pair under the same random dihedral transform and its structure
+    encoded from the transformed instance map (so image and structure move together)."""
+
+    def batch_fn(rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = torch.randint(len(DIHEDRAL), (rows.shape[0],), generator=generator).tolist()
+        images, maps = [], []
+        for row, c in zip(rows.numpy(), choice, strict=True):
+            rot90, flip = DIHEDRAL[c]
+            images.append(transform_image(np.ascontiguousarray(row[:3].transpose(1, 2, 0)), rot90=rot90, flip=flip))
+            maps.append(transform_instance_map(row[3].astype(np.int32), rot90=rot90, flip=flip))
+        x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return x0, encode_condition(maps, min_size)
+
+    return batch_fn

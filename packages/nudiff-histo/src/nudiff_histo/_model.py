@@ -1,0 +1,208 @@
+"""The histology model: nudiff-diffusion's ADM UNet with SPADE normalisation, and a
+modulation cache that computes the structure's scales and shifts once per batch.
+
+SPADE (Park et al. 2019, as used by semantic diffusion models and the Nudiff paper): a
+GroupNorm without affine parameters, then ``x * (1 + gamma) + beta`` where ``gamma`` and
+``beta`` are predicted from the structure, resized (nearest) to the layer's resolution, by
+``conv3x3 -> ReLU -> conv3x3``. Every normalisation layer of the UNet is a SPADE layer; the
+timestep scale-shift of the residual blocks applies on top, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from nudiff_diffusion import UNet, UNetConfig, load_model, read_config
+from nudiff_postproc import PATCH_GEOMETRY, PatchGeometry
+from torch import nn
+
+__all__ = [
+    "HistoPreset",
+    "PRESETS",
+    "SpadeNorm",
+    "ModulationCache",
+    "build_histo_unet",
+    "histo_settings",
+    "load_histo_model",
+    "HistoDenoiser",
+    "load_histo_denoiser",
+]
+
+COND_CHANNELS = 3  # the structure: [2 fg - 1, h, v]
+
+
+@dataclass(frozen=True)
+class HistoPreset:
+    """A histology preset: the patch geometry (shared with the structure model), the
+    nudiff-diffusion UNet preset and the hidden width of each SPADE layer's MLP."""
+
+    geometry: PatchGeometry
+    unet: str
+    spade_hidden: int
+
+    @property
+    def image_size(self) -> int:
+        return self.geometry.image_size
+
+
+PRESETS: dict[str, HistoPreset] = {
+    "tiny-64": HistoPreset(PATCH_GEOMETRY["tiny-64"], "tiny-64", spade_hidden=32),
+    "small-128": HistoPreset(PATCH_GEOMETRY["small-128"], "small-128", spade_hidden=64),
+    # the paper's UNet flags; 128 hidden channels as semantic diffusion models' SPADE
+    "paper-256": HistoPreset(PATCH_GEOMETRY["paper-256"], "paper-256", spade_hidden=128),
+}
+
+
+class ModulationCache:
+    """SPADE scales and shifts of one batch of structures, filled on the first UNet call
+    and reused by every later call (every sampling step).
+
+    Parameters
+    ----------
+    cond : (N, 3, H, W) float tensor
+        The structures (for guidance: the conditional half and the zero half together).
+    """
+
+    def __init__(self, cond: torch.Tensor) -> None:
+        if cond.ndim != 4 or cond.shape[1] != COND_CHANNELS:
+            raise ValueError(f"`cond` must be (N, {COND_CHANNELS}, H, W) structures, got {tuple(cond.shape)}")
+        self.cond = cond
+        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, norm: SpadeNorm, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(norm)
+        if key not in self._entries:
+            self._entries[key] = norm.modulation(self.cond, size)
+        return self._entries[key]
+
+
+class SpadeNorm(nn.Module):
+    """GroupNorm(32, affine=False) in float32, then ``* (1 + gamma) + beta`` from the structure.
+
+    ``forward(x, cond)``: x (N, C, h, w); cond (N, 3, H, W) structures, or a
+    :class:`ModulationCache` of them.
+    """
+
+    def __init__(self, channels: int, hidden: int, cond_channels: int = COND_CHANNELS) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, affine=False)
+        self.shared = nn.Sequential(nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.ReLU())
+        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def modulation(self, cond: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma, beta)``, each (N, C, *size), of structures ``cond`` at resolution ``size``."""
+        dtype = self.shared[0].weight.dtype
+        c = F.interpolate(cond.to(dtype), size=tuple(size), mode="nearest")
+        hidden = self.shared(c)
+        return self.gamma(hidden), self.beta(hidden)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | ModulationCache | None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("a SPADE layer needs the structure `cond` (zeros for no condition)")
+        size = (x.shape[-2], x.shape[-1])
+        gamma, beta = cond.get(self, size) if isinstance(cond, ModulationCache) else self.modulation(cond, size)
+        if gamma.shape[0] != x.shape[0]:
+            raise ValueError(f"{gamma.shape[0]} structures for a batch of {x.shape[0]}")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            normalized = self.norm(x.float()).to(x.dtype)
+        return normalized * (1 + gamma.to(x.dtype)) + beta.to(x.dtype)
+
+
+def build_histo_unet(preset: str, **overrides: Any) -> UNet:
+    """A fresh histology UNet of ``preset`` (RGB in, eps and learned variance out, SPADE
+    everywhere). ``overrides`` change UNet flags (e.g. ``model_channels`` for tests) or
+    ``spade_hidden``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    hidden = int(overrides.pop("spade_hidden", p.spade_hidden))
+    config = UNetConfig.preset(p.unet, **{"image_size": p.image_size, "in_channels": 3, **overrides})
+    return UNet(config, norm_factory=lambda ch: SpadeNorm(ch, hidden))
+
+
+def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
+    """The ``diffusion`` entry of a histology checkpoint's ``config.json``."""
+    p = PRESETS[preset]
+    spade = next(m for m in model.modules() if isinstance(m, SpadeNorm))
+    return {
+        "kind": "histo",
+        "schedule": "linear",
+        "num_timesteps": 1000,
+        "histo_preset": preset,
+        "geometry": asdict(p.geometry),
+        "spade_hidden": spade.shared[0].out_channels,
+        "cond_channels": COND_CHANNELS,
+        "null_cond": "zeros",
+    }
+
+
+def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> UNet:
+    """Rebuild a histology UNet from a checkpoint directory (no flags) and load its weights."""
+    config = read_config(directory)
+    settings = config.get("diffusion", {})
+    if settings.get("kind") != "histo":
+        raise ValueError(
+            f"'{directory}' is not a histology checkpoint (its config.json has diffusion.kind="
+            f"{settings.get('kind')!r}, expected 'histo'); a structure model cannot paint images"
+        )
+    hidden = int(settings["spade_hidden"])
+    return load_model(directory, norm_factory=lambda ch: SpadeNorm(ch, hidden), device=device)
+
+
+class HistoDenoiser:
+    """A histology UNet in PyTorch as a runtime: ``eps(x, t, cond)`` with ``cond`` the
+    structures or a :meth:`prepare`-d cache of them; no gradients.
+
+    Parameters
+    ----------
+    model : UNet
+        A SPADE UNet (:func:`build_histo_unet` / :func:`load_histo_model`).
+    config : dict, optional
+        The checkpoint's ``config.json``.
+    cache : bool
+        Whether :meth:`prepare` builds a :class:`ModulationCache` (else it returns ``cond``
+        and every call recomputes the SPADE modulation).
+    """
+
+    def __init__(self, model: UNet, config: dict[str, Any] | None = None, *, cache: bool = True) -> None:
+        self.model = model.eval()
+        self.config = config or {"unet": model.config.to_dict()}
+        self.device = next(model.parameters()).device
+        self.cache = cache
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.in_channels
+
+    def prepare(self, cond: torch.Tensor) -> torch.Tensor | ModulationCache:
+        """The condition argument for a run of calls on the same structures."""
+        cond = cond.to(self.device)
+        return ModulationCache(cond) if self.cache else cond
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | ModulationCache) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x.to(self.device), t.to(self.device), cond).float()
+
+    __call__ = eps
+
+
+def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> HistoDenoiser:
+    """The runtime for a histology checkpoint directory (ONNX Runtime and TensorRT engines
+    come with the export tools and raise an error here)."""
+    path = Path(path)
+    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+        raise NotImplementedError(f"'{path}': ONNX Runtime and TensorRT engines are not supported by this version yet")
+    return HistoDenoiser(load_histo_model(path, device=device), read_config(path))

@@ -1,0 +1,132 @@
+"""Training the histology model: the nudiff-diffusion trainer on (image, structure) pairs,
+the condition dropped to zeros with ``cond_drop_prob`` for classifier-free guidance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nudiff_diffusion import (
+    NoiseSchedule,
+    TrainConfig,
+    UNet,
+    read_config,
+    tensor_to_images,
+    tensor_to_structures,
+    train,
+)
+from nudiff_postproc import outline_overlay, picture_grid, structure_rgb, write_image
+
+from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
+from ._model import PRESETS, HistoDenoiser, build_histo_unet, histo_settings, load_histo_model
+from ._paint import paint_images
+
+__all__ = ["train_histo_model", "preview_grid"]
+
+
+def preview_grid(
+    structures: torch.Tensor, painted: torch.Tensor, real: np.ndarray | None, maps: np.ndarray, columns: int = 2
+) -> np.ndarray:
+    """A grid of cells (structure, painted image with the instance outlines, real image).
+
+    ``structures`` and ``painted``: (N, 3, s, s) model tensors; ``real``: (N, s, s, 3) uint8
+    or None; ``maps``: (N, s, s) instance maps. Returns uint8 RGB."""
+    s_rgb = [structure_rgb(s) for s in tensor_to_structures(structures)]
+    images = tensor_to_images(painted)
+    cells = []
+    for i in range(len(images)):
+        cell = [s_rgb[i], outline_overlay(images[i], maps[i])]
+        if real is not None:
+            cell.append(real[i])
+        cells.append(cell)
+    return picture_grid(cells, columns)
+
+
+def train_histo_model(
+    pairs_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    preset: str,
+    config: TrainConfig,
+    *,
+    init: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    holdout: int = 4,
+    progress: bool = True,
+    model_overrides: dict | None = None,
+) -> UNet:
+    """Train (or fine-tune) a histology model on a dataset folder of (image, instance map) pairs.
+
+    Parameters
+    ----------
+    pairs_dir : path
+        Dataset folder (``images/``, ``instance_maps/``), cut into the preset's patches.
+    out_dir : path
+        Run directory (checkpoints, ``log.csv``, ``previews/step_NNNNNNN.png``).
+    preset : str
+        ``tiny-64``, ``small-128`` or ``paper-256``.
+    config : TrainConfig
+        ``cond_drop_prob`` is the share of conditions replaced by zeros (0.2 in the paper's
+        fine-tuning phase, 0 in its pre-training).
+    init : path, optional
+        A histology checkpoint to start from (the paper's second phase: fine-tune a
+        pre-trained model with dropping and lr 2e-5). Ignored when resuming a run that has
+        checkpoints.
+    holdout : int
+        Pairs kept out of training (chosen with ``config.seed``) and painted at every
+        checkpoint for the preview grid (structure, sample with guidance 2, real image).
+    model_overrides : dict, optional
+        UNet flags to change (small models for tests).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    images, maps, names = build_pairs(pairs_dir, p)
+    if len(images) <= holdout:
+        raise ValueError(f"'{pairs_dir}' gives {len(images)} patches; need more than the {holdout} held back")
+    rng = np.random.default_rng(config.seed)
+    held = np.sort(rng.choice(len(images), size=holdout, replace=False)) if holdout else np.zeros(0, int)
+    keep = np.setdiff1d(np.arange(len(images)), held)
+    rows = pairs_to_rows(images[keep], maps[keep])
+    torch.manual_seed(config.seed)
+    if init is not None:
+        init_config = read_config(init)
+        if init_config["diffusion"].get("histo_preset") != preset:
+            raise ValueError(
+                f"--init '{init}' is a {init_config['diffusion'].get('histo_preset')!r} model, not {preset!r}"
+            )
+        model = load_histo_model(init).train()
+    else:
+        model = build_histo_unet(preset, **(model_overrides or {}))
+    out = Path(out_dir)
+    held_cond = encode_condition(maps[held], p.geometry.min_size) if holdout else None
+
+    def preview(step: int, ema: UNet) -> None:
+        if held_cond is None:
+            return
+        gen = torch.Generator().manual_seed(config.seed)
+        painted = paint_images(HistoDenoiser(ema), held_cond, guidance=2.0, generator=gen)
+        ema.train(False)
+        grid = preview_grid(held_cond, painted, images[held], maps[held])
+        write_image(out / "previews" / f"step_{step:07d}.png", grid)
+
+    settings = histo_settings(preset, model)
+    settings.update(
+        data=str(pairs_dir),
+        cond_drop_prob=config.cond_drop_prob,
+        init=None if init is None else str(init),
+        holdout=[names[i] for i in held],
+    )
+    return train(
+        model,
+        rows,
+        NoiseSchedule.linear(1000),
+        out,
+        config,
+        resume=resume,
+        batch_fn=paired_batch(p.geometry.min_size),
+        callback=preview,
+        progress=progress,
+        diffusion=settings,
+    )

@@ -1,0 +1,147 @@
+"""``nudiff-histo``: train, sample and judge the histology model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import TrainConfig
+
+    from ._train import train_histo_model
+
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        ema_rate=args.ema,
+        precision=args.precision,
+        save_every=args.save_every,
+        seed=args.seed,
+        cond_drop_prob=args.drop_prob,
+    )
+    train_histo_model(
+        args.pairs, args.out, args.preset, config, init=args.init, resume=args.resume, progress=not args.quiet
+    )
+    print(f"trained {args.preset} for {args.steps} steps; the model is in {args.out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from ._model import load_histo_denoiser
+    from ._sample import sample_histology
+
+    runtime = load_histo_denoiser(args.engine or args.checkpoint)
+    manifest = sample_histology(
+        runtime,
+        args.structures,
+        args.out,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        num=args.num,
+        rank=args.rank,
+        world_size=args.world_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"{manifest['this_rank']} images of rank {args.rank} in {args.out} "
+        f"({manifest['drawn_now']} painted now, {manifest['seconds']} s)"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nudiff_postproc._io import atomic_path
+
+    from ._evaluate import evaluate_histology
+
+    result = evaluate_histology(args.samples, args.real, preset=args.preset)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        if isinstance(value, (int, float)):
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(args.out) if args.out else Path(args.samples) / "evaluation.json"
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _non_negative(value: str) -> float:
+    v = float(value)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="nudiff-histo", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or fine-tune) a histology model", formatter_class=fmt)
+    p.add_argument("--pairs", required=True, help="dataset folder: images/ and instance_maps/")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, previews, logs)")
+    p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
+    p.add_argument("--drop-prob", type=float, default=0.2, help="share of structures dropped to zeros (CFG)")
+    p.add_argument("--init", help="histology checkpoint to fine-tune (the paper's second phase)")
+    p.add_argument("--steps", type=int, default=10000, help="training steps")
+    p.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper's fine-tuning: 2e-5)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="paint images for structures", formatter_class=fmt)
+    p.add_argument(
+        "--structures",
+        required=True,
+        help="output folder of `nudiff-structure sample`, or a dataset folder of real instance maps",
+    )
+    p.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a histology model")
+    p.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    p.add_argument("--guidance", type=_non_negative, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--batch", type=int, default=8, help="images per batch (the UNet sees twice as many)")
+    p.add_argument("--num", type=int, help="paint only the first NUM structures (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--out", required=True, help="output folder (synthetic dataset layout)")
+    p.add_argument("--rank", type=int, default=0, help="this shard's index")
+    p.add_argument("--world-size", type=int, default=1, help="number of shards")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="stain statistics and alignment against real pairs", formatter_class=fmt)
+    p.add_argument("--samples", required=True, help="output folder of `sample` (or any dataset folder)")
+    p.add_argument("--real", required=True, help="dataset folder of real pairs")
+    p.add_argument("--preset", help="preset to cut the real tiles with (default: by the samples' size)")
+    p.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "sample" and not (args.checkpoint or args.engine):
+        print("nudiff-histo sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"nudiff-histo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The nudiff-histo CLI: train -> sample -> evaluate, resumable and sharded painting, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from nudiff_diffusion import TrainConfig, structures_to_tensor
+from nudiff_histo import _sample as sample_module
+from nudiff_histo import build_pairs, paired_batch, pairs_to_rows
+from nudiff_histo.cli import main
+from nudiff_postproc import (
+    DIHEDRAL,
+    encode_structure,
+    read_image,
+    read_instance_map,
+    synthetic_instance_map,
+    transform_image,
+    transform_structure,
+    write_image,
+    write_instance_map,
+)
+
+
+def _tile(seed: int, size: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    inst = synthetic_instance_map((size, size), n_nuclei=18, seed=seed)
+    rng = np.random.default_rng(seed)
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = (230, 170, 200)  # eosin pink
+    image[inst > 0] = (80, 50, 140)  # haematoxylin purple
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    return image, inst
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("histo")
+    for i in range(3):
+        image, inst = _tile(i)
+        write_image(root / "pairs" / "images" / f"t{i}.png", image)
+        write_instance_map(root / "pairs" / "instance_maps" / f"t{i}.png", inst)
+    args = ["--quiet", "train", "--pairs", str(root / "pairs"), "--out", str(root / "run")]
+    assert main([*args, "--steps", "4", "--batch", "2", "--save-every", "2"]) == 0
+    return root
+
+
+def _sample(root, out, *extra):
+    return main(
+        [
+            "--quiet",
+            "sample",
+            "--structures",
+            str(root / "pairs"),
+            "--checkpoint",
+            str(root / "run"),
+            "--sampler",
+            "ddim",
+            "--steps",
+            "3",
+            "--batch",
+            "3",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_round_trip(run, capsys):
+    assert (run / "run" / "config.json").is_file()
+    config = json.loads((run / "run" / "config.json").read_text())
+    assert config["diffusion"]["kind"] == "histo" and config["train"]["cond_drop_prob"] == 0.2
+    assert sorted(p.name for p in (run / "run" / "previews").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    out = run / "synthetic"
+    assert _sample(run, out) == 0
+    names = sorted(p.stem for p in (out / "images").iterdir())
+    assert len(names) == 12  # 3 tiles of 192 px: 2 x 2 patches of 128 px each, downscaled to 64
+    for sub, suffix in (("instance_maps", ".png"), ("structures", ".npy")):
+        assert sorted(p.stem for p in (out / sub).iterdir() if p.suffix == suffix) == names
+    image = read_image(out / "images" / f"{names[0]}.png")
+    inst = read_instance_map(out / "instance_maps" / f"{names[0]}.png")
+    structure = np.load(out / "structures" / f"{names[0]}.npy")
+    assert image.shape == (64, 64, 3) and inst.shape == (64, 64) and structure.shape == (64, 64, 3)
+    np.testing.assert_array_equal(structure, encode_structure(inst, min_size=8, centre="nearest"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["guidance"] == 2.0 and manifest["drawn_now"] == 12 and (out / "preview.png").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--samples", str(out), "--real", str(run / "pairs")]) == 0
+    printed = capsys.readouterr().out
+    assert "alignment" in printed and "h_wasserstein" in printed
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["samples"] == 12 and result["real_patches"] == 12
+    assert result["real_alignment"] > 2.0  # the real tiles: nuclei far darker in haematoxylin
+
+
+def test_real_patches_against_themselves_measure_zero(run, tmp_path):
+    from nudiff_histo._evaluate import evaluate_histology
+
+    images, maps, names = build_pairs(run / "pairs", "tiny-64")
+    for image, inst, name in zip(images, maps, names, strict=True):
+        write_image(tmp_path / "images" / f"{name}.png", image)
+        write_instance_map(tmp_path / "instance_maps" / f"{name}.png", inst)
+    result = evaluate_histology(tmp_path, run / "pairs")
+    assert result["h_wasserstein"] == 0 and result["e_wasserstein"] == 0 and result["h_mean_wasserstein"] == 0
+    assert result["alignment"] == result["real_alignment"] > 2.0
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(run, monkeypatch):
+    full, killed = run / "full", run / "killed"
+    assert _sample(run, full) == 0
+    calls = {"n": 0}
+    original = sample_module.write_image
+
+    def dying_write(path, image):
+        if "images" in str(path.parent.name):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt  # killed while writing the fifth image
+        return original(path, image)
+
+    monkeypatch.setattr(sample_module, "write_image", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        _sample(run, killed)
+    monkeypatch.setattr(sample_module, "write_image", original)
+    assert len(list((killed / "images").iterdir())) == 4
+    assert not [p for p in killed.rglob("*") if p.name.startswith(".")]  # no partial files
+    assert _sample(run, killed) == 0
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["drawn_now"] == 8 and manifest["this_rank"] == 12
+    for path in sorted((full / "images").iterdir()):
+        a, b = read_image(path), read_image(killed / "images" / path.name)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same noise; batches round differently
+
+
+def test_two_ranks_give_the_single_run(run):
+    single, sharded = run / "full2", run / "sharded"
+    assert _sample(run, single) == 0
+    for rank in (0, 1):
+        assert _sample(run, sharded, "--rank", str(rank), "--world-size", "2") == 0
+    names = sorted(p.name for p in (single / "images").iterdir())
+    assert sorted(p.name for p in (sharded / "images").iterdir()) == names
+    for name in names:
+        a, b = read_image(single / "images" / name), read_image(sharded / "images" / name)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert (sharded / "manifest-rank1.json").is_file()
+
+
+def test_paired_batch_moves_image_and_structure_together():
+    image, inst = _tile(7, 64)
+    rows = pairs_to_rows(image[None], inst[None].astype(np.int32))
+    seen = set()
+    for step in range(12):
+        x0, cond = paired_batch(30)(rows, torch.Generator().manual_seed(step))
+        moved = ((x0[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        k = next(
+            i for i, (r, f) in enumerate(DIHEDRAL) if np.array_equal(moved, transform_image(image, rot90=r, flip=f))
+        )
+        seen.add(k)
+        r, f = DIHEDRAL[k]
+        expected = transform_structure(encode_structure(inst, min_size=30, centre="nearest"), rot90=r, flip=f)
+        np.testing.assert_allclose(cond[0].numpy(), structures_to_tensor(expected[None])[0].numpy(), atol=1e-6)
+    assert len(seen) > 3
+
+
+def test_cond_drop_prob_is_checked():
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        TrainConfig(cond_drop_prob=1.5)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unlabelled", "no instance map"),
+        ("sizes", "instance map"),
+        ("channels", "(H, W, 3)"),
+        ("guidance", "must be >= 0"),
+        ("structure-checkpoint", "not a histology checkpoint"),
+    ],
+)
+def test_bad_input_is_refused_clearly(run, tmp_path, capsys, case, message):
+    if case in ("unlabelled", "sizes"):
+        image, inst = _tile(3)
+        write_image(tmp_path / "pairs" / "images" / "a.png", image)
+        if case == "sizes":
+            write_instance_map(tmp_path / "pairs" / "instance_maps" / "a.png", inst[:-8])
+        else:
+            write_image(tmp_path / "pairs" / "images" / "b.png", image)
+            write_instance_map(tmp_path / "pairs" / "instance_maps" / "a.png", inst)
+        code = main(["--quiet", "train", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "r")])
+    elif case == "channels":
+        (tmp_path / "s" / "structures").mkdir(parents=True)
+        np.save(tmp_path / "s" / "structures" / "x.npy", np.zeros((64, 64, 2), np.float32))
+        write_instance_map(tmp_path / "s" / "instance_maps" / "x.png", np.zeros((64, 64), np.int32))
+        code = _sample(run, tmp_path / "o", "--structures", str(tmp_path / "s"))
+    elif case == "guidance":
+        with pytest.raises(SystemExit) as exc:
+            _sample(run, tmp_path / "o", "--guidance", "-1")
+        code = exc.value.code
+    else:
+        from nudiff_diffusion import UNet, UNetConfig, save_model
+
+        save_model(tmp_path / "structure_run", UNet(UNetConfig.preset("tiny-64")), diffusion={"schedule": "linear"})
+        code = main(
+            [
+                "--quiet",
+                "sample",
+                "--structures",
+                str(run / "pairs"),
+                "--checkpoint",
+                str(tmp_path / "structure_run"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "o" / "images").exists() or not any((tmp_path / "o" / "images").iterdir())
+
+
+def test_build_pairs_cuts_and_downscales(run):
+    images, maps, names = build_pairs(run / "pairs", "tiny-64")
+    assert images.shape == (12, 64, 64, 3) and maps.shape == (12, 64, 64) and len(names) == 12
+    assert names[0] == "t0_r00000_c00000" and maps.max() >= 1
