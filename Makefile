@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PACKAGES := packages/nudiff-postproc packages/nudiff-diffusion packages/nudiff-structure packages/nudiff-histo
+PACKAGES := packages/nudiff-postproc packages/nudiff-diffusion packages/nudiff-structure packages/nudiff-histo packages/nudiff-seg
 STAMP := $(VENV)/.nudiff-installed
 # the CPU wheel of torch lies in /opt/wheels on this project's machines (PIP_FIND_LINKS
 # says so too, but CI may not pass the variable on)

@@ -112,8 +112,11 @@ class SpadeNorm(nn.Module):
         gamma, beta = cond.get(self, size) if isinstance(cond, ModulationCache) else self.modulation(cond, size)
         if gamma.shape[0] != x.shape[0]:
             raise ValueError(f"{gamma.shape[0]} structures for a batch of {x.shape[0]}")
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            normalized = self.norm(x.float()).to(x.dtype)
+        if x.device.type == "meta":  # shape and FLOP counting: no autocast there
+            normalized = self.norm(x)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                normalized = self.norm(x.float()).to(x.dtype)
         return normalized * (1 + gamma.to(x.dtype)) + beta.to(x.dtype)
 
 

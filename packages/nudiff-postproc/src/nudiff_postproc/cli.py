@@ -152,12 +152,32 @@ def _cmd_patches(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_features(path: str, names: list[str]) -> np.ndarray:
+    """Rows of a features ``.npz`` (``names``, ``features``, e.g. ``nudiff-seg features``)
+    in the order of ``names``; every name must be there."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored, features = [str(n) for n in data["names"]], np.asarray(data["features"], np.float64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"'{path}' is not a features file with 'names' and 'features' arrays ({exc})") from exc
+    if features.ndim != 2 or features.shape[0] != len(stored):
+        raise ValueError(f"'{path}': features of shape {features.shape} for {len(stored)} names")
+    index = {n: i for i, n in enumerate(stored)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"'{path}' has no features for {len(missing)} patches of the data, e.g. {missing[:3]}")
+    return features[[index[n] for n in names]]
+
+
 def _cmd_subset(args: argparse.Namespace) -> int:
     from ._subset import select_subset
 
     pairs = dataset_pairs(args.data)
     patches = [read_pair(i, m) for _, i, m in _progress(pairs, len(pairs), "read", args.quiet)]
-    chosen = select_subset(patches, args.fraction, seed=args.seed)
+    features = None
+    if args.features:
+        features = _read_features(args.features, [name for name, _, _ in pairs])
+    chosen = select_subset(patches, args.fraction, seed=args.seed, features=features)
     counts = [int(np.count_nonzero(np.bincount(inst.ravel())[1:])) for _, inst in patches]
     held = sum(counts[i] for i in chosen)
     with atomic_path(args.out) as tmp:
@@ -219,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, required=True, help="share of all nuclei the subset holds, e.g. 0.1")
     p.add_argument("--out", required=True, help="text file: the chosen names, one per line")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (same seed, same subset)")
+    p.add_argument(
+        "--features",
+        help="features .npz (names, features), e.g. ResNet-50 embeddings from `nudiff-seg features`; "
+        "default: colour and morphology statistics",
+    )
     p.set_defaults(func=_cmd_subset)
     return parser
 
