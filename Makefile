@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py
 	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_samplers.py
 	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_unet.py
+	$(BIN)/python packages/nudiff-histo/benchmarks/benchmark_histo.py
+	$(BIN)/python packages/nudiff-seg/benchmarks/benchmark_features.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py

@@ -133,3 +133,61 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "result.txt").read_text() == "True True"
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+class _RecordingNorm(torch.nn.Module):
+    """GroupNorm that records, per call, which samples' conditions are all zeros."""
+
+    seen: list[torch.Tensor] = []
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(32, channels)
+
+    def forward(self, x, cond):
+        _RecordingNorm.seen.append(cond.flatten(1).abs().sum(1) == 0)
+        return self.norm(x) + cond.mean() * 0  # the condition reaches the graph
+
+
+def _conditional_rows() -> torch.Tensor:
+    data = _data()
+    return torch.cat([data, torch.ones_like(data)], dim=1)  # channel 1: a never-zero condition
+
+
+def _split(rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows[:, :1], rows[:, 1:]
+
+
+@pytest.mark.parametrize("drop, expected", [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5)])
+def test_conditions_are_dropped_to_zeros_at_the_asked_rate(tmp_path, drop, expected):
+    torch.manual_seed(0)
+    model = UNet(CFG, norm_factory=_RecordingNorm)
+    _RecordingNorm.seen = []
+    config = TrainConfig(steps=40, batch_size=8, save_every=40, cond_drop_prob=drop)
+    train(model, _conditional_rows(), SCHEDULE, tmp_path, config, batch_fn=_split, progress=False)
+    n_norms = sum(isinstance(m, _RecordingNorm) for m in model.modules())
+    per_step = [_RecordingNorm.seen[i] for i in range(0, 40 * n_norms, n_norms)]  # first norm of each step
+    share = torch.cat(per_step).float().mean().item()
+    assert share == pytest.approx(expected, abs=0.1)  # 320 draws: the standard error of 0.5 is 0.03
+
+
+def test_conditional_training_resumes_exactly(tmp_path):
+    def run(out, steps, resume):
+        torch.manual_seed(0)
+        config = TrainConfig(steps=steps, batch_size=4, save_every=3, cond_drop_prob=0.3)
+        return train(
+            UNet(CFG, norm_factory=_RecordingNorm),
+            _conditional_rows(),
+            SCHEDULE,
+            out,
+            config,
+            batch_fn=_split,
+            resume=resume,
+            progress=False,
+        )
+
+    whole = run(tmp_path / "whole", 6, False)
+    run(tmp_path / "parts", 3, False)
+    resumed = run(tmp_path / "parts", 6, True)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
