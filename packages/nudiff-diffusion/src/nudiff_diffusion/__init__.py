@@ -5,6 +5,13 @@ from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
 from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
+from ._runs import (
+    add_sampling_arguments,
+    add_train_arguments,
+    initial_noise,
+    shard_indices,
+    train_config_from_args,
+)
 from ._runtime import TorchDenoiser, load_denoiser
 from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
@@ -14,6 +21,11 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_sampling_arguments",
+    "add_train_arguments",
+    "initial_noise",
+    "shard_indices",
+    "train_config_from_args",
     "images_to_tensor",
     "structures_to_tensor",
     "tensor_to_images",

@@ -41,12 +41,21 @@ class TorchDenoiser:
     def in_channels(self) -> int:
         return self.model.config.in_channels
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare(self, cond: torch.Tensor) -> Any:
+        """The condition argument for a run of :meth:`eps` calls on the same conditions
+        (here the tensor on the model's device; conditional runtimes may cache work)."""
+        return cond.to(self.device)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The model's output (N, C or 2C, H, W) float32 for x (N, C, H, W) at timesteps t (N,),
+        with ``cond`` a tensor or what :meth:`prepare` returned."""
+        if isinstance(cond, torch.Tensor):
+            cond = cond.to(self.device)
         with (
             torch.no_grad(),
             torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
         ):
-            out = self.model(x.to(self.device), t.to(self.device), None if cond is None else cond.to(self.device))
+            out = self.model(x.to(self.device), t.to(self.device), cond)
         return out.float()
 
     __call__ = eps

@@ -14,6 +14,7 @@ import torch
 from nudiff_diffusion import images_to_tensor, structures_to_tensor
 from nudiff_postproc import (
     DIHEDRAL,
+    PatchGeometry,
     compact_labels,
     downscale_image,
     downscale_instance_map,
@@ -27,7 +28,7 @@ from nudiff_postproc._io import atomic_path
 
 from ._model import PRESETS, HistoPreset
 
-__all__ = ["build_pairs", "pairs_to_rows", "paired_batch", "encode_condition"]
+__all__ = ["build_pairs", "cut_patches", "pairs_to_rows", "paired_batch", "encode_condition"]
 
 
 def _preset(preset: str | HistoPreset) -> HistoPreset:
@@ -84,26 +85,53 @@ def build_pairs(
     images, maps, names = [], [], []
     for name, image_path, map_path in pairs:
         image, inst = read_pair(image_path, map_path)
-        if image.shape[:2] == (g.image_size, g.image_size) and g.downscale > 1:
-            images.append(image)  # already a model-sized patch
-            maps.append(compact_labels(inst)[0].astype(np.int32))
-            names.append(name)
-            continue
-        if min(inst.shape) < g.patch_size:
-            raise ValueError(
-                f"'{image_path}' is {inst.shape}; the preset's patches are {g.patch_size} px "
-                f"(or exactly {g.image_size} px patches)"
-            )
-        image_patches, origins = extract_patches(image, g.patch_size, g.stride)
-        map_patches, _ = extract_patches(inst, g.patch_size, g.stride)
-        for im, m, (r, c) in zip(image_patches, map_patches, origins, strict=True):
-            images.append(downscale_image(im, g.downscale))
-            maps.append(compact_labels(downscale_instance_map(m, g.downscale))[0].astype(np.int32))
-            names.append(f"{name}_r{r:05d}_c{c:05d}")
+        patch_names, patch_images, patch_maps = cut_patches(name, inst, g, image=image, path=image_path)
+        names += patch_names
+        images += patch_images
+        maps += patch_maps
     out_images, out_maps = np.stack(images), np.stack(maps)
     with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, images=out_images, instance_maps=out_maps, names=np.array(names))
     return out_images, out_maps, names
+
+
+def cut_patches(
+    name: str,
+    inst: np.ndarray,
+    geometry: PatchGeometry,
+    *,
+    image: np.ndarray | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """A tile (instance map, optionally its image) as model-sized patches.
+
+    A map already of the model's size is taken whole (name unchanged); a larger one is cut
+    into the geometry's patches (names ``NAME_rRRRRR_cCCCCC``), downscaled (maps by nearest
+    neighbour, images by block means). Ids are compacted to 1..n per patch.
+
+    Returns
+    -------
+    names : list of str
+    images : list of (s, s, 3) uint8 (empty without ``image``)
+    instance_maps : list of (s, s) int32
+    """
+    g = geometry
+    if inst.shape == (g.image_size, g.image_size):
+        return [name], [] if image is None else [image], [compact_labels(inst)[0].astype(np.int32)]
+    if min(inst.shape) < g.patch_size:
+        raise ValueError(
+            f"'{path or name}' is {inst.shape}; the preset takes {g.patch_size} px patches of tiles "
+            f"(or exactly {g.image_size} px patches)"
+        )
+    map_patches, origins = extract_patches(inst, g.patch_size, g.stride)
+    names = [f"{name}_r{r:05d}_c{c:05d}" for r, c in origins]
+    maps = [compact_labels(downscale_instance_map(m, g.downscale))[0].astype(np.int32) for m in map_patches]
+    images = (
+        []
+        if image is None
+        else [downscale_image(p, g.downscale) for p in extract_patches(image, g.patch_size, g.stride)[0]]
+    )
+    return names, images, maps
 
 
 def pairs_to_rows(images: np.ndarray, instance_maps: np.ndarray) -> torch.Tensor:

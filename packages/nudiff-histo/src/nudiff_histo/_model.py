@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nudiff_diffusion import UNet, UNetConfig, load_model, read_config
+from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, load_model, read_config
 from nudiff_postproc import PATCH_GEOMETRY, PatchGeometry
 from torch import nn
 
@@ -161,9 +161,9 @@ def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.d
     return load_model(directory, norm_factory=lambda ch: SpadeNorm(ch, hidden), device=device)
 
 
-class HistoDenoiser:
+class HistoDenoiser(TorchDenoiser):
     """A histology UNet in PyTorch as a runtime: ``eps(x, t, cond)`` with ``cond`` the
-    structures or a :meth:`prepare`-d cache of them; no gradients.
+    structures or what :meth:`prepare` made of them; no gradients.
 
     Parameters
     ----------
@@ -172,34 +172,18 @@ class HistoDenoiser:
     config : dict, optional
         The checkpoint's ``config.json``.
     cache : bool
-        Whether :meth:`prepare` builds a :class:`ModulationCache` (else it returns ``cond``
-        and every call recomputes the SPADE modulation).
+        Whether :meth:`prepare` builds a :class:`ModulationCache` (else every call
+        recomputes the SPADE modulation, as the paper's code does).
     """
 
     def __init__(self, model: UNet, config: dict[str, Any] | None = None, *, cache: bool = True) -> None:
-        self.model = model.eval()
-        self.config = config or {"unet": model.config.to_dict()}
-        self.device = next(model.parameters()).device
+        super().__init__(model, config)
         self.cache = cache
-
-    @property
-    def image_size(self) -> int:
-        return self.model.config.image_size
-
-    @property
-    def in_channels(self) -> int:
-        return self.model.config.in_channels
 
     def prepare(self, cond: torch.Tensor) -> torch.Tensor | ModulationCache:
         """The condition argument for a run of calls on the same structures."""
         cond = cond.to(self.device)
         return ModulationCache(cond) if self.cache else cond
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | ModulationCache) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(x.to(self.device), t.to(self.device), cond).float()
-
-    __call__ = eps
 
 
 def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> HistoDenoiser:

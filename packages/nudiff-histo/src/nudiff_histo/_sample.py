@@ -9,11 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import tensor_to_images, tensor_to_structures
+from nudiff_diffusion import initial_noise, shard_indices, tensor_to_images, tensor_to_structures
 from nudiff_postproc import (
-    compact_labels,
-    downscale_instance_map,
-    extract_patches,
     outline_overlay,
     picture_grid,
     read_instance_map,
@@ -23,7 +20,7 @@ from nudiff_postproc import (
 from nudiff_postproc._folders import list_files, read_structure
 from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path
 
-from ._data import encode_condition
+from ._data import cut_patches, encode_condition
 from ._model import PRESETS, HistoPreset
 from ._paint import paint_images
 
@@ -70,26 +67,9 @@ def read_conditions(structures_dir: str | os.PathLike[str], preset: HistoPreset)
             out[name] = inst.astype(np.int32)
         return out
     for name, path in maps.items():
-        inst = read_instance_map(path)
-        if inst.shape == (size, size):
-            out[name] = compact_labels(inst)[0].astype(np.int32)
-            continue
-        if min(inst.shape) < g.patch_size:
-            raise ValueError(
-                f"'{path}' is {inst.shape}; this model paints {size} px structures "
-                f"(or tiles of at least {g.patch_size} px, cut into patches)"
-            )
-        patches, origins = extract_patches(inst, g.patch_size, g.stride)
-        for m, (r, c) in zip(patches, origins, strict=True):
-            out[f"{name}_r{r:05d}_c{c:05d}"] = compact_labels(downscale_instance_map(m, g.downscale))[0].astype(
-                np.int32
-            )
+        patch_names, _, patch_maps = cut_patches(name, read_instance_map(path), g, path=path)
+        out.update(zip(patch_names, patch_maps, strict=True))
     return out
-
-
-def _initial_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    # per-sample noise: image i starts from the same x_T whatever the batch or the rank
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
 def sample_histology(
@@ -117,8 +97,7 @@ def sample_histology(
     position) and is written last, so a rerun skips finished names and a killed run resumes
     without loss or duplicates.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}")
+    shard_indices(0, rank, world_size)  # checks the shard before any work
     if batch < 1:
         raise ValueError(f"`batch` must be >= 1, got {batch}")
     if not guidance >= 0:
@@ -129,7 +108,7 @@ def sample_histology(
     out = Path(out_dir)
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    mine = [i for i in range(len(names)) if i % world_size == rank]
+    mine = shard_indices(len(names), rank, world_size)
     todo = [i for i in mine if not (out / "images" / f"{names[i]}.png").is_file()]
     shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
     bar = None
@@ -143,7 +122,7 @@ def sample_histology(
         chunk = todo[start : start + batch]
         maps = [conditions[names[i]] for i in chunk]
         cond = encode_condition(maps, preset.geometry.min_size)
-        x_T = torch.stack([_initial_noise(seed, i, shape) for i in chunk])
+        x_T = initial_noise(seed, chunk, shape)
         painted = paint_images(
             runtime,
             cond,

@@ -10,20 +10,11 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import TrainConfig
+    from nudiff_diffusion import train_config_from_args
 
     from ._train import train_histo_model
 
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        ema_rate=args.ema,
-        precision=args.precision,
-        save_every=args.save_every,
-        seed=args.seed,
-        cond_drop_prob=args.drop_prob,
-    )
+    config = train_config_from_args(args, cond_drop_prob=args.drop_prob)
     train_histo_model(
         args.pairs, args.out, args.preset, config, init=args.init, resume=args.resume, progress=not args.quiet
     )
@@ -81,6 +72,8 @@ def _non_negative(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nudiff_diffusion import add_sampling_arguments, add_train_arguments
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-histo", description=__doc__, formatter_class=fmt)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,14 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
     p.add_argument("--drop-prob", type=float, default=0.2, help="share of structures dropped to zeros (CFG)")
     p.add_argument("--init", help="histology checkpoint to fine-tune (the paper's second phase)")
-    p.add_argument("--steps", type=int, default=10000, help="training steps")
-    p.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper's fine-tuning: 2e-5)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    add_train_arguments(p)  # the paper: lr 1e-4 pre-training, 2e-5 fine-tuning
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="paint images for structures", formatter_class=fmt)
@@ -108,17 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output folder of `nudiff-structure sample`, or a dataset folder of real instance maps",
     )
-    p.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a histology model")
-    p.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    add_sampling_arguments(p, batch=8, what="images (the UNet sees twice as many)")
     p.add_argument("--guidance", type=_non_negative, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--batch", type=int, default=8, help="images per batch (the UNet sees twice as many)")
     p.add_argument("--num", type=int, help="paint only the first NUM structures (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--out", required=True, help="output folder (synthetic dataset layout)")
-    p.add_argument("--rank", type=int, default=0, help="this shard's index")
-    p.add_argument("--world-size", type=int, default=1, help="number of shards")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="stain statistics and alignment against real pairs", formatter_class=fmt)

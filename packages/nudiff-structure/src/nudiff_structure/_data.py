@@ -36,24 +36,12 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class StructurePreset:
-    """Patch geometry of a preset (``nudiff_postproc.PATCH_GEOMETRY``): patches of
+class StructurePreset(PatchGeometry):
+    """Patch geometry of a preset (``nudiff_postproc.PATCH_GEOMETRY``: patches of
     ``patch_size`` every ``stride`` pixels, instance maps downscaled by ``downscale`` before
-    encoding; ``unet`` names the nudiff-diffusion UNet preset of the matching image size."""
+    encoding) and ``unet``, the nudiff-diffusion UNet preset of the matching image size."""
 
-    patch_size: int
-    stride: int
-    downscale: int
-    unet: str
-
-    @property
-    def image_size(self) -> int:
-        return self.patch_size // self.downscale
-
-    @property
-    def min_size(self) -> int:
-        """HoVer-Net's 30 px minimum nucleus area, in downscaled pixels."""
-        return PatchGeometry(self.patch_size, self.stride, self.downscale).min_size
+    unet: str = ""
 
 
 PRESETS: dict[str, StructurePreset] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import NoiseSchedule, sample
+from nudiff_diffusion import NoiseSchedule, initial_noise, sample, shard_indices
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
 from nudiff_postproc._io import atomic_path
 
@@ -21,11 +21,6 @@ __all__ = ["sample_structures", "structure_name"]
 def structure_name(seed: int, index: int) -> str:
     """The file stem of sample ``index`` of a run with ``seed``."""
     return f"s{seed}_{index:06d}"
-
-
-def _initial_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    # per-sample noise: sample i starts from the same x_T whatever the batch or the rank
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
 def sample_structures(
@@ -55,14 +50,12 @@ def sample_structures(
     round differently for other batch sizes, by about 1e-7). ``clip`` bounds the predicted x0 (the
     structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}")
+    mine = shard_indices(num, rank, world_size)
     if num < 1 or batch < 1:
         raise ValueError(f"`num` and `batch` must be >= 1, got {num} and {batch}")
     out = Path(out_dir)
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
-    mine = [i for i in range(num) if i % world_size == rank]
     todo = [
         i
         for i in mine
@@ -82,7 +75,7 @@ def sample_structures(
     preview = None
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
-        x_T = torch.stack([_initial_noise(seed, i, shape) for i in chunk])
+        x_T = initial_noise(seed, chunk, shape)
         x = sample(
             runtime.eps,
             shape=tuple(x_T.shape),

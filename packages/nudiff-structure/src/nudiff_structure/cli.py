@@ -10,19 +10,11 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import TrainConfig
+    from nudiff_diffusion import train_config_from_args
 
     from ._train import train_structure_model
 
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        ema_rate=args.ema,
-        precision=args.precision,
-        save_every=args.save_every,
-        seed=args.seed,
-    )
+    config = train_config_from_args(args)
     train_structure_model(
         args.data, args.out, args.preset, config, subset=args.subset, resume=args.resume, progress=not args.quiet
     )
@@ -78,6 +70,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nudiff_diffusion import add_sampling_arguments, add_train_arguments
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-structure", description=__doc__, formatter_class=fmt)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,28 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, previews, logs)")
     p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
     p.add_argument("--subset", help="text file of patch names to train on (nudiff-postproc subset)")
-    p.add_argument("--steps", type=int, default=10000, help="training steps")
-    p.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw structures and their instance maps", formatter_class=fmt)
-    p.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a trained model")
-    p.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    add_sampling_arguments(p, batch=16, what="structures")
     p.add_argument("--num", type=int, required=True, help="structures to draw (over all ranks)")
-    p.add_argument("--batch", type=int, default=16, help="structures per model call")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--seed", type=int, default=0, help="seed: names and noise derive from it")
-    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--clip", type=float, default=1.0, help="clip predicted x0 to [-clip, clip] (0: no clipping)")
-    p.add_argument("--rank", type=int, default=0, help="this shard's index")
-    p.add_argument("--world-size", type=int, default=1, help="number of shards")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="judge sampled structures against real ones", formatter_class=fmt)

@@ -1,0 +1,75 @@
+"""What every model's command line shares: training flags, sampling flags, shards of a
+sampling run and the per-sample starting noise that makes shards and resumes exact."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ._trainer import TrainConfig
+
+__all__ = [
+    "add_train_arguments",
+    "train_config_from_args",
+    "add_sampling_arguments",
+    "shard_indices",
+    "initial_noise",
+]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--steps --batch --lr --ema --precision --save-every --resume --seed`` (the paper's
+    defaults: batch 4, lr 1e-4)."""
+    parser.add_argument("--steps", type=int, default=10000, help="training steps")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    parser.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+
+
+def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of :func:`add_train_arguments`' flags (plus ``extra`` fields)."""
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        ema_rate=args.ema,
+        precision=args.precision,
+        save_every=args.save_every,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what: str) -> None:
+    """``--checkpoint --engine --sampler --steps --batch --seed --out --rank --world-size``."""
+    parser.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a trained model")
+    parser.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+    parser.add_argument("--batch", type=int, default=batch, help=f"{what} per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed: names and noise derive from it")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--rank", type=int, default=0, help="this shard's index")
+    parser.add_argument("--world-size", type=int, default=1, help="number of shards")
+
+
+def shard_indices(num: int, rank: int, world_size: int) -> list[int]:
+    """The indices ``i < num`` with ``i % world_size == rank``: rank ``r`` of ``k``'s share
+    of a sampling run (the shards of all ranks are disjoint and cover ``range(num)``)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"`rank` must be in [0, world_size), got rank {rank} of {world_size}")
+    return list(range(rank, num, world_size))
+
+
+def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(indices), *shape) float32 starting noise, sample ``i`` drawn from its own
+    generator (``seed``, ``i``): the same x_T for an index whatever the batch or the rank."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices]
+    )
