@@ -79,6 +79,12 @@ def test_sample_then_evaluate(run, capsys):
     assert len(list((out / "instance_maps").iterdir())) == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampler"] == "ddim" and manifest["steps"] == 3 and manifest["drawn_now"] == 6
+    assert manifest["postprocess_scale"] == 2  # tiny-64 structures are 2x downscaled: watershed at full size
+    from nudiff_postproc import instances_from_structure, read_instance_map
+
+    np.testing.assert_array_equal(
+        read_instance_map(out / "instance_maps" / "s0_000000.png"), instances_from_structure(s, scale=2)
+    )
     assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 0
     result = json.loads((out / "evaluation.json").read_text())
     assert {"morphology_distance", "nuclei_per_patch", "self_consistency", "samples"} <= set(result)

@@ -50,13 +50,17 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         shapes = {p.shape for p in preds}
         if len(shapes) == 1:
             maps = instances_from_structures(
-                np.stack(preds), threshold=args.threshold, orientations=args.orientations, workers=args.workers
+                np.stack(preds),
+                threshold=args.threshold,
+                orientations=args.orientations,
+                workers=args.workers,
+                scale=args.scale,
             )
         else:
             maps = [
-                instances_from_structures(p[None], threshold=args.threshold, orientations=args.orientations, workers=1)[
-                    0
-                ]
+                instances_from_structures(
+                    p[None], threshold=args.threshold, orientations=args.orientations, workers=1, scale=args.scale
+                )[0]
                 for p in preds
             ]
         for (name, _), inst in zip(part, maps, strict=True):
@@ -207,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="1: HoVer-Net's one pass; 8: the Nudiff paper's try-all-orientations variant",
     )
     p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="post-process upsampled this many times (structures downscaled for a model)",
+    )
     p.add_argument("--batch", type=int, default=64, help="structures read and processed at a time")
     p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
     p.add_argument(

@@ -55,7 +55,7 @@ def evaluate_structures(
     real, _ = build_structures(real_dir, preset)
     rng = np.random.default_rng(seed)
     real = real[rng.choice(len(real), size=min(len(real), max_real), replace=False)]
-    real_stats = morphology_stats(instances_from_structures(real))
+    real_stats = morphology_stats(instances_from_structures(real, scale=PRESETS[preset].downscale))
     p = PRESETS[preset]
     # the structures carry h = v = 0 on nuclei under HoVer-Net's 30 px (in full-size pixels)
     sample_stats = morphology_stats(maps, structures, centre="nearest", min_size=p.min_size)

@@ -33,6 +33,7 @@ def sample_structures(
     steps: int = 20,
     seed: int = 0,
     clip: float | None = 1.0,
+    scale: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -49,7 +50,12 @@ def sample_structures(
     whatever the batch size or the number of ranks (up to float rounding: batched kernels
     round differently for other batch sizes, by about 1e-7). ``clip`` bounds the predicted x0 (the
     structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
+    ``scale``: post-process at this many times the structures' size (default: the
+    checkpoint preset's downscale factor, so that HoVer-Net's pixel-sized filters see
+    nuclei of the size they were made for; see ``nudiff_postproc.instances_from_structure``).
     """
+    if scale is None:
+        scale = int(getattr(runtime, "config", {}).get("diffusion", {}).get("preset", {}).get("downscale", 1))
     mine = shard_indices(num, rank, world_size)
     if num < 1 or batch < 1:
         raise ValueError(f"`num` and `batch` must be >= 1, got {num} and {batch}")
@@ -87,7 +93,7 @@ def sample_structures(
             generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk[0]),
         )
         structures = from_model_output(x)
-        maps = instances_from_structures(structures)
+        maps = instances_from_structures(structures, scale=scale)
         for i, s, inst in zip(chunk, structures, maps, strict=True):
             name = structure_name(seed, i)
             with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
@@ -105,6 +111,7 @@ def sample_structures(
         "sampler": sampler,
         "steps": steps,
         "clip": clip,
+        "postprocess_scale": scale,
         "seed": seed,
         "num": num,
         "rank": rank,

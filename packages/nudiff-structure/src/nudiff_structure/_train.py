@@ -25,10 +25,11 @@ __all__ = ["train_structure_model", "draw_structures"]
 
 
 def draw_structures(
-    model: UNet, num: int, *, sampler: str = "dpmpp2m", steps: int = 20, seed: int = 0
+    model: UNet, num: int, *, sampler: str = "dpmpp2m", steps: int = 20, seed: int = 0, scale: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``num`` structures from ``model`` (x0 clipped to [-1, 1], the data range, as
-    guided-diffusion's ``clip_denoised``) and post-process them.
+    guided-diffusion's ``clip_denoised``) and post-process them (at ``scale`` times their
+    size: the preset's downscale factor, see ``nudiff_postproc.instances_from_structure``).
 
     Returns
     -------
@@ -47,7 +48,7 @@ def draw_structures(
             generator=torch.Generator().manual_seed(seed),
         )
     structures = from_model_output(x)
-    return structures, instances_from_structures(structures)
+    return structures, instances_from_structures(structures, scale=scale)
 
 
 def train_structure_model(
@@ -77,13 +78,13 @@ def train_structure_model(
     data = to_model_input(structures)
     rng = np.random.default_rng(config.seed)
     reference = structures[rng.choice(len(structures), size=min(len(structures), 256), replace=False)]
-    real_stats = morphology_stats(instances_from_structures(reference))
+    real_stats = morphology_stats(instances_from_structures(reference, scale=p.downscale))
     out = Path(out_dir)
     torch.manual_seed(config.seed)
     model = UNet(UNetConfig.preset(p.unet, image_size=p.image_size, in_channels=3))
 
     def preview(step: int, ema: UNet) -> None:
-        s, inst = draw_structures(ema, preview_samples, seed=config.seed)
+        s, inst = draw_structures(ema, preview_samples, seed=config.seed, scale=p.downscale)
         write_image(out / "previews" / f"step_{step:07d}.png", structure_grid(s, inst))
         distance = morphology_distance(real_stats, morphology_stats(inst, s, centre="nearest", min_size=p.min_size))
         path = out / "morphology.csv"
