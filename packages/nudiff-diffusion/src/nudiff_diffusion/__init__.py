@@ -5,6 +5,7 @@ from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
 from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
+from ._onnx import OnnxDenoiser, export_onnx
 from ._runs import (
     add_sampling_arguments,
     add_train_arguments,
@@ -21,6 +22,8 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "OnnxDenoiser",
+    "export_onnx",
     "add_sampling_arguments",
     "add_train_arguments",
     "initial_noise",

@@ -1,7 +1,7 @@
 """Model runtimes behind one call, ``eps(x, t, cond=None)``: samplers never know which runs.
 
-A checkpoint directory runs in PyTorch (here); ONNX Runtime (``*.onnx``) and TensorRT
-(``*.plan``, ``*.engine``) runtimes come with the export tools.
+A checkpoint directory runs in PyTorch (here), ``*.onnx`` in ONNX Runtime (``_onnx``);
+TensorRT (``*.plan``, ``*.engine``) is not in this version.
 """
 
 from __future__ import annotations
@@ -61,13 +61,16 @@ class TorchDenoiser:
     __call__ = eps
 
 
-def load_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> TorchDenoiser:
-    """The runtime for ``path``: a checkpoint directory runs in PyTorch.
-
-    ``*.onnx`` (ONNX Runtime) and ``*.plan`` / ``*.engine`` (TensorRT) are not available in
-    this version and raise an error that says so.
+def load_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
+    """The runtime for ``path``: a checkpoint directory runs in PyTorch, ``*.onnx`` in ONNX
+    Runtime (:class:`OnnxDenoiser`). ``*.plan`` / ``*.engine`` (TensorRT) are not available
+    in this version and raise an error that says so.
     """
     path = Path(path)
-    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
-        raise NotImplementedError(f"'{path}': ONNX Runtime and TensorRT engines are not supported by this version yet")
+    if path.suffix.lower() == ".onnx":
+        from ._onnx import OnnxDenoiser
+
+        return OnnxDenoiser(path)
+    if path.suffix.lower() in (".plan", ".engine"):
+        raise NotImplementedError(f"'{path}': TensorRT engines are not supported by this version yet")
     return TorchDenoiser(load_model(path, device=device), read_config(path))

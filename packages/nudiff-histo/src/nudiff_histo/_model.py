@@ -186,10 +186,19 @@ class HistoDenoiser(TorchDenoiser):
         return ModulationCache(cond) if self.cache else cond
 
 
-def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> HistoDenoiser:
-    """The runtime for a histology checkpoint directory (ONNX Runtime and TensorRT engines
-    come with the export tools and raise an error here)."""
+def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
+    """The runtime for a histology checkpoint directory (PyTorch, with the modulation cache)
+    or an exported ``*.onnx`` graph of one (ONNX Runtime); TensorRT engines are not in this
+    version and raise an error."""
     path = Path(path)
-    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
-        raise NotImplementedError(f"'{path}': ONNX Runtime and TensorRT engines are not supported by this version yet")
+    if path.suffix.lower() == ".onnx":
+        from nudiff_diffusion import OnnxDenoiser
+
+        runtime = OnnxDenoiser(path)
+        kind = runtime.config.get("diffusion", {}).get("kind")
+        if kind != "histo":
+            raise ValueError(f"'{path}' is a graph of a {kind or 'structure'!r} model, not of a histology model")
+        return runtime
+    if path.suffix.lower() in (".plan", ".engine"):
+        raise NotImplementedError(f"'{path}': TensorRT engines are not supported by this version yet")
     return HistoDenoiser(load_histo_model(path, device=device), read_config(path))

@@ -23,17 +23,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import load_denoiser
+    from nudiff_diffusion import load_denoiser, read_config
 
     from ._sample import sample_structures
 
-    if not args.engine:
-        from nudiff_diffusion import read_config
-
-        kind = read_config(args.checkpoint).get("diffusion", {}).get("kind", "structure")
+    source = args.engine or args.checkpoint
+    if not args.engine:  # before building the network: a histology checkpoint would not fit it
+        kind = read_config(source).get("diffusion", {}).get("kind", "structure")
         if kind != "structure":
-            raise ValueError(f"'{args.checkpoint}' holds a {kind!r} model, not a structure model")
-    runtime = load_denoiser(args.engine or args.checkpoint)
+            raise ValueError(f"'{source}' holds a {kind!r} model, not a structure model")
+    runtime = load_denoiser(source)
+    kind = runtime.config.get("diffusion", {}).get("kind", "structure")
+    if kind != "structure":
+        raise ValueError(f"'{source}' holds a {kind!r} model, not a structure model")
     manifest = sample_structures(
         runtime,
         args.out,
