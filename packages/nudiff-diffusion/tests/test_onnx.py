@@ -80,3 +80,12 @@ def test_missing_config_is_named(exported, tmp_path):
     (tmp_path / "lone.onnx").write_bytes((root / "graph" / "model.onnx").read_bytes())
     with pytest.raises(FileNotFoundError, match="no config.json beside it"):
         load_denoiser(tmp_path / "lone.onnx")
+
+
+def test_a_corrupt_graph_is_named(exported, tmp_path):
+    root, _, _ = exported
+    data = (root / "graph" / "model.onnx").read_bytes()
+    (tmp_path / "model.onnx").write_bytes(data[: len(data) // 3])
+    (tmp_path / "config.json").write_text((root / "graph" / "config.json").read_text())
+    with pytest.raises(ValueError, match="model.onnx' could not be loaded as an ONNX graph"):
+        load_denoiser(tmp_path / "model.onnx")

@@ -168,7 +168,10 @@ class OnnxDenoiser:
                 providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001  # ORT raises its own exception types: name the file
+            raise ValueError(f"'{self.path}' could not be loaded as an ONNX graph ({exc})") from exc
         self.batch_max = int(config["batch_max"])
         self.conditional = bool(config.get("cond_channels"))
 
