@@ -224,3 +224,15 @@ def test_build_pairs_cuts_and_downscales(run):
     images, maps, names = build_pairs(run / "pairs", "tiny-64")
     assert images.shape == (12, 64, 64, 3) and maps.shape == (12, 64, 64) and len(names) == 12
     assert names[0] == "t0_r00000_c00000" and maps.max() >= 1
+
+
+def test_images_never_start_from_their_structures_noise():
+    """Structure i and image i of runs with the same seed must not share their noise (they
+    did: an untrained model's 'images' then correlated with the structures' masks)."""
+    from nudiff_diffusion import initial_noise
+    from nudiff_histo._sample import HISTO_NOISE_STREAM
+
+    a = initial_noise(0, [0, 1, 2], (3, 8, 8))
+    b = initial_noise(0, [0, 1, 2], (3, 8, 8), stream=HISTO_NOISE_STREAM)
+    assert HISTO_NOISE_STREAM != 0
+    assert abs(float(torch.corrcoef(torch.stack([a.ravel(), b.ravel()]))[0, 1])) < 0.2

@@ -67,9 +67,15 @@ def shard_indices(num: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num, world_size))
 
 
-def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stream: int = 0) -> torch.Tensor:
     """(len(indices), *shape) float32 starting noise, sample ``i`` drawn from its own
-    generator (``seed``, ``i``): the same x_T for an index whatever the batch or the rank."""
-    return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices]
-    )
+    generator (``stream``, ``seed``, ``i``): the same x_T for an index whatever the batch or
+    the rank. Each model kind samples from its own ``stream``, so that a structure and the
+    image painted for it never start from the same noise, whatever seeds the user picks
+    (with one shared stream, seed 0 for both made the image's noise a function of its own
+    structure's noise)."""
+
+    def generator(i: int) -> torch.Generator:
+        return torch.Generator().manual_seed((stream * 1_000_000_007 + seed) * 1_000_003 + i)
+
+    return torch.stack([torch.randn(shape, generator=generator(i)) for i in indices])

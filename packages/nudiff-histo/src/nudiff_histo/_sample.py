@@ -26,6 +26,8 @@ from ._paint import paint_images
 
 __all__ = ["sample_histology", "read_conditions"]
 
+HISTO_NOISE_STREAM = 1  # structures sample from stream 0: never the same noise as their images
+
 
 def _preset_of(runtime) -> HistoPreset:  # type: ignore[no-untyped-def]
     name = getattr(runtime, "config", {}).get("diffusion", {}).get("histo_preset")
@@ -122,7 +124,7 @@ def sample_histology(
         chunk = todo[start : start + batch]
         maps = [conditions[names[i]] for i in chunk]
         cond = encode_condition(maps, preset.geometry.min_size)
-        x_T = initial_noise(seed, chunk, shape)
+        x_T = initial_noise(seed, chunk, shape, stream=HISTO_NOISE_STREAM)
         painted = paint_images(
             runtime,
             cond,
@@ -130,7 +132,7 @@ def sample_histology(
             sampler=sampler,
             steps=steps,
             x_T=x_T,
-            generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk[0]),
+            generator=torch.Generator().manual_seed((HISTO_NOISE_STREAM * 1_000_000_007 + seed) * 1_000_003 + chunk[0]),
         )
         images, structures = tensor_to_images(painted), tensor_to_structures(cond)
         for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):
