@@ -134,4 +134,6 @@ def test_bad_inputs(run, tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
     assert main(["--quiet", "sample", "--num", "1", "--out", str(tmp_path / "s")]) == 2
     assert main(["--quiet", "sample", "--engine", "model.onnx", "--num", "1", "--out", str(tmp_path / "s")]) == 2
-    assert "not supported by this version" in capsys.readouterr().err
+    assert "ONNX graph not found: 'model.onnx'" in capsys.readouterr().err
+    assert main(["--quiet", "sample", "--engine", "model.plan", "--num", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "TensorRT engines are not supported by this version" in capsys.readouterr().err
