@@ -10,6 +10,7 @@ from ._runs import (
     add_sampling_arguments,
     add_train_arguments,
     initial_noise,
+    run_cli,
     shard_indices,
     train_config_from_args,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "add_sampling_arguments",
     "add_train_arguments",
     "initial_noise",
+    "run_cli",
     "shard_indices",
     "train_config_from_args",
     "images_to_tensor",

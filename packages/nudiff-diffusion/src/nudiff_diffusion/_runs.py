@@ -4,6 +4,8 @@ sampling run and the per-sample starting noise that makes shards and resumes exa
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ import torch
 from ._trainer import TrainConfig
 
 __all__ = [
+    "run_cli",
     "add_train_arguments",
     "train_config_from_args",
     "add_sampling_arguments",
@@ -79,3 +82,18 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
         return torch.Generator().manual_seed((stream * 1_000_000_007 + seed) * 1_000_003 + i)
 
     return torch.stack([torch.randn(shape, generator=generator(i)) for i in indices])
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
+    """Parse ``argv`` and run the chosen command (``args.func``); bad input (ValueError,
+    TypeError, FileNotFoundError, NotImplementedError) prints ``prog command: error: ...``
+    and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``."""
+    args = parser.parse_args(argv)
+    if args.command == "sample" and not (args.checkpoint or args.engine):
+        print(f"{prog} sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -110,15 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
-    if args.command == "sample" and not (args.checkpoint or args.engine):
-        print("nudiff-histo sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
-        return 2
-    try:
-        return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"nudiff-histo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from nudiff_diffusion import run_cli
+
+    return run_cli(build_parser(), argv, "nudiff-histo")
 
 
 if __name__ == "__main__":
