@@ -13,25 +13,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from nudiff_diffusion import NoiseSchedule, TorchDenoiser, UNet, UNetConfig, export_onnx, guided, load_denoiser, sample
+from nudiff_diffusion import (
+    NoiseSchedule,
+    TorchDenoiser,
+    UNet,
+    UNetConfig,
+    export_onnx,
+    guided,
+    load_denoiser,
+    median_seconds,
+    sample,
+)
 from nudiff_histo import HistoDenoiser, build_histo_unet
 from torch.utils.flop_counter import FlopCounterMode
-
-
-def _median_seconds(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _flops(model: UNet, batch: int, cond: bool) -> float:
@@ -86,13 +84,13 @@ def main() -> int:
                 for engine, rt in (("pytorch eager", torch_rt), ("onnxruntime", ort_rt)):
                     if kind == "histo":
                         prepared = rt.prepare(torch.cat([cond, torch.zeros_like(cond)]))
-                        call = _median_seconds(lambda rt=rt, p=prepared, x=x, t=t: rt.eps(x, t, p), args.repeat)
+                        call = median_seconds(lambda rt=rt, p=prepared, x=x, t=t: rt.eps(x, t, p), args.repeat)
                         eps = guided(rt.eps, cond, torch.zeros_like(cond), 2.0, prepare=rt.prepare)
                     else:
-                        call = _median_seconds(lambda rt=rt, x=x, t=t: rt.eps(x, t), args.repeat)
+                        call = median_seconds(lambda rt=rt, x=x, t=t: rt.eps(x, t), args.repeat)
                         eps = rt.eps
                     shape = (n, 3, size, size)
-                    run = _median_seconds(
+                    run = median_seconds(
                         lambda eps=eps, shape=shape: sample(eps, shape=shape, schedule=schedule, steps=args.steps),
                         max(1, args.repeat // 2),
                     )

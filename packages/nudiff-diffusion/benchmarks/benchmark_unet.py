@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
-from nudiff_diffusion import UNet, UNetConfig
+from nudiff_diffusion import UNet, UNetConfig, median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -26,16 +24,6 @@ def _flops(config: UNetConfig) -> float:
         with FlopCounterMode(display=False) as counter:
             model(x, torch.tensor([1]))
     return counter.get_total_flops()
-
-
-def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -69,9 +57,10 @@ def main() -> int:
                 model(x, t).square().mean().backward()
 
             repeat = 3 if name == "paper-256" else 5
+            fwd, fwd_bwd = median_seconds(forward, repeat), median_seconds(forward_backward, repeat)
             print(
                 f"| {name} | {config.image_size} | {n / 1e6:.2f} M | {gflop:.1f} | {batch} | "
-                f"{_time(forward, repeat) * 1e3:.0f} ms | {_time(forward_backward, repeat) * 1e3:.0f} ms |"
+                f"{fwd * 1e3:.0f} ms | {fwd_bwd * 1e3:.0f} ms |"
             )
     return 0
 

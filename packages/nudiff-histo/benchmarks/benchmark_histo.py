@@ -18,22 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import torch
+from nudiff_diffusion import median_seconds
 from nudiff_histo import HistoDenoiser, ModulationCache, build_histo_unet, paint_images
 from torch.utils.flop_counter import FlopCounterMode
-
-
-def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _spade_share(preset: str) -> tuple[int, float]:
@@ -68,10 +58,10 @@ def _time_preset(preset: str, n: int, repeat: int) -> tuple[float, float, float,
         model(x, t, cache)  # fill the caches (the first step of a sampling run)
         model(x2, t2, both)
         return (
-            _time(lambda: model(x, t, cond), repeat),
-            _time(lambda: model(x, t, cache), repeat),
-            _time(lambda: (model(x, t, cond), model(x, t, zeros)), repeat),
-            _time(lambda: model(x2, t2, both), repeat),
+            median_seconds(lambda: model(x, t, cond), repeat),
+            median_seconds(lambda: model(x, t, cache), repeat),
+            median_seconds(lambda: (model(x, t, cond), model(x, t, zeros)), repeat),
+            median_seconds(lambda: model(x2, t2, both), repeat),
         )
 
 

@@ -7,9 +7,12 @@ from ._guidance import guided
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
 from ._onnx import OnnxDenoiser, export_onnx
 from ._runs import (
+    add_evaluate_arguments,
     add_sampling_arguments,
     add_train_arguments,
     initial_noise,
+    median_seconds,
+    report_evaluation,
     run_cli,
     shard_indices,
     train_config_from_args,
@@ -23,6 +26,9 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_evaluate_arguments",
+    "median_seconds",
+    "report_evaluation",
     "OnnxDenoiser",
     "export_onnx",
     "add_sampling_arguments",

@@ -17,6 +17,7 @@ def guided(
     scale: float,
     *,
     prepare: Callable[[torch.Tensor], Any] | None = None,
+    batched: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """An ``eps_fn(x, t)`` that runs the conditional ``eps_fn`` on the conditional and the
     unconditional input as one batch and mixes ``eps_u + scale * (eps_c - eps_u)``.
@@ -35,22 +36,30 @@ def guided(
     prepare : callable, optional
         Applied once to the stacked ``[cond, null_cond]`` batch; its result is what every
         call passes to ``eps_fn`` (e.g. a cache of the condition's SPADE modulation).
+    batched : bool
+        True: one ``eps_fn`` call on the 2N batch per step. False: two sequential N-batch
+        calls (the paper's code; ``prepare`` then applies to each half): the same eps, and on
+        a 2-core CPU the faster of the two when the halves are cached.
     """
     if not scale >= 0:
         raise ValueError(f"guidance `scale` must be >= 0, got {scale}")
     if null_cond.shape != cond.shape:
         null_cond = null_cond.expand_as(cond)
-    both_cond = torch.cat([cond, null_cond])
-    if prepare is not None:
-        both_cond = prepare(both_cond)
+    prep = prepare if prepare is not None else (lambda c: c)
+    if batched:
+        both_cond = prep(torch.cat([cond, null_cond]))
+    else:
+        cond_half, null_half = prep(cond), prep(null_cond)
 
     def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != cond.shape[0]:
             raise ValueError(f"batch of {x.shape[0]} samples but {cond.shape[0]} conditions")
-        out = eps_fn(torch.cat([x, x]), torch.cat([t, t]), both_cond)
-        out_c, out_u = out.chunk(2)
+        if batched:
+            out_c, out_u = eps_fn(torch.cat([x, x]), torch.cat([t, t]), both_cond).chunk(2)
+        else:
+            out_c, out_u = eps_fn(x, t, cond_half), eps_fn(x, t, null_half)
         channels = x.shape[1]
         eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
-        return torch.cat([eps, out_c[:, channels:]], dim=1) if out.shape[1] > channels else eps
+        return torch.cat([eps, out_c[:, channels:]], dim=1) if out_c.shape[1] > channels else eps
 
     return guided_eps

@@ -4,8 +4,12 @@ sampling run and the per-sample starting noise that makes shards and resumes exa
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +18,9 @@ from ._trainer import TrainConfig
 
 __all__ = [
     "run_cli",
+    "add_evaluate_arguments",
+    "report_evaluation",
+    "median_seconds",
     "add_train_arguments",
     "train_config_from_args",
     "add_sampling_arguments",
@@ -97,3 +104,37 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: s
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser, *, samples: str, real: str, preset: str) -> None:
+    """``--samples --real --preset --out`` of an ``evaluate`` command."""
+    parser.add_argument("--samples", required=True, help=samples)
+    parser.add_argument("--real", required=True, help=real)
+    parser.add_argument("--preset", help=preset)
+    parser.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
+
+
+def report_evaluation(result: dict[str, Any], samples: str | Path, out: str | Path | None) -> Path:
+    """Print the numbers of an evaluation as a table (floats to 4 decimals; lists and dicts,
+    e.g. histograms, only in the JSON) and write all of it to ``out`` (default
+    ``SAMPLES/evaluation.json``), atomically. Returns the JSON's path."""
+    from ._checkpoint import _atomic_write
+
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    width = max((len(k) for k in scalars), default=0)
+    for key, value in scalars.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    path = Path(out) if out else Path(samples) / "evaluation.json"
+    _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    return path
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls of ``fn`` after one warm-up call (benchmarks)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

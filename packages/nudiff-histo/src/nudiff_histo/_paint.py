@@ -49,18 +49,7 @@ def paint_images(
         raise ValueError(f"`guidance` must be >= 0, got {guidance}")
     n = cond.shape[0]
     null = torch.zeros_like(cond)
-    if batched_guidance:
-        eps_fn = guided(runtime.eps, cond, null, guidance, prepare=runtime.prepare)
-    else:
-        c_prep, u_prep = runtime.prepare(cond), runtime.prepare(null)
-        channels = runtime.in_channels
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out_c = runtime.eps(x, t, c_prep)
-            out_u = runtime.eps(x, t, u_prep)
-            eps = out_u[:, :channels] + guidance * (out_c[:, :channels] - out_u[:, :channels])
-            return torch.cat([eps, out_c[:, channels:]], dim=1)
-
+    eps_fn = guided(runtime.eps, cond, null, guidance, prepare=runtime.prepare, batched=batched_guidance)
     shape = (n, runtime.in_channels, runtime.image_size, runtime.image_size)
     return sample(
         eps_fn,

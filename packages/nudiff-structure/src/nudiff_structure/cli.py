@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -57,22 +55,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from nudiff_postproc._io import atomic_path
+    from nudiff_diffusion import report_evaluation
 
     from ._evaluate import evaluate_structures
 
-    result = evaluate_structures(args.samples, args.real, preset=args.preset)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    out = Path(args.out) if args.out else Path(args.samples) / "evaluation.json"
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    report_evaluation(evaluate_structures(args.samples, args.real, preset=args.preset), args.samples, args.out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nudiff_diffusion import add_sampling_arguments, add_train_arguments
+    from nudiff_diffusion import add_evaluate_arguments, add_sampling_arguments, add_train_arguments
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-structure", description=__doc__, formatter_class=fmt)
@@ -94,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="judge sampled structures against real ones", formatter_class=fmt)
-    p.add_argument("--samples", required=True, help="output folder of `sample`")
-    p.add_argument("--real", required=True, help="dataset folder of real instance maps")
-    p.add_argument("--preset", help="preset to encode the real maps with (default: by the samples' size)")
-    p.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
+    add_evaluate_arguments(
+        p,
+        samples="output folder of `sample`",
+        real="dataset folder of real instance maps",
+        preset="preset to encode the real maps with (default: by the samples' size)",
+    )
     p.set_defaults(func=_cmd_evaluate)
     return parser
 
