@@ -116,6 +116,12 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
             open(r"{tmp_path / "result.txt"}", "w").write(f"{{same}} {{changed}}")
         dist.barrier()  # let rank 0 finish before the group is torn down
         dist.destroy_process_group()
+        # skip the interpreter's teardown: gloo's threads, destroyed there, intermittently
+        # abort the process ("terminate called without an active exception", about 1 run in
+        # 7 here) after all the work above is done and checked
+        import os, sys
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(0)
     """)
     )
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
