@@ -3,9 +3,19 @@
 from ._arrays import images_to_tensor, structures_to_tensor, tensor_to_images, tensor_to_structures
 from ._checkpoint import load_model, read_config, save_model
 from ._config import PRESETS, UNetConfig
-from ._guidance import guided
+from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
-from ._onnx import OnnxDenoiser, export_onnx
+from ._onnx import (
+    GraphRuntime,
+    OnnxDenoiser,
+    check_batch,
+    check_export_folder,
+    export_graph,
+    export_onnx,
+    onnx_session,
+    read_graph_config,
+    write_graph_config,
+)
 from ._runs import (
     add_evaluate_arguments,
     add_sampling_arguments,
@@ -17,9 +27,10 @@ from ._runs import (
     shard_indices,
     train_config_from_args,
 )
-from ._runtime import TorchDenoiser, load_denoiser
+from ._runtime import ENGINE_SUFFIXES, TorchDenoiser, load_denoiser
 from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
+from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
 from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
 from ._unet import GroupNorm32, UNet, timestep_embedding
 
@@ -30,7 +41,22 @@ __all__ = [
     "median_seconds",
     "report_evaluation",
     "OnnxDenoiser",
+    "GraphRuntime",
+    "GuidedRuntime",
+    "TensorRTDenoiser",
+    "EngineUnavailableError",
+    "ENGINE_SUFFIXES",
+    "build_engine",
+    "check_batch",
+    "check_export_folder",
+    "check_engine_args",
+    "export_graph",
     "export_onnx",
+    "mix_guidance",
+    "onnx_session",
+    "require_tensorrt",
+    "write_graph_config",
+    "read_graph_config",
     "add_sampling_arguments",
     "add_train_arguments",
     "initial_noise",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["guided"]
+__all__ = ["guided", "mix_guidance", "GuidedRuntime"]
 
 
 def guided(
@@ -58,8 +58,29 @@ def guided(
             out_c, out_u = eps_fn(torch.cat([x, x]), torch.cat([t, t]), both_cond).chunk(2)
         else:
             out_c, out_u = eps_fn(x, t, cond_half), eps_fn(x, t, null_half)
-        channels = x.shape[1]
-        eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
-        return torch.cat([eps, out_c[:, channels:]], dim=1) if out_c.shape[1] > channels else eps
+        return mix_guidance(out_c, out_u, scale, x.shape[1])
 
     return guided_eps
+
+
+def mix_guidance(out_c: torch.Tensor, out_u: torch.Tensor, scale: float | torch.Tensor, channels: int) -> torch.Tensor:
+    """``eps_u + scale * (eps_c - eps_u)`` on the first ``channels`` channels of the two
+    model outputs (N, C or 2C, ...); a second half (learned variance) comes from ``out_c``.
+
+    The one place of the guidance arithmetic: :func:`guided` and the exported guided ONNX
+    graph (``scale`` a tensor there) both call it.
+    """
+    eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+    return torch.cat([eps, out_c[:, channels:]], dim=1) if out_c.shape[1] > channels else eps
+
+
+class GuidedRuntime:
+    """What every runtime shares: :meth:`guided`, classifier-free guidance over the
+    runtime's own ``eps(x, t, cond)`` and ``prepare(cond)``. A runtime whose graph does
+    guidance inside (an ONNX graph exported with ``--guided``) overrides it."""
+
+    def guided(
+        self, cond: torch.Tensor, null_cond: torch.Tensor, scale: float, *, batched: bool = True
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """An ``eps_fn(x, t)`` for conditions ``cond`` (see :func:`guided`)."""
+        return guided(self.eps, cond, null_cond, scale, prepare=self.prepare, batched=batched)  # type: ignore[attr-defined]

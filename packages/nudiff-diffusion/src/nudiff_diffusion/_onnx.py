@@ -1,29 +1,57 @@
 """ONNX export of a UNet and the ONNX Runtime runtime behind the same ``eps(x, t, cond)``.
 
-onnx, onnxscript (export) and onnxruntime (running) are imported only here, lazily.
+onnx, onnxscript (export), onnxslim (optional simplification) and onnxruntime (running) are
+imported only here, lazily. Graph layouts (``config.json``'s ``layout``):
+
+* ``eps``: ``(x, t[, cond]) -> out``, the UNet as it is;
+* ``guided``: ``(x, t, cond, guidance_scale) -> out``, both halves of classifier-free guidance
+  in one 2N batch inside the graph, mixed by :func:`mix_guidance`;
+* ``modulated``: a histology model's two graphs, written by ``nudiff_histo`` with
+  :func:`export_graph` and run by its own runtime.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, _atomic_write
+from ._guidance import GuidedRuntime, mix_guidance
 from ._unet import UNet
 
-__all__ = ["export_onnx", "OnnxDenoiser", "ONNX_FORMAT"]
+__all__ = [
+    "export_onnx",
+    "export_graph",
+    "check_export_folder",
+    "write_graph_config",
+    "onnx_session",
+    "check_batch",
+    "OnnxDenoiser",
+    "GraphRuntime",
+    "read_graph_config",
+    "ONNX_FORMAT",
+    "PARITY_TOLERANCE",
+]
 
 ONNX_FORMAT = "nudiff-diffusion/onnx"
+Layout = Literal["eps", "guided"]
+Precision = Literal["float32", "float16"]
+# largest max abs difference to float32 PyTorch on random inputs (the bar of the check);
+# float16 graphs: measured 1e-3 to 4e-3 on the tiny and small presets with random weights
+PARITY_TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 2e-2}
 
 
 class _EpsGraph(nn.Module):
-    """``(x, t[, cond]) -> model output``, the signature of the exported graph."""
+    """``(x, t[, cond]) -> model output``, the signature of the ``eps`` layout."""
 
     def __init__(self, model: UNet, conditional: bool) -> None:
         super().__init__()
@@ -34,6 +62,158 @@ class _EpsGraph(nn.Module):
         return self.model(x, t, cond if self.conditional else None)
 
 
+class _GuidedGraph(nn.Module):
+    """``(x, t, cond, guidance_scale) -> guided output``: the conditional and the
+    unconditional (zero structure) half as one 2N batch, mixed as :func:`guided` does."""
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance_scale: torch.Tensor
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+        # slices, not chunk(2): torch.export specialises the batch of a chunked 2N batch to 2
+        return mix_guidance(out[:n], out[n:], guidance_scale, x.shape[1])
+
+
+class _Float16(nn.Module):
+    """A float16 copy of ``module`` behind a float32 interface (floating inputs cast to
+    float16, outputs to float32). GroupNorm modules keep float32 weights: the UNet computes
+    its normalisations (and the attention softmax) in float32 whatever the input dtype."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(module).half()
+        for m in self.inner.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.float()
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        out = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+def check_export_folder(path: Path) -> Path:
+    """``path``'s ``config.json``; refused when it belongs to a checkpoint or another graph."""
+    config_path = path.parent / CONFIG_NAME
+    if config_path.is_file():
+        existing = json.loads(config_path.read_text())
+        if existing.get("format") != ONNX_FORMAT or existing.get("graph") != path.name:
+            raise ValueError(f"'{config_path}' belongs to another checkpoint or graph; export into a folder of its own")
+    return config_path
+
+
+def export_graph(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    example: Mapping[str, torch.Tensor],
+    *,
+    batched: Sequence[str],
+    batch_max: int,
+    feeds: Callable[[int], dict[str, torch.Tensor]],
+    output_names: Sequence[str] = ("out",),
+    opset: int = 18,
+    precision: Precision = "float32",
+    tolerance: float | None = None,
+    slim: bool = False,
+) -> float:
+    """Export ``module`` (float32, eval mode) to ``path`` and check it against PyTorch.
+
+    Parameters
+    ----------
+    module : nn.Module
+        ``module(**example)`` -> a tensor or a tuple of tensors (``output_names``).
+    path : path
+        The ``.onnx`` file, replaced only once the checks pass.
+    example : dict of str to tensor
+        Example inputs by name, in the order of ``module.forward``'s arguments.
+    batched : sequence of str
+        The inputs whose first axis is the (dynamic) batch axis, at most ``batch_max``.
+    feeds : callable
+        ``feeds(n)`` -> random inputs of batch ``n`` for the parity check (n = 1 and 3).
+    precision : {"float32", "float16"}
+        float16 exports a float16 copy behind a float32 interface (normalisations and
+        softmax stay float32); the check still compares with the float32 module.
+    tolerance : float, optional
+        Largest allowed max abs difference (default :data:`PARITY_TOLERANCE`).
+    slim : bool
+        Simplify the graph with onnxslim (``pip install onnxslim``) before the check.
+
+    Returns
+    -------
+    float
+        The max abs difference to the float32 module over the parity inputs.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    if precision not in PARITY_TOLERANCE:
+        raise ValueError(f"`precision` must be one of {sorted(PARITY_TOLERANCE)}, got {precision!r}")
+    if batch_max < 2:
+        raise ValueError(f"`batch_max` must be >= 2, got {batch_max}")
+    tolerance = PARITY_TOLERANCE[precision] if tolerance is None else tolerance
+    module = module.eval()
+    graph = _Float16(module).eval() if precision == "float16" else module
+    batch = torch.export.Dim("batch", min=1, max=batch_max)
+    specs = [{0: batch} if name in batched else None for name in example]
+    params = list(inspect.signature(graph.forward).parameters.values())
+    star = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    # torch.export wants the specs of a forward(*args) grouped as the arguments are
+    shapes = (*specs[: star[0]], tuple(specs[star[0] :])) if star else tuple(specs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.part"
+    try:
+        torch.onnx.export(
+            graph,
+            tuple(example.values()),
+            str(tmp),
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(example),
+            output_names=list(output_names),
+            dynamic_shapes=shapes,
+            external_data=False,
+            verbose=False,
+        )
+        if slim:
+            try:
+                import onnxslim
+            except ImportError as exc:
+                raise RuntimeError("--slim needs onnxslim: pip install onnxslim") from exc
+            onnx.save(onnxslim.slim(str(tmp)), str(tmp))
+        onnx.checker.check_model(str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for n in (1, 3):  # batches other than the example's: the batch axis is dynamic
+            feed = feeds(n)
+            with torch.no_grad():
+                ref = module(*feed.values())
+            refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+            outs = session.run(None, {k: v.numpy() for k, v in feed.items()})
+            for out, r in zip(outs, refs, strict=True):
+                worst = max(worst, float(np.abs(out - r.numpy()).max()))
+        if not worst <= tolerance:
+            raise RuntimeError(
+                f"the {precision} ONNX graph differs from PyTorch by {worst:.3g} (allowed {tolerance:g})"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return worst
+
+
+def write_graph_config(path: str | os.PathLike[str], config: dict[str, Any]) -> dict[str, Any]:
+    """Write ``config.json`` beside the graph ``path`` (``format`` and ``graph`` added)."""
+    path = Path(path)
+    config = {"format": ONNX_FORMAT, "graph": path.name, **config}
+    _atomic_write(path.parent / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return config
+
+
 def export_onnx(
     model: UNet,
     path: str | os.PathLike[str],
@@ -42,7 +222,10 @@ def export_onnx(
     batch_max: int = 16,
     opset: int = 18,
     settings: dict[str, Any] | None = None,
-    tolerance: float = 1e-4,
+    layout: Layout = "eps",
+    precision: Precision = "float32",
+    tolerance: float | None = None,
+    slim: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` to ONNX with a dynamic batch axis and check it against PyTorch.
 
@@ -56,124 +239,151 @@ def export_onnx(
     cond_channels : int
         Channels of the condition input ``cond`` (0: the graph takes ``(x, t)`` only).
     batch_max : int
-        Largest batch the graph is exported for (the runtime refuses larger ones).
+        Largest batch the graph is exported for (the runtime refuses larger ones); for
+        ``layout="guided"`` the images per call (the UNet inside sees twice as many).
     opset : int
         ONNX opset (18: the dynamo exporter's opset 17 writes an invalid Split node).
     settings : dict, optional
         The checkpoint's ``diffusion`` entry, copied into ``config.json``.
-    tolerance : float
-        Largest allowed max abs difference to PyTorch on random float32 inputs.
+    layout : {"eps", "guided"}
+        ``guided``: one graph ``(x, t, cond, guidance_scale)`` doing both halves of
+        classifier-free guidance (a zero structure as the null condition); conditional
+        models only.
+    precision : {"float32", "float16"}
+        The graph's arithmetic (inputs and outputs stay float32).
+    tolerance : float, optional
+        Largest allowed max abs difference to float32 PyTorch on random inputs
+        (default :data:`PARITY_TOLERANCE` of ``precision``).
+    slim : bool
+        Simplify the graph with onnxslim.
 
     Returns
     -------
     dict
         The written ``config.json`` (``max_abs_diff`` included).
     """
-    import onnx
-    import onnxruntime as ort
-
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"'{path}': the exported graph's name must end in .onnx")
-    if batch_max < 2:
-        raise ValueError(f"`batch_max` must be >= 2, got {batch_max}")
-    config_path = path.parent / CONFIG_NAME
-    if config_path.is_file():
-        existing = json.loads(config_path.read_text())
-        if existing.get("format") != ONNX_FORMAT or existing.get("graph") != path.name:
-            raise ValueError(f"'{config_path}' belongs to another checkpoint or graph; export into a folder of its own")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout not in ("eps", "guided"):
+        raise ValueError(f"`layout` must be 'eps' or 'guided', got {layout!r}")
+    if layout == "guided" and not cond_channels:
+        raise ValueError(
+            "a guided graph needs a conditional model (`cond_channels` > 0): guidance mixes two conditions"
+        )
+    check_export_folder(path)
     model = model.eval()
     cfg = model.config
     size = cfg.image_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, size, size, generator=g)
-    t = torch.tensor([10, 700])
-    args: tuple[torch.Tensor, ...] = (x, t)
-    batch = torch.export.Dim("batch", min=1, max=batch_max)
-    shapes: dict[str, Any] = {"x": {0: batch}, "t": {0: batch}}
-    names = ["x", "t"]
-    if cond_channels:
-        args += (torch.rand(2, cond_channels, size, size, generator=g) * 2 - 1,)
-        shapes["cond"] = {0: batch}
-        names.append("cond")
-    tmp = path.parent / f".{path.name}.part"
+
+    def feeds(n: int) -> dict[str, torch.Tensor]:
+        feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
+        if cond_channels:
+            feed["cond"] = torch.rand(n, cond_channels, size, size, generator=g) * 2 - 1
+        if layout == "guided":
+            feed["guidance_scale"] = torch.tensor([2.0])
+        return feed
+
+    example = feeds(2)
+    module = _GuidedGraph(model) if layout == "guided" else _EpsGraph(model, bool(cond_channels))
+    worst = export_graph(
+        module,
+        path,
+        example,
+        batched=[n for n in example if n != "guidance_scale"],
+        batch_max=batch_max,
+        feeds=feeds,
+        opset=opset,
+        precision=precision,
+        tolerance=tolerance,
+        slim=slim,
+    )
+    return write_graph_config(
+        path,
+        {
+            "layout": layout,
+            "precision": precision,
+            "unet": cfg.to_dict(),
+            "diffusion": settings or {},
+            "inputs": list(example),
+            "cond_channels": cond_channels,
+            "batch_max": batch_max,
+            "opset": opset,
+            "slim": slim,
+            "max_abs_diff": worst,
+        },
+    )
+
+
+def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session for ``path`` with every graph optimisation on: the TensorRT
+    and CUDA execution providers when onnxruntime-gpu has them and torch sees a CUDA device
+    (the provider list names CUDA even without one), else the CPU. A file that is not a
+    graph raises an error naming it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX graph not found: '{path}'")
+    if providers is None:
+        available = ort.get_available_providers()
+        gpu = torch.cuda.is_available()
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if gpu and p in available]
+        providers.append("CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        torch.onnx.export(
-            _EpsGraph(model, bool(cond_channels)),
-            args,
-            str(tmp),
-            dynamo=True,
-            opset_version=opset,
-            input_names=names,
-            output_names=["out"],
-            dynamic_shapes=shapes,
-            external_data=False,
-            verbose=False,
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001  # ORT raises its own exception types: name the file
+        raise ValueError(f"'{path}' could not be loaded as an ONNX graph ({exc})") from exc
+
+
+def check_batch(path: Path, n: int, batch_max: int) -> None:
+    """Refuse a batch of ``n`` for an engine exported for at most ``batch_max``."""
+    if n > batch_max:
+        raise ValueError(
+            f"'{path}' was exported for batches of at most {batch_max}, got {n}; "
+            f"use a smaller --batch or export again with --batch-max {n}"
         )
-        onnx.checker.check_model(str(tmp))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        for n in (1, 3):  # batches other than the example's: the batch axis is dynamic
-            feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
-            if cond_channels:
-                feed["cond"] = torch.rand(n, cond_channels, size, size, generator=g) * 2 - 1
-            with torch.no_grad():
-                ref = model(feed["x"], feed["t"], feed.get("cond")).numpy()
-            out = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
-            worst = max(worst, float(np.abs(out - ref).max()))
-        if not worst <= tolerance:
-            raise RuntimeError(f"the ONNX graph differs from PyTorch by {worst:.3g} (allowed {tolerance:g})")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    config = {
-        "format": ONNX_FORMAT,
-        "graph": path.name,
-        "unet": cfg.to_dict(),
-        "diffusion": settings or {},
-        "inputs": names,
-        "cond_channels": cond_channels,
-        "batch_max": batch_max,
-        "opset": opset,
-        "max_abs_diff": worst,
-    }
-    _atomic_write(config_path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def read_graph_config(path: Path, *, fmt: str = ONNX_FORMAT) -> dict[str, Any]:
+    """The ``config.json`` beside an engine file ``path``, checked to describe it."""
+    config_path = path.parent / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ONNX graph not found: '{path}'" if fmt == ONNX_FORMAT else f"engine not found: '{path}'"
+        )
+    if not config_path.is_file():
+        raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME} beside it (written by tools/export_onnx.py)")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != fmt or config.get("graph") != path.name:
+        raise ValueError(f"'{config_path}' does not describe the graph '{path.name}'")
     return config
 
 
-class OnnxDenoiser:
-    """An exported UNet in ONNX Runtime: ``eps(x, t, cond=None)`` on torch tensors.
+class GraphRuntime(GuidedRuntime):
+    """What the exported-graph runtimes share (ONNX Runtime, TensorRT): the config beside
+    the graph, the batch limit and the ``eps`` / ``guided`` layouts. A subclass sets
+    ``path``, ``config``, ``batch_max`` and implements :meth:`_run`.
 
-    One session per instance, graph optimisations on; the CUDA execution provider when
-    onnxruntime-gpu and a CUDA device are there, else the CPU.
+    A ``guided`` graph does both halves of guidance itself: :meth:`guided` feeds it
+    directly, and :meth:`eps` runs it at guidance scale 1 (the conditional model, at the
+    cost of both halves).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
+    path: Path
+    config: dict[str, Any]
+    batch_max: int
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX graph not found: '{self.path}'")
-        config_path = self.path.parent / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"'{self.path}' has no {CONFIG_NAME} beside it (written by tools/export_onnx.py)")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != ONNX_FORMAT or config.get("graph") != self.path.name:
-            raise ValueError(f"'{config_path}' does not describe the graph '{self.path.name}'")
-        self.config = config
-        if providers is None:
-            providers = ["CPUExecutionProvider"]
-            if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-                providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001  # ORT raises its own exception types: name the file
-            raise ValueError(f"'{self.path}' could not be loaded as an ONNX graph ({exc})") from exc
-        self.batch_max = int(config["batch_max"])
-        self.conditional = bool(config.get("cond_channels"))
+    @property
+    def layout(self) -> str:
+        return str(self.config.get("layout", "eps"))
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.config.get("cond_channels"))
 
     @property
     def image_size(self) -> int:
@@ -183,24 +393,74 @@ class OnnxDenoiser:
     def in_channels(self) -> int:
         return int(self.config["unet"]["in_channels"])
 
+    def _check_layout(self) -> None:
+        if self.layout not in ("eps", "guided"):
+            raise ValueError(
+                f"'{self.path}' is a {self.layout!r} graph of a histology model: load it with "
+                "nudiff_histo.load_histo_denoiser (nudiff-histo sample --engine)"
+            )
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _inputs(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None
+    ) -> dict[str, torch.Tensor]:
+        """The graph's inputs by name (float32 x, cond and scale; int64 t), checked."""
+        check_batch(self.path, x.shape[0], self.batch_max)
+        feed = {"x": x.detach().float(), "t": t.detach().to(torch.int64)}
+        if self.conditional:
+            if cond is None:
+                raise ValueError(f"'{self.path}' is a conditional graph: give `cond`")
+            feed["cond"] = cond.detach().float()
+        if scale is not None:
+            feed["guidance_scale"] = torch.tensor([scale], dtype=torch.float32)
+        return feed
+
     def prepare(self, cond: torch.Tensor) -> torch.Tensor:
-        """The condition as is (the graph recomputes any modulation itself)."""
+        """The condition as is (the graph computes any modulation itself)."""
         return cond
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Model output (N, C or 2C, H, W) float32 on x's device for x (N, C, H, W), t (N,)."""
-        n = x.shape[0]
-        if n > self.batch_max:
-            raise ValueError(
-                f"'{self.path}' was exported for batches of at most {self.batch_max}, got {n}; "
-                f"use a smaller --batch or export again with --batch-max {n}"
-            )
-        feed = {"x": x.detach().float().cpu().numpy(), "t": t.detach().to(torch.int64).cpu().numpy()}
-        if self.conditional:
-            if cond is None:
-                raise ValueError(f"'{self.path}' is a conditional graph: give `cond`")
-            feed["cond"] = cond.detach().float().cpu().numpy()
-        out = self.session.run(None, feed)[0]
-        return torch.from_numpy(out).to(x.device)
+        return self._run(x, t, cond, 1.0 if self.layout == "guided" else None)
 
-    __call__ = eps
+    def guided(
+        self, cond: torch.Tensor, null_cond: torch.Tensor, scale: float, *, batched: bool = True
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Classifier-free guidance: inside the graph for a ``guided`` graph (whose null
+        condition is the zero structure, and whose halves always run as one batch)."""
+        if self.layout != "guided":
+            return super().guided(cond, null_cond, scale, batched=batched)
+        if not scale >= 0:
+            raise ValueError(f"guidance `scale` must be >= 0, got {scale}")
+        if not batched:
+            raise ValueError(f"'{self.path}' runs both halves of guidance as one batch; export without --guided")
+        if torch.count_nonzero(null_cond):
+            raise ValueError(f"'{self.path}' guides towards the zero structure; `null_cond` must be zeros")
+
+        def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != cond.shape[0]:
+                raise ValueError(f"batch of {x.shape[0]} samples but {cond.shape[0]} conditions")
+            return self._run(x, t, cond, float(scale))
+
+        return guided_eps
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.eps(x, t, cond)
+
+
+class OnnxDenoiser(GraphRuntime):
+    """An exported UNet in ONNX Runtime: ``eps(x, t, cond=None)`` on torch tensors, one
+    session per instance (:func:`onnx_session`)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, providers: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.config = read_graph_config(self.path)
+        self._check_layout()
+        self.session = onnx_session(self.path, providers=providers)
+        self.batch_max = int(self.config["batch_max"])
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        feed = {k: v.cpu().numpy() for k, v in self._inputs(x, t, cond, scale).items()}
+        return torch.from_numpy(self.session.run(None, feed)[0]).to(x.device)

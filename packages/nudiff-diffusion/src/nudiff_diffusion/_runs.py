@@ -59,7 +59,9 @@ def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfi
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what: str) -> None:
     """``--checkpoint --engine --sampler --steps --batch --seed --out --rank --world-size``."""
     parser.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a trained model")
-    parser.add_argument("--engine", help="an exported engine (later versions); overrides --checkpoint")
+    parser.add_argument(
+        "--engine", help="an exported engine (.onnx: ONNX Runtime; .plan/.engine: TensorRT); overrides --checkpoint"
+    )
     parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), default="dpmpp2m", help="sampler")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--batch", type=int, default=batch, help=f"{what} per batch")
@@ -93,15 +95,18 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
     """Parse ``argv`` and run the chosen command (``args.func``); bad input (ValueError,
-    TypeError, FileNotFoundError, NotImplementedError) prints ``prog command: error: ...``
+    TypeError, FileNotFoundError, NotImplementedError, and an engine that this machine cannot
+    run: ``EngineUnavailableError``) prints ``prog command: error: ...``
     and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``."""
     args = parser.parse_args(argv)
     if args.command == "sample" and not (args.checkpoint or args.engine):
         print(f"{prog} sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
         return 2
+    from ._tensorrt import EngineUnavailableError
+
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, EngineUnavailableError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

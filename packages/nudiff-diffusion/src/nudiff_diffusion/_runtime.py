@@ -1,7 +1,8 @@
 """Model runtimes behind one call, ``eps(x, t, cond=None)``: samplers never know which runs.
 
-A checkpoint directory runs in PyTorch (here), ``*.onnx`` in ONNX Runtime (``_onnx``);
-TensorRT (``*.plan``, ``*.engine``) is not in this version.
+A checkpoint directory runs in PyTorch (here), ``*.onnx`` in ONNX Runtime (``_onnx``),
+``*.plan`` / ``*.engine`` in TensorRT (``_tensorrt``); the last two are imported only when
+asked for.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any
 import torch
 
 from ._checkpoint import load_model, read_config
+from ._guidance import GuidedRuntime
 from ._unet import UNet
 
-__all__ = ["TorchDenoiser", "load_denoiser"]
+__all__ = ["TorchDenoiser", "load_denoiser", "ENGINE_SUFFIXES"]
+
+ENGINE_SUFFIXES = (".plan", ".engine")  # TensorRT
 
 
-class TorchDenoiser:
+class TorchDenoiser(GuidedRuntime):
     """A UNet in PyTorch as a runtime: ``eps(x, t, cond=None)``, no gradients.
 
     Attributes
@@ -62,15 +66,24 @@ class TorchDenoiser:
 
 
 def load_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
-    """The runtime for ``path``: a checkpoint directory runs in PyTorch, ``*.onnx`` in ONNX
-    Runtime (:class:`OnnxDenoiser`). ``*.plan`` / ``*.engine`` (TensorRT) are not available
-    in this version and raise an error that says so.
+    """The runtime for ``path``: a checkpoint directory runs in PyTorch on ``device``,
+    ``*.onnx`` in ONNX Runtime (:class:`OnnxDenoiser`), ``*.plan`` / ``*.engine`` in TensorRT
+    (:class:`TensorRTDenoiser`, on ``device`` when it is a CUDA device, else ``cuda``).
+
+    Raises
+    ------
+    EngineUnavailableError
+        For a TensorRT engine on a machine without TensorRT or a CUDA GPU (the message
+        says what to install).
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from ._onnx import OnnxDenoiser
 
         return OnnxDenoiser(path)
-    if path.suffix.lower() in (".plan", ".engine"):
-        raise NotImplementedError(f"'{path}': TensorRT engines are not supported by this version yet")
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        from ._tensorrt import TensorRTDenoiser
+
+        device = torch.device(device)
+        return TensorRTDenoiser(path, device=device if device.type == "cuda" else "cuda")
     return TorchDenoiser(load_model(path, device=device), read_config(path))

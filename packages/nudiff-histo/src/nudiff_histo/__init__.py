@@ -2,6 +2,7 @@
 sampling, evaluation)."""
 
 from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
+from ._export import OnnxModulatedDenoiser, export_histo_onnx, spade_layers
 from ._model import (
     PRESETS,
     HistoDenoiser,
@@ -21,6 +22,9 @@ __all__ = [
     "PRESETS",
     "HistoDenoiser",
     "HistoPreset",
+    "OnnxModulatedDenoiser",
+    "export_histo_onnx",
+    "spade_layers",
     "ModulationCache",
     "SpadeNorm",
     "build_histo_unet",

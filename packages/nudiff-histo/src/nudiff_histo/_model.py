@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, load_model, read_config
+from nudiff_diffusion import ENGINE_SUFFIXES, TorchDenoiser, UNet, UNetConfig, load_denoiser, load_model, read_config
 from nudiff_postproc import PATCH_GEOMETRY, PatchGeometry
 from torch import nn
 
@@ -71,8 +71,19 @@ class ModulationCache:
     def __init__(self, cond: torch.Tensor) -> None:
         if cond.ndim != 4 or cond.shape[1] != COND_CHANNELS:
             raise ValueError(f"`cond` must be (N, {COND_CHANNELS}, H, W) structures, got {tuple(cond.shape)}")
-        self.cond = cond
+        self.cond: torch.Tensor | None = cond
         self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers: list[tuple[SpadeNorm, tuple[int, int]]] = []  # in the order of first use
+
+    @classmethod
+    def filled(cls, modulations: list[tuple[SpadeNorm, torch.Tensor, torch.Tensor]]) -> ModulationCache:
+        """A cache holding given ``(layer, gamma, beta)`` modulations and no structures
+        (the inputs of an exported per-step graph)."""
+        cache = cls.__new__(cls)
+        cache.cond = None
+        cache._entries = {id(norm): (gamma, beta) for norm, gamma, beta in modulations}
+        cache.layers = [(norm, (gamma.shape[-2], gamma.shape[-1])) for norm, gamma, _ in modulations]
+        return cache
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,7 +91,10 @@ class ModulationCache:
     def get(self, norm: SpadeNorm, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         key = id(norm)
         if key not in self._entries:
+            if self.cond is None:
+                raise ValueError("this modulation cache was filled from outside and holds no entry for a SPADE layer")
             self._entries[key] = norm.modulation(self.cond, size)
+            self.layers.append((norm, size))
         return self._entries[key]
 
 
@@ -187,18 +201,22 @@ class HistoDenoiser(TorchDenoiser):
 
 
 def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
-    """The runtime for a histology checkpoint directory (PyTorch, with the modulation cache)
-    or an exported ``*.onnx`` graph of one (ONNX Runtime); TensorRT engines are not in this
-    version and raise an error."""
+    """The runtime for a histology checkpoint directory (PyTorch, with the modulation cache),
+    an exported ``*.onnx`` graph of one (ONNX Runtime; a ``--cached-modulation`` export runs
+    in :class:`OnnxModulatedDenoiser`) or a TensorRT engine (``*.plan`` / ``*.engine``;
+    without TensorRT or a GPU: ``EngineUnavailableError`` with the install message)."""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from nudiff_diffusion import OnnxDenoiser
+    if path.suffix.lower() == ".onnx" or path.suffix.lower() in ENGINE_SUFFIXES:
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            from nudiff_diffusion import read_graph_config
 
-        runtime = OnnxDenoiser(path)
+            if read_graph_config(path).get("layout") == "modulated":
+                from ._export import OnnxModulatedDenoiser
+
+                return OnnxModulatedDenoiser(path)
+        runtime = load_denoiser(path, device=device)
         kind = runtime.config.get("diffusion", {}).get("kind")
         if kind != "histo":
             raise ValueError(f"'{path}' is a graph of a {kind or 'structure'!r} model, not of a histology model")
         return runtime
-    if path.suffix.lower() in (".plan", ".engine"):
-        raise NotImplementedError(f"'{path}': TensorRT engines are not supported by this version yet")
     return HistoDenoiser(load_histo_model(path, device=device), read_config(path))

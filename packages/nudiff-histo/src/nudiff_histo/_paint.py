@@ -4,13 +4,13 @@ step, with the SPADE modulation computed once per batch."""
 from __future__ import annotations
 
 import torch
-from nudiff_diffusion import NoiseSchedule, guided, sample
+from nudiff_diffusion import NoiseSchedule, sample
 
 __all__ = ["paint_images"]
 
 
 def paint_images(
-    runtime,  # type: ignore[no-untyped-def]  # HistoDenoiser-like: eps(x, t, cond), prepare(cond)
+    runtime,  # type: ignore[no-untyped-def]  # a runtime: guided(cond, null, scale, batched=...), in_channels, image_size
     cond: torch.Tensor,
     *,
     guidance: float = 2.0,
@@ -26,7 +26,9 @@ def paint_images(
     Parameters
     ----------
     runtime : object
-        ``eps(x, t, cond)`` and ``prepare(cond)`` (:class:`HistoDenoiser`), plus
+        A runtime (:class:`HistoDenoiser`, an ONNX or TensorRT one): its
+        ``guided(cond, null_cond, scale, batched=...)`` (``nudiff_diffusion.GuidedRuntime``:
+        guidance over ``eps`` and ``prepare``, or inside a ``--guided`` graph), plus
         ``in_channels`` and ``image_size``.
     cond : (N, 3, s, s) float tensor
         Structures in [-1, 1] (``encode_condition``).
@@ -49,7 +51,7 @@ def paint_images(
         raise ValueError(f"`guidance` must be >= 0, got {guidance}")
     n = cond.shape[0]
     null = torch.zeros_like(cond)
-    eps_fn = guided(runtime.eps, cond, null, guidance, prepare=runtime.prepare, batched=batched_guidance)
+    eps_fn = runtime.guided(cond, null, guidance, batched=batched_guidance)
     shape = (n, runtime.in_channels, runtime.image_size, runtime.image_size)
     return sample(
         eps_fn,
