@@ -1,10 +1,87 @@
-"""``nudiff-seg``: segmentation-side tools (patch embeddings now; HoVer-Net follows)."""
+"""``nudiff-seg``: train HoVer-Net on real (+ synthetic) pairs, predict, evaluate, check
+label fidelity, and ResNet patch embeddings."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+
+def _ratio(text: str) -> float | str:
+    if text == "pool":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'pool', got {text!r}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ._data import load_tiles, read_name_list
+    from ._hovernet import PRESETS
+    from ._train import SegTrainConfig, train_hovernet
+
+    config = SegTrainConfig(
+        preset=args.preset, epochs=args.epochs, frozen_epochs=args.frozen_epochs, batch=args.batch, lr=args.lr,
+        synthetic_ratio=args.synthetic_ratio, precision=args.precision, seed=args.seed,
+        encoder_weights=args.encoder_weights,
+    )
+    size = PRESETS[args.preset].input_size
+    names = read_name_list(args.subset) if args.subset else None
+    real = load_tiles(args.real, names=names, min_size=size, what="--real")
+    synthetic = load_tiles(args.synthetic, min_size=size, what="--synthetic") if args.synthetic else None
+    val = load_tiles(args.val, what="--val") if args.val else None
+    print(
+        f"training {args.preset} on {len(real)} real" + (f" + {len(synthetic)} synthetic" if synthetic else "")
+        + f" images ({'subset ' + args.subset if args.subset else 'all'}), {args.epochs} epochs -> {args.out}",
+        flush=True,
+    )
+    train_hovernet(
+        real, args.out, config, synthetic=synthetic, val=val, resume=args.resume,
+        progress=not args.quiet, max_batches=args.max_batches,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nudiff_postproc._folders import IMAGE_SUFFIXES, list_files
+    from tqdm.auto import tqdm
+
+    from ._data import read_rgb
+    from ._hovernet import load_hovernet
+    from ._predict import predict_instances, prediction_paths, write_prediction
+
+    model = load_hovernet(args.checkpoint)
+    images = list_files(args.images, IMAGE_SUFFIXES, "image")
+    todo = [n for n in images if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))]
+    for name in tqdm(todo, desc="predict", disable=args.quiet):
+        image = read_rgb(images[name])
+        inst, _ = predict_instances(model, image, batch=args.batch)
+        write_prediction(args.out, name, image, inst)
+    print(f"predicted {len(todo)} image(s) ({len(images) - len(todo)} already done) into {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nudiff_postproc.cli import main as postproc_main
+
+    return postproc_main(["--quiet", "evaluate", "--true", args.true, "--pred", args.pred, *(["--out", args.out] if args.out else [])])
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from ._data import load_tiles
+    from ._hovernet import load_hovernet
+    from ._predict import score_pairs
+
+    model = load_hovernet(args.checkpoint)
+    sets = [("synthetic", args.pairs)] + ([("real", args.real)] if args.real else [])
+    print(f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")))
+    for label, folder in sets:
+        tiles = load_tiles(folder, what=f"--{'pairs' if label == 'synthetic' else 'real'}")
+        _, mean = score_pairs(model, zip(tiles.names, tiles.images, tiles.maps, strict=True), batch=args.batch)
+        print(f"{label:<10} {len(tiles):>6}  " + "  ".join(f"{mean[k]:8.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")))
+    return 0
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -28,9 +105,52 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._hovernet import PRESETS
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-seg", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train HoVer-Net on real (+ synthetic) pairs", formatter_class=fmt)
+    p.add_argument("--real", required=True, help="dataset folder of real pairs (images/, instance_maps/)")
+    p.add_argument("--subset", help="text file of the real images to use, one name per line (nudiff-postproc subset)")
+    p.add_argument("--synthetic", help="dataset folder of synthetic pairs (nudiff-histo sample output)")
+    p.add_argument("--synthetic-ratio", type=_ratio, default="pool", help="share of each batch from --synthetic, or 'pool' (the paper: one shuffled pool)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="light", help="model size and mode")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, train_state.pt, log.csv)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs over the real windows, both phases together")
+    p.add_argument("--frozen-epochs", type=int, help="phase-1 epochs with the encoder frozen (default: half with --encoder-weights, else 0)")
+    p.add_argument("--encoder-weights", help="torchvision ImageNet ResNet-50 weights for the encoder (.pth or .safetensors)")
+    p.add_argument("--batch", type=int, default=4, help="windows per batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (10x lower for the second half of each phase)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--val", help="dataset folder of validation tiles: Dice/AJI/PQ each epoch, best epoch kept by AJI")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window order and augmentation")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (resumable; for time-boxed runs)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="instance maps of images of any size (tiled)", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run directory of nudiff-seg train")
+    p.add_argument("--images", required=True, help="folder of RGB images (PNG/TIFF/JPEG)")
+    p.add_argument("--out", required=True, help="output folder: instance_maps/, mat/, geojson/, overlays/")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, AJI, AJI+, DQ, SQ, PQ per image and the mean", formatter_class=fmt)
+    p.add_argument("--true", required=True, help="folder of reference instance maps")
+    p.add_argument("--pred", required=True, help="folder of predicted instance maps (same stems)")
+    p.add_argument("--out", help="CSV to write")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("fidelity", help="label fidelity: a model trained on real data scored on synthetic pairs", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run directory of a model trained on real data")
+    p.add_argument("--pairs", required=True, help="synthetic dataset folder (images/, instance_maps/)")
+    p.add_argument("--real", help="real dataset folder scored the same way, for reference")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.set_defaults(func=_cmd_fidelity)
+
     p = sub.add_parser("features", help="ImageNet ResNet embeddings of a patch folder", formatter_class=fmt)
     p.add_argument("--data", required=True, help="dataset folder of patches (images/, instance_maps/)")
     p.add_argument("--weights", required=True, help="torchvision ImageNet weights (.pth or .safetensors)")
@@ -46,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"nudiff-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,218 @@
+"""Training data of HoVer-Net: dataset folders, input windows, augmentation, real/synthetic mixing.
+
+A dataset folder is the DESIGN.md layout (``images/NAME.png|tif`` + ``instance_maps/NAME.*``);
+real tiles, patches cut from them, and synthetic pairs all use it. Each epoch covers
+every image with input windows whose centres (the output region) tile it, shifted by a
+random offset; windows lie inside their image, so an image must be at least one input
+window wide. Augmentation: the 8 dihedral transforms applied to the image and the
+instance map *before* the targets are made (so the h/v targets transform equivariantly
+by construction), then HED stain jitter, brightness/contrast and Gaussian blur.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nudiff_postproc import read_instance_map, transform_image, transform_instance_map
+from nudiff_postproc._folders import dataset_pairs
+from nudiff_postproc._io import read_image
+from scipy import ndimage as ndi
+
+from ._losses import targets
+
+__all__ = ["Tiles", "load_tiles", "read_name_list", "Augment", "window_origins", "cut_window", "MixedBatches"]
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Images and instance maps of a dataset folder, in memory."""
+
+    folder: Path
+    names: list[str]
+    images: list[np.ndarray]  # (H, W, 3) uint8
+    maps: list[np.ndarray]  # (H, W) int32
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def read_name_list(path: str | os.PathLike[str]) -> list[str]:
+    """Names, one per line (blank lines and ``#`` comments ignored), e.g. ``nudiff-postproc subset``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"subset list not found: '{path}'")
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"'{path}' names no images; expected one name per line")
+    return names
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; grayscale and RGBA files are refused by name
+    (a model of H&E colour must not be fed silently converted images)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        props = iio.improps(path, plugin="pillow")
+        if len(props.shape) != 3 or props.shape[-1] != 3:
+            kind = "grayscale" if len(props.shape) == 2 else f"{props.shape[-1]}-channel"
+            raise ValueError(f"'{path}' is a {kind} image of shape {props.shape}; expected RGB (H, W, 3)")
+    image = read_image(path)
+    return image
+
+
+def load_tiles(
+    folder: str | os.PathLike[str], *, names: list[str] | None = None, min_size: int = 1, what: str = "--real"
+) -> Tiles:
+    """Read a dataset folder (optionally only ``names``), checking every pair.
+
+    Raises ``ValueError`` naming the folder or file when an image lacks its map, the
+    two differ in size, an image is not RGB, a listed name is missing, or an image is
+    smaller than ``min_size`` (one input window).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: '{folder}'")
+    pairs = dataset_pairs(folder)
+    if names is not None:
+        by_name = {p[0]: p for p in pairs}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"{what} '{folder}' has no image for {len(missing)} listed name(s), e.g. {missing[:3]}")
+        pairs = [by_name[n] for n in dict.fromkeys(names)]
+    images, maps = [], []
+    for _, image_path, map_path in pairs:
+        image, inst = read_rgb(image_path), read_instance_map(map_path)
+        if image.shape[:2] != inst.shape:
+            raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
+        if min(inst.shape) < min_size:
+            raise ValueError(f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; the model's input window needs {min_size}x{min_size}")
+        images.append(image)
+        maps.append(inst.astype(np.int32, copy=False))
+    return Tiles(folder, [p[0] for p in pairs], images, maps)
+
+
+def window_origins(shape: tuple[int, int], input_size: int, output_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Top-left corners of input windows inside an image of ``shape`` whose output
+    regions cover it at stride ``output_size`` (the last window flush with the border);
+    with ``rng``, the grid is shifted by a random offset. Returns (K, 2) int."""
+    axes = []
+    for length in shape:
+        span = length - input_size
+        count = math.ceil(span / output_size) + 1 if span > 0 else 1
+        starts = np.minimum(np.arange(count) * output_size, span)
+        if rng is not None and span > 0:
+            starts = np.clip(starts + rng.integers(0, output_size), 0, span)
+        axes.append(np.unique(starts))
+    rows, cols = np.meshgrid(*axes, indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], axis=1)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation settings (HoVer-Net-style: geometric, then photometric)."""
+
+    dihedral: bool = True
+    hed_sigma: float = 0.05  # stain: each HED channel scaled by 1 + N(0, s) and shifted by N(0, s)
+    brightness: float = 0.1  # added to [0, 1] values, uniform in +-b
+    contrast: float = 0.2  # scale about the mean, uniform in 1 +- c
+    blur_prob: float = 0.2  # Gaussian blur with sigma in [0.1, 1.0]
+
+    def __call__(self, image: np.ndarray, inst: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.dihedral:
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            image = transform_image(image, rot90=k, flip=flip)
+            inst = transform_instance_map(inst, rot90=k, flip=flip)
+        x = image.astype(np.float32) / 255.0
+        if self.hed_sigma > 0:
+            from skimage.color import hed2rgb, rgb2hed
+
+            hed = rgb2hed(x)
+            scale = 1.0 + rng.normal(0.0, self.hed_sigma, 3)
+            shift = rng.normal(0.0, self.hed_sigma, 3) * np.abs(hed).reshape(-1, 3).mean(axis=0)
+            x = hed2rgb(hed * scale + shift).astype(np.float32)
+        if self.contrast > 0:
+            mean = x.mean()
+            x = (x - mean) * np.float32(1.0 + rng.uniform(-self.contrast, self.contrast)) + mean
+        if self.brightness > 0:
+            x = x + np.float32(rng.uniform(-self.brightness, self.brightness))
+        if rng.random() < self.blur_prob:
+            sigma = rng.uniform(0.1, 1.0)
+            x = ndi.gaussian_filter(x, (sigma, sigma, 0))
+        return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8), inst
+
+
+def cut_window(
+    tiles: Tiles, index: int, origin: tuple[int, int], input_size: int, output_size: int,
+    augment: Augment | None, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training sample: the (S, S, 3) uint8 input, the (s, s) NP target and the
+    (s, s, 2) HV target."""
+    r, c = int(origin[0]), int(origin[1])
+    image = tiles.images[index][r : r + input_size, c : c + input_size]
+    inst = tiles.maps[index][r : r + input_size, c : c + input_size]
+    if augment is not None:
+        image, inst = augment(image, inst, rng)
+    np_target, hv_target = targets(inst, output_size)
+    return np.ascontiguousarray(image), np_target, hv_target
+
+
+class MixedBatches:
+    """Batches of windows from real and (optionally) synthetic tiles.
+
+    ``ratio``: the share of each batch taken from the synthetic tiles (a float in
+    [0, 1)), or ``"pool"`` to shuffle real and synthetic windows together (the paper's
+    setting). An epoch is one pass over the real windows (with ``"pool"``: over all).
+    """
+
+    def __init__(
+        self, real: Tiles, synthetic: Tiles | None, *, ratio: float | str, batch: int,
+        input_size: int, output_size: int, augment: Augment | None,
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"`batch` must be >= 1, got {batch}")
+        if synthetic is not None and ratio != "pool":
+            if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+                raise ValueError(f"`--synthetic-ratio` must be in [0, 1) or 'pool', got {ratio!r}")
+            if round(batch * float(ratio)) == 0 and float(ratio) > 0:
+                raise ValueError(f"`--synthetic-ratio` {ratio} of a batch of {batch} is no synthetic window; raise either")
+        self.real, self.synthetic, self.ratio = real, synthetic, ratio
+        self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
+
+    def _windows(self, tiles: Tiles, rng: np.random.Generator) -> list[tuple[Tiles, int, np.ndarray]]:
+        out = []
+        for i, inst in enumerate(tiles.maps):
+            out.extend((tiles, i, o) for o in window_origins(inst.shape, self.input_size, self.output_size, rng))
+        return [out[j] for j in rng.permutation(len(out))]
+
+    def epoch(self, rng: np.random.Generator) -> list[list[tuple[Tiles, int, np.ndarray]]]:
+        """The windows of one epoch, grouped into batches (the last one may be short)."""
+        real = self._windows(self.real, rng)
+        if self.synthetic is None or self.ratio == 0:
+            flat = real
+        elif self.ratio == "pool":
+            both = real + self._windows(self.synthetic, rng)
+            flat = [both[j] for j in rng.permutation(len(both))]
+        else:
+            n_syn = round(self.batch * float(self.ratio))
+            n_real = self.batch - n_syn
+            synthetic: list[tuple[Tiles, int, np.ndarray]] = []
+            batches = []
+            for start in range(0, len(real), n_real):
+                while len(synthetic) < n_syn:
+                    synthetic.extend(self._windows(self.synthetic, rng))
+                batches.append(real[start : start + n_real] + synthetic[:n_syn])
+                synthetic = synthetic[n_syn:]
+            return batches
+        return [flat[i : i + self.batch] for i in range(0, len(flat), self.batch)]
+
+    def materialise(self, windows: list[tuple[Tiles, int, np.ndarray]], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stack a batch: images (B, S, S, 3) uint8, NP (B, s, s), HV (B, s, s, 2) float32."""
+        samples = [cut_window(t, i, o, self.input_size, self.output_size, self.augment, rng) for t, i, o in windows]
+        return tuple(np.stack(parts) for parts in zip(*samples))  # type: ignore[return-value]

@@ -1,0 +1,130 @@
+"""Tiled HoVer-Net inference over images of any size, and its outputs.
+
+An image is reflect-padded by the model's margin ``(input - output) / 2`` (plus up to one
+output window at the bottom/right), cut into input windows whose output regions tile it
+without overlap (HoVer-Net's own tiling: step = output size), predicted in batches,
+stitched, and cropped back. The stitched ``[probability, h, v]`` map goes through
+:func:`nudiff_postproc.instances_from_structure`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from nudiff_postproc import evaluate, instances_from_structure, outline_overlay, to_geojson, write_image, write_instance_map
+from nudiff_postproc._io import atomic_path
+
+from ._hovernet import HoVerNet
+
+__all__ = ["predict_structure", "predict_instances", "write_prediction", "prediction_paths", "score_pairs"]
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict_structure(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> np.ndarray:
+    """HoVer-Net's prediction for a whole image.
+
+    Parameters
+    ----------
+    model : HoVerNet
+        Used in eval mode (restored afterwards).
+    image : (H, W, 3) ndarray of uint8
+        RGB image of any size. Not modified.
+    batch : int
+        Windows per forward pass.
+
+    Returns
+    -------
+    (H, W, 3) ndarray of float32
+        ``[nuclear-pixel probability, h, v]``.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        got = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', None)}"
+        raise ValueError(f"`image` must be an (H, W, 3) uint8 RGB array, got {got}")
+    if batch < 1:
+        raise ValueError(f"`batch` must be >= 1, got {batch}")
+    big, small = model.config.input_size, model.config.output_size
+    margin = (big - small) // 2
+    h, w = image.shape[:2]
+    rows, cols = math.ceil(h / small), math.ceil(w / small)
+    pad = ((margin, rows * small - h + margin), (margin, cols * small - w + margin), (0, 0))
+    padded = np.pad(image, pad, mode="reflect")
+    origins = [(i * small, j * small) for i in range(rows) for j in range(cols)]
+    canvas = np.empty((rows * small, cols * small, 3), np.float32)
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    try:
+        for start in range(0, len(origins), batch):
+            chunk = origins[start : start + batch]
+            x = np.stack([padded[r : r + big, c : c + big] for r, c in chunk])
+            x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            out = model(x)
+            prob = out["np"].float().softmax(dim=1)[:, 1:]
+            pred = torch.cat([prob, out["hv"].float()], dim=1).permute(0, 2, 3, 1).cpu().numpy()
+            for (r, c), p in zip(chunk, pred, strict=True):
+                canvas[r : r + small, c : c + small] = p
+    finally:
+        model.train(was_training)
+    return canvas[:h, :w].copy()
+
+
+def predict_instances(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``(instance map (H, W) int32, structure (H, W, 3) float32)`` of an image."""
+    structure = predict_structure(model, image, batch=batch)
+    return instances_from_structure(structure), structure
+
+
+def prediction_paths(out: str | os.PathLike[str], name: str, map_format: str = ".png") -> dict[str, Path]:
+    """Where ``nudiff-seg predict`` writes the outputs of image ``name``."""
+    out = Path(out)
+    return {
+        "instance_map": out / "instance_maps" / f"{name}{map_format}",
+        "mat": out / "mat" / f"{name}.mat",
+        "geojson": out / "geojson" / f"{name}.geojson",
+        "overlay": out / "overlays" / f"{name}.png",
+    }
+
+
+def write_prediction(out: str | os.PathLike[str], name: str, image: np.ndarray, inst: np.ndarray) -> dict[str, Path]:
+    """Write one image's instance map (PNG, or TIFF past 65,535 nuclei), HoVer-Net
+    ``.mat`` (``inst_map``, ``inst_uid``, ``inst_centroid``), QuPath GeoJSON and an
+    outline overlay PNG, each atomically; returns the paths."""
+    import json
+
+    fmt = ".png" if int(inst.max(initial=0)) <= 65535 else ".tif"
+    paths = prediction_paths(out, name, fmt)
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    write_instance_map(paths["mat"], inst)
+    with atomic_path(paths["geojson"]) as tmp:
+        tmp.write_text(json.dumps(to_geojson(inst, name=name)))
+    write_image(paths["overlay"], outline_overlay(image, inst))
+    write_instance_map(paths["instance_map"], inst)  # last: its presence marks the image done
+    return paths
+
+
+def score_pairs(
+    model: HoVerNet, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, batch: int = 8
+) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
+    """Predict every ``(name, image, true instance map)`` and score it with
+    :func:`nudiff_postproc.evaluate`; returns the per-image rows and the mean of each
+    metric over images where it is defined (NaN when none is)."""
+    rows = []
+    for name, image, true in pairs:
+        inst, _ = predict_instances(model, image, batch=batch)
+        rows.append((name, evaluate(true, inst)))
+    keys = rows[0][1].keys() if rows else ()
+    mean = {}
+    for k in keys:
+        values = np.array([r[k] for _, r in rows], dtype=np.float64)
+        mean[k] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return rows, mean

@@ -1,0 +1,226 @@
+"""HoVer-Net training: two phases, mixed real/synthetic batches, validation, resumable.
+
+Phase 1 trains the decoders (and ``conv_bot``) with the encoder frozen; phase 2 trains
+everything; each phase has its own Adam (lr 1e-4) whose rate drops 10x halfway (the
+reference: 50 + 50 epochs, step at 25). Freezing only makes sense with a pretrained
+encoder, so without ``encoder_weights`` phase 1 defaults to no epochs.
+
+A run directory holds ``config.json`` + ``model.safetensors`` (the best epoch by
+validation AJI when validation data is given, else the latest), ``last/`` (the latest
+weights), ``train_state.pt`` (weights, optimiser, epoch, batch; loaded with
+``weights_only=True``) and ``log.csv``. Every random draw of an epoch comes from
+``(seed, epoch, batch)``, so a killed run resumes at the batch it saved last with the
+same data it would have seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._data import Augment, MixedBatches, Tiles
+from ._hovernet import HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
+from ._losses import hovernet_loss
+from ._predict import score_pairs
+
+__all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
+
+STATE_NAME = "train_state.pt"
+_LOG_FIELDS = ["epoch", "phase", "batches", "seconds", "ce", "dice", "mse", "msge", "loss", "val_dice", "val_aji", "val_pq"]
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Training settings (what ``nudiff-seg train`` takes)."""
+
+    preset: str = "light"
+    epochs: int = 20
+    frozen_epochs: int | None = None  # phase 1; None: epochs // 2 with encoder weights, else 0
+    batch: int = 4
+    lr: float = 1e-4
+    synthetic_ratio: float | str = "pool"
+    precision: str = "fp32"  # or "bf16" (autocast)
+    seed: int = 0
+    save_every: int = 50  # batches between resumable saves
+    encoder_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"`--epochs` must be >= 1, got {self.epochs}")
+        if self.frozen_epochs is not None and not 0 <= self.frozen_epochs <= self.epochs:
+            raise ValueError(f"`--frozen-epochs` must be in [0, epochs={self.epochs}], got {self.frozen_epochs}")
+        if self.batch < 1:
+            raise ValueError(f"`--batch` must be >= 1, got {self.batch}")
+        if not self.lr > 0:
+            raise ValueError(f"`--lr` must be positive, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"`--precision` must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    @property
+    def phase1_epochs(self) -> int:
+        if self.frozen_epochs is not None:
+            return self.frozen_epochs
+        return self.epochs // 2 if self.encoder_weights else 0
+
+
+def _optimizer(model: HoVerNet, phase: int, lr: float) -> torch.optim.Adam:
+    encoder = {id(p) for m in model.encoder_modules() for p in m.parameters()}
+    params = [p for p in model.parameters() if phase == 2 or id(p) not in encoder]
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
+def _phase_lr(config: SegTrainConfig, epoch: int) -> tuple[int, float]:
+    """Phase (1 or 2) and learning rate of ``epoch`` (0-based)."""
+    p1 = config.phase1_epochs
+    phase, start, length = (1, 0, p1) if epoch < p1 else (2, p1, config.epochs - p1)
+    decayed = epoch - start >= max(length // 2, 1) and length > 1
+    return phase, config.lr * (0.1 if decayed else 1.0)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    from nudiff_postproc._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _validate(model: HoVerNet, val: Tiles | None, batch: int) -> dict[str, float]:
+    if val is None:
+        return {}
+    _, mean = score_pairs(model, zip(val.names, val.images, val.maps, strict=True), batch=batch)
+    return {"val_dice": mean["dice"], "val_aji": mean["aji"], "val_pq": mean["pq"]}
+
+
+def train_hovernet(
+    real: Tiles,
+    out: str | os.PathLike[str],
+    config: SegTrainConfig,
+    *,
+    synthetic: Tiles | None = None,
+    val: Tiles | None = None,
+    augment: Augment | None = Augment(),
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> Path:
+    """Train HoVer-Net on ``real`` (+ ``synthetic``) tiles into the run directory ``out``.
+
+    ``max_batches`` stops after that many batches in this call (the run stays
+    resumable); it exists for tests and for time-boxed runs. Returns ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state_path = out / STATE_NAME
+    settings = {"train": {**asdict(config), "real": str(real.folder), "synthetic": str(synthetic.folder) if synthetic else None}}
+    if state_path.exists() and not resume:
+        raise FileExistsError(f"'{out}' already holds a training run; pass --resume to continue it or choose another --out")
+    model = build_hovernet(config.preset).to(device)
+    if config.encoder_weights:
+        load_encoder_from_torchvision(model, config.encoder_weights)
+    batches = MixedBatches(
+        real, synthetic, ratio=config.synthetic_ratio, batch=config.batch,
+        input_size=model.config.input_size, output_size=model.config.output_size, augment=augment,
+    )
+    epoch, start_batch, best_aji = 0, 0, -1.0
+    optimizer, optimizer_phase = None, 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        saved = json.loads(state["settings"])
+        if saved["train"]["preset"] != config.preset:
+            raise ValueError(f"'{out}' was trained with preset {saved['train']['preset']!r}, not {config.preset!r}")
+        model.load_state_dict(state["model"])
+        epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
+        optimizer_phase = int(state["phase"])
+        optimizer = _optimizer(model, optimizer_phase, config.lr)
+        optimizer.load_state_dict(state["optimizer"])
+    out.mkdir(parents=True, exist_ok=True)
+    done = 0
+
+    def save_state(next_epoch: int, next_batch: int, phase: int) -> None:
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase, "epoch": next_epoch,
+                "batch": next_batch, "best_aji": best_aji, "settings": json.dumps(settings),
+            },
+            state_path,
+        )
+
+    while epoch < config.epochs:
+        phase, lr = _phase_lr(config, epoch)
+        if optimizer is None or optimizer_phase != phase:  # each phase starts a fresh Adam
+            optimizer, optimizer_phase = _optimizer(model, phase, config.lr), phase
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        plan = batches.epoch(np.random.default_rng([config.seed, epoch]))
+        model.train()
+        sums = dict.fromkeys(("ce", "dice", "mse", "msge", "loss"), 0.0)
+        seen, t0 = 0, time.perf_counter()
+        bar = tqdm(range(start_batch, len(plan)), desc=f"epoch {epoch + 1}/{config.epochs} (phase {phase})", disable=not progress, leave=False)
+        for b in bar:
+            images, np_t, hv_t = batches.materialise(plan[b], np.random.default_rng([config.seed, epoch, b]))
+            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            np_target = torch.from_numpy(np_t).to(device)
+            hv_target = torch.from_numpy(hv_t).to(device).permute(0, 3, 1, 2)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                pred = model(x, freeze_encoder=phase == 1)
+            loss, parts = hovernet_loss({k: v.float() for k, v in pred.items()}, np_target, hv_target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, batch {b + 1}; lower --lr or use fp32")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] += v
+            sums["loss"] += float(loss.detach())
+            seen += 1
+            done += 1
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+            if (b + 1) % config.save_every == 0 and b + 1 < len(plan):
+                save_state(epoch, b + 1, phase)
+            if max_batches is not None and done >= max_batches and b + 1 < len(plan):
+                save_state(epoch, b + 1, phase)
+                return out
+        metrics = _validate(model, val, config.batch)
+        row = {"epoch": epoch + 1, "phase": phase, "batches": seen, "seconds": round(time.perf_counter() - t0, 1)}
+        row.update({k: round(v / max(seen, 1), 5) for k, v in sums.items()})
+        row.update({k: round(v, 5) for k, v in metrics.items()})
+        extra = {**settings, "epoch": epoch + 1, **({"validation": metrics} if metrics else {})}
+        save_hovernet(out / "last", model, extra=extra)
+        if val is None or metrics["val_aji"] > best_aji:
+            best_aji = metrics.get("val_aji", best_aji)
+            save_hovernet(out, model, extra=extra)
+        _append_log(out / "log.csv", row)
+        epoch, start_batch = epoch + 1, 0
+        save_state(epoch, 0, phase)
+        if progress:
+            shown = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("epoch", "phase"))
+            print(f"epoch {epoch}/{config.epochs} (phase {phase}): {shown}", flush=True)
+        if max_batches is not None and done >= max_batches:
+            return out
+    return out
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    """Add one epoch to ``log.csv``, replacing a row of the same epoch (after a resume)."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) != row["epoch"]]
+    rows.append({k: row.get(k, "") for k in _LOG_FIELDS})
+    from nudiff_postproc._io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=_LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
