@@ -1,10 +1,19 @@
-"""Sampling engines on this machine: ms per UNet call and per sampler step, images per second,
-for PyTorch eager and ONNX Runtime, plain (structure) and SPADE (histology) UNets.
+"""Sampling engines on this machine, one row per (model, preset, engine, precision, batch):
+ms per UNet call, ms per sampler step (sampler included), images per second, peak memory,
+GFLOP/s and its share of the device's peak, the final sample's difference to float32 eager
+PyTorch from the same noise; then the paper's procedure against nudiff's default.
 
     python tools/bench_sampling.py [--presets tiny-64 small-128] [--batch 8] [--json out.json]
 
-Random weights (timing does not depend on them); float32; median of --repeat runs after a
-warm-up. The ONNX graphs are exported into a temporary folder first (tens of seconds each).
+Random weights, perturbed so that the zero-initialised output layers do not hide
+differences (timing does not depend on the weights; sample differences do, so they are an
+indication for an untrained model). Times are medians of --repeat calls after a warm-up;
+the per-step column times one --steps run of DPM-Solver++(2M) (guided, scale 2, for the
+histology model). The ONNX graphs are exported into a temporary folder first (tens of
+seconds to minutes each). The paper's procedure (1000 ancestral structure steps, then 1000
+image steps of two sequential guidance calls without a modulation cache, PyTorch eager) is
+timed over --paper-steps steps and extrapolated linearly to 1000 (the cost per step of a
+respaced ancestral run does not depend on the number of steps).
 """
 
 from __future__ import annotations
@@ -14,7 +23,11 @@ import json
 import os
 import platform
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from nudiff_diffusion import (
@@ -23,95 +36,305 @@ from nudiff_diffusion import (
     UNet,
     UNetConfig,
     export_onnx,
-    guided,
     load_denoiser,
     median_seconds,
     sample,
 )
-from nudiff_histo import HistoDenoiser, build_histo_unet
+from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
 from torch.utils.flop_counter import FlopCounterMode
 
+SCHEDULE = NoiseSchedule.linear(1000)
+GUIDANCE = 2.0
 
-def _flops(model: UNet, batch: int, cond: bool) -> float:
-    size = model.config.image_size
-    x = torch.randn(batch, 3, size, size)
+
+class PeakMemory:
+    """Peak memory above the start of a ``with`` block: torch.cuda's max allocated on a
+    GPU, else the process RSS polled every 2 ms from /proc (MiB)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.peak_mib = cuda, 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start, self._peak, self._stop = self._rss(), self._rss(), False
+
+        def poll() -> None:
+            while not self._stop:
+                self._peak = max(self._peak, self._rss())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+            return
+        self._stop = True
+        self._thread.join()
+        self.peak_mib = (self._peak - self._start) / 2**20
+
+
+def cpu_peak_gflops() -> tuple[float, str]:
+    """The attainable float32 peak of this CPU: the best of 10 4096^2 float32 matrix
+    products with torch's threads (the theoretical peak needs the clock under load, which a
+    VM does not show), and how it was derived."""
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    gflops = 2 * 4096**3 / best / 1e9
+    return gflops, (
+        f"best of 10 4096^2 float32 matmuls in torch, {torch.get_num_threads()} threads: {gflops:.0f} GFLOP/s "
+        f"(AVX-512 with two 512-bit FMA pipes would give 64 FLOP/cycle/core; at the 2.6 GHz TSC that is "
+        f"{64 * 2.6 * (os.cpu_count() or 1):.0f} GFLOP/s, so the cores boost above it)"
+    )
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, torch.zeros(batch, dtype=torch.int64), torch.zeros_like(x) if cond else None)
-    return counter.get_total_flops()
+        fn()
+    return int(counter.get_total_flops())
+
+
+def perturbed(model: UNet) -> UNet:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> list[tuple[str, str, Any]]:
+    """(engine, precision, runtime) of one model: PyTorch eager (float32, bf16 autocast)
+    and the ONNX exports of ``tools/export_onnx.py`` (exported here)."""
+    out: list[tuple[str, str, Any]] = []
+    if kind == "structure":
+        out += [
+            ("pytorch eager", "fp32", TorchDenoiser(model)),
+            ("pytorch eager", "bf16 autocast", TorchDenoiser(model, dtype=torch.bfloat16)),
+        ]
+        for precision, slimmed in (("float32", False), ("float32", True), ("float16", False)):
+            if slimmed and not slim:
+                continue
+            path = tmp / f"s-{precision}-{slimmed}" / "model.onnx"
+            export_onnx(model, path, batch_max=batch_max, precision=precision, slim=slimmed)
+            name = "onnxruntime" + (" slim" if slimmed else "")
+            out.append((name, "fp32" if precision == "float32" else "fp16", load_denoiser(path)))
+        return out
+    out += [
+        ("pytorch eager, cached", "fp32", HistoDenoiser(model)),
+        ("pytorch eager, cached", "bf16 autocast", HistoDenoiser(model, dtype=torch.bfloat16)),
+    ]
+    exports = [
+        ("uncached", "float32"),
+        ("cached-modulation", "float32"),
+        ("guided", "float32"),
+        ("cached-modulation", "float16"),
+    ]
+    if slim:
+        exports.append(("cached-modulation slim", "float32"))
+    for layout, precision in exports:
+        path = tmp / f"h-{layout}-{precision}".replace(" ", "-") / "model.onnx"
+        common: dict[str, Any] = {"batch_max": 2 * batch_max, "precision": precision, "settings": {"kind": "histo"}}
+        if layout.startswith("cached-modulation"):
+            export_histo_onnx(model, path, slim=layout.endswith("slim"), **common)
+        else:
+            common["batch_max"] = batch_max if layout == "guided" else 2 * batch_max
+            export_onnx(model, path, cond_channels=3, layout="eps" if layout == "uncached" else "guided", **common)
+        out.append((f"onnxruntime {layout}", "fp32" if precision == "float32" else "fp16", load_histo_denoiser(path)))
+    return out
+
+
+def time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """ms per UNet call (the UNet sees 2n for the guided histology model), ms per step and
+    images/s of one --steps guided/plain sampling run (x0 clipped to [-1, 1] as the CLIs
+    do), the peak memory over both (warm-up included), and the run's final sample."""
+    with PeakMemory(torch.cuda.is_available()) as memory:
+        row = _time_row(kind, runtime, n, size, args)
+    return {**row, "peak_mib": memory.peak_mib}
+
+
+def _time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(n, 3, size, size, generator=g)
+    t = torch.full((n,), 500)
+    if kind == "histo":
+        cond = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        null = torch.zeros_like(cond)
+        guided_eps = runtime.guided(cond, null, GUIDANCE)
+        call = median_seconds(lambda: guided_eps(x_T, t), args.repeat)
+        eps_fn = runtime.guided(cond, null, GUIDANCE)  # its prepare() counts in the run
+    else:
+        call = median_seconds(lambda: runtime.eps(x_T, t), args.repeat)
+        eps_fn = runtime.eps
+    t0 = time.perf_counter()
+    final = sample(
+        eps_fn, shape=tuple(x_T.shape), schedule=SCHEDULE, steps=args.steps, x_T=x_T, clip=1.0, progress=False
+    )
+    run = time.perf_counter() - t0
+    return {"ms_per_call": call * 1e3, "ms_per_step": run / args.steps * 1e3, "images_per_s": n / run, "final": final}
+
+
+def paper_seconds_per_pair(structure: UNet, histo: UNet, n: int, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per synthetic pair of the paper's procedure, timed over --paper-steps
+    ancestral steps of each model (PyTorch eager, float32, batch n) and scaled to 1000."""
+    size = structure.config.image_size
+    s_rt, h_rt = TorchDenoiser(structure), HistoDenoiser(histo, cache=False)
+    cond = torch.rand(n, 3, size, size) * 2 - 1
+    k = args.paper_steps
+    s_run = median_seconds(
+        lambda: sample(s_rt.eps, shape=(n, 3, size, size), schedule=SCHEDULE, method="ddpm", steps=k, progress=False), 1
+    )
+    sequential = h_rt.guided(cond, torch.zeros_like(cond), GUIDANCE, batched=False)
+    h_run = median_seconds(
+        lambda: sample(sequential, shape=(n, 3, size, size), schedule=SCHEDULE, method="ddpm", steps=k, progress=False),
+        1,
+    )
+    return {"structure_s": s_run / k * 1000 / n, "histo_s": h_run / k * 1000 / n}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny-64", "small-128"], help="UNet presets")
     parser.add_argument("--batch", type=int, default=8, help="images per call (guided histology: 2x in the UNet)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per row (median)")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps for the per-step and images/s columns")
-    parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--repeat", type=int, default=3, help="timed UNet calls per row (median, after a warm-up)")
+    parser.add_argument("--steps", type=int, default=4, help="sampler steps of the per-step / images/s run")
+    parser.add_argument("--default-steps", type=int, default=20, help="nudiff's default sampler steps (dpmpp2m)")
+    parser.add_argument("--paper-steps", type=int, default=3, help="ancestral steps timed for the paper's procedure")
+    parser.add_argument("--slim", action="store_true", help="also time onnxslim-simplified graphs")
+    parser.add_argument("--json", help="also write header and rows as JSON")
     args = parser.parse_args()
-    print("# nudiff sampling engines")
     import onnxruntime
 
-    print(
-        f"# machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}; float32; batch {args.batch}; "
-        f"dpmpp2m {args.steps} steps; median of {args.repeat}"
-    )
+    peak, peak_note = cpu_peak_gflops()
+    header = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), "
+        f"onnxruntime {onnxruntime.__version__} (default intra-op threads)",
+        "settings": f"batch {args.batch}; median of {args.repeat} calls after a warm-up; dpmpp2m {args.steps} steps "
+        f"per row; guidance {GUIDANCE}",
+        "peak": peak_note,
+        "load_average_at_start": os.getloadavg()[0],
+    }
+    for key, value in header.items():
+        print(f"# {key}: {value}")
     print()
-    print("| model | preset | engine | ms / UNet call | ms / step | images / s | GFLOP/s | vs eager |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = []
-    schedule = NoiseSchedule.linear(1000)
+    print(
+        "| model | preset | engine | precision | batch | ms / UNet call | ms / step | images / s | peak MiB "
+        "| GFLOP / call | GFLOP/s | % of peak | vs eager fp32 | max abs diff of final sample |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict[str, Any]] = []
+    pair_models: dict[str, dict[str, UNet]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             for kind in ("structure", "histo"):
-                torch.manual_seed(0)
-                if kind == "structure":
-                    model = UNet(UNetConfig.preset(preset)).eval()
-                    torch_rt = TorchDenoiser(model)
-                else:
-                    model = build_histo_unet(preset).eval()
-                    torch_rt = HistoDenoiser(model)
+                model = perturbed(UNet(UNetConfig.preset(preset)) if kind == "structure" else build_histo_unet(preset))
+                pair_models.setdefault(preset, {})[kind] = model
                 size, n = model.config.image_size, args.batch
-                unet_batch = 2 * n if kind == "histo" else n
-                path = Path(tmp) / f"{kind}-{preset}" / "model.onnx"
-                export_onnx(model, path, cond_channels=3 if kind == "histo" else 0, batch_max=unet_batch)
-                ort_rt = load_denoiser(path)
-                flops = _flops(model, unet_batch, kind == "histo")
-                x = torch.randn(unet_batch, 3, size, size)
-                t = torch.full((unet_batch,), 500)
-                cond = torch.rand(n, 3, size, size) * 2 - 1
-                eager_call = None
-                for engine, rt in (("pytorch eager", torch_rt), ("onnxruntime", ort_rt)):
-                    if kind == "histo":
-                        prepared = rt.prepare(torch.cat([cond, torch.zeros_like(cond)]))
-                        call = median_seconds(lambda rt=rt, p=prepared, x=x, t=t: rt.eps(x, t, p), args.repeat)
-                        eps = guided(rt.eps, cond, torch.zeros_like(cond), 2.0, prepare=rt.prepare)
-                    else:
-                        call = median_seconds(lambda rt=rt, x=x, t=t: rt.eps(x, t), args.repeat)
-                        eps = rt.eps
-                    shape = (n, 3, size, size)
-                    run = median_seconds(
-                        lambda eps=eps, shape=shape: sample(eps, shape=shape, schedule=schedule, steps=args.steps),
-                        max(1, args.repeat // 2),
-                    )
-                    eager_call = eager_call or call
+                unet_n = 2 * n if kind == "histo" else n
+                x, t = torch.randn(unet_n, 3, size, size), torch.full((unet_n,), 500)
+                cond = torch.rand(unet_n, 3, size, size) * 2 - 1 if kind == "histo" else None
+                uncached = count_flops(lambda model=model, x=x, t=t, c=cond: model(x, t, c))
+                cached = uncached
+                if kind == "histo":
+                    rt = HistoDenoiser(model)
+                    prepared = rt.prepare(cond)
+                    rt.eps(x, t, prepared)  # fills the cache
+                    cached = count_flops(lambda rt=rt, x=x, t=t, p=prepared: rt.eps(x, t, p))
+                reference = eager = None
+                for engine, precision, runtime in engines(kind, model, Path(tmp) / preset, args.batch, args.slim):
+                    r = time_row(kind, runtime, n, size, args)
+                    flops = cached if ("cached" in engine and "uncached" not in engine) else uncached
+                    final = r.pop("final")
+                    if reference is None:
+                        reference, eager = final, r["ms_per_call"]
                     row = {
                         "model": kind,
                         "preset": preset,
                         "engine": engine,
-                        "ms_per_call": call * 1e3,
-                        "ms_per_step": run / args.steps * 1e3,
-                        "images_per_s": n / run,
-                        "gflop_per_s": flops / call / 1e9,
-                        "speedup_vs_eager": eager_call / call,
+                        "precision": precision,
+                        "batch": n,
+                        **r,
+                        "gflop_per_call": flops / 1e9,
+                        "gflop_per_s": flops / r["ms_per_call"] / 1e6,
+                        "percent_of_peak": 100 * flops / r["ms_per_call"] / 1e6 / peak,
+                        "speedup_vs_eager_fp32": eager / r["ms_per_call"],
+                        "final_max_abs_diff": float((final - reference).abs().max()),
                     }
                     rows.append(row)
                     print(
-                        f"| {kind} | {preset} | {engine} | {row['ms_per_call']:.1f} | {row['ms_per_step']:.1f} | "
-                        f"{row['images_per_s']:.2f} | {row['gflop_per_s']:.1f} | {row['speedup_vs_eager']:.2f}x |"
+                        f"| {kind} | {preset} | {engine} | {precision} | {n} | {row['ms_per_call']:.1f} | "
+                        f"{row['ms_per_step']:.1f} | {row['images_per_s']:.2f} | {row['peak_mib']:.0f} | "
+                        f"{row['gflop_per_call']:.1f} | {row['gflop_per_s']:.0f} | {row['percent_of_peak']:.0f}% | "
+                        f"{row['speedup_vs_eager_fp32']:.2f}x | {row['final_max_abs_diff']:.1e} |",
+                        flush=True,
                     )
+    print()
+    print("| preset | procedure | s / synthetic pair | ratio |")
+    print("|---|---|---|---|")
+    pairs = []
+    for preset, models in pair_models.items():
+        paper = paper_seconds_per_pair(models["structure"], models["histo"], args.batch, args)
+        paper_s = paper["structure_s"] + paper["histo_s"]
+
+        def per_pair(kind: str, engine_prefix: str, preset: str = preset) -> float:
+            best = min(
+                (
+                    r
+                    for r in rows
+                    if r["preset"] == preset
+                    and r["model"] == kind
+                    and r["engine"].startswith(engine_prefix)
+                    and r["precision"] == "fp32"
+                ),
+                key=lambda r: r["ms_per_step"],
+            )
+            return best["ms_per_step"] * args.default_steps / 1e3 / best["batch"]
+
+        procedures = [
+            (
+                f"paper: 1000 ddpm structure + 1000 x 2 sequential image steps, eager fp32 "
+                f"(extrapolated from {args.paper_steps} steps)",
+                paper_s,
+            ),
+            (
+                f"nudiff default, PyTorch: dpmpp2m {args.default_steps} + {args.default_steps} steps, "
+                "batched guidance, SPADE cache",
+                per_pair("structure", "pytorch") + per_pair("histo", "pytorch"),
+            ),
+            (
+                f"nudiff default, ONNX Runtime: dpmpp2m {args.default_steps} + {args.default_steps} steps, "
+                "fastest fp32 graphs",
+                per_pair("structure", "onnxruntime") + per_pair("histo", "onnxruntime"),
+            ),
+        ]
+        for name, seconds in procedures:
+            pairs.append(
+                {"preset": preset, "procedure": name, "seconds_per_pair": seconds, "ratio_vs_paper": paper_s / seconds}
+            )
+            print(f"| {preset} | {name} | {seconds:.2f} | {paper_s / seconds:.0f}x |")
+    header["load_average_at_end"] = os.getloadavg()[0]
+    print(
+        f"\n# load average (1 min) at start {header['load_average_at_start']:.2f}, "
+        f"at end {header['load_average_at_end']:.2f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "pairs": pairs}, indent=2) + "\n")
     return 0
 
 

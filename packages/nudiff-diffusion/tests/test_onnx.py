@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import onnx
 import pytest
 import torch
 from nudiff_diffusion import (
+    PARITY_TOLERANCE,
+    EngineUnavailableError,
     NoiseSchedule,
     OnnxDenoiser,
     TorchDenoiser,
@@ -63,8 +67,39 @@ def test_samples_through_onnx_match_pytorch(exported):
 def test_larger_batches_than_exported_are_refused(exported):
     root, _, _ = exported
     runtime = load_denoiser(root / "graph" / "model.onnx")
-    with pytest.raises(ValueError, match="at most 8, got 16"):
-        runtime.eps(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.int64))
+    assert runtime.eps(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.int64)).shape == (8, 6, 32, 32)
+    for n in (9, 16):
+        with pytest.raises(ValueError, match=f"at most 8, got {n}; use a smaller --batch or export again"):
+            runtime.eps(torch.randn(n, 3, 32, 32), torch.zeros(n, dtype=torch.int64))
+
+
+def test_float16_graph_stays_within_its_bar_and_says_so(exported, tmp_path):
+    _, model, _ = exported
+    config = export_onnx(model, tmp_path / "model.onnx", batch_max=4, precision="float16")
+    assert config["precision"] == "float16" and 0 < config["max_abs_diff"] <= PARITY_TOLERANCE["float16"]
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
+    for init in graph.graph.initializer:
+        types[init.data_type] = types.get(init.data_type, 0) + 1
+    assert types[onnx.TensorProto.FLOAT16] > types[onnx.TensorProto.FLOAT]  # the weights are float16
+    x, t = torch.randn(2, 3, 32, 32), torch.randint(1000, (2,))
+    out = load_denoiser(tmp_path / "model.onnx").eps(x, t)
+    with torch.no_grad():
+        assert out.dtype == torch.float32 and (out - model(x, t)).abs().max() <= PARITY_TOLERANCE["float16"]
+
+
+def test_guided_graphs_need_a_conditional_model(exported, tmp_path):
+    _, model, _ = exported
+    with pytest.raises(ValueError, match="a guided graph needs a conditional model"):
+        export_onnx(model, tmp_path / "model.onnx", layout="guided")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_plan_without_tensorrt_says_what_to_install(tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are here")
+    with pytest.raises(EngineUnavailableError, match=r"pip install nudiff-diffusion\[trt\]|needs a CUDA GPU"):
+        load_denoiser(tmp_path / "model.plan")
 
 
 def test_export_never_overwrites_a_checkpoint_config(tmp_path):

@@ -6,6 +6,7 @@ from ._config import PRESETS, UNetConfig
 from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
 from ._onnx import (
+    PARITY_TOLERANCE,
     GraphRuntime,
     OnnxDenoiser,
     check_batch,
@@ -41,6 +42,7 @@ __all__ = [
     "median_seconds",
     "report_evaluation",
     "OnnxDenoiser",
+    "PARITY_TOLERANCE",
     "GraphRuntime",
     "GuidedRuntime",
     "TensorRTDenoiser",

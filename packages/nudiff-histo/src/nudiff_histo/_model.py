@@ -188,10 +188,14 @@ class HistoDenoiser(TorchDenoiser):
     cache : bool
         Whether :meth:`prepare` builds a :class:`ModulationCache` (else every call
         recomputes the SPADE modulation, as the paper's code does).
+    dtype : torch.dtype, optional
+        Autocast dtype (e.g. ``torch.bfloat16``); None runs in float32.
     """
 
-    def __init__(self, model: UNet, config: dict[str, Any] | None = None, *, cache: bool = True) -> None:
-        super().__init__(model, config)
+    def __init__(
+        self, model: UNet, config: dict[str, Any] | None = None, *, cache: bool = True, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(model, config, dtype=dtype)
         self.cache = cache
 
     def prepare(self, cond: torch.Tensor) -> torch.Tensor | ModulationCache:
