@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python packages/nudiff-diffusion/benchmarks/benchmark_unet.py
 	$(BIN)/python packages/nudiff-histo/benchmarks/benchmark_histo.py
 	$(BIN)/python packages/nudiff-seg/benchmarks/benchmark_features.py
+	$(BIN)/python packages/nudiff-seg/benchmarks/benchmark_hovernet.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py

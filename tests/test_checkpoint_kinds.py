@@ -26,3 +26,19 @@ def test_histo_sample_refuses_a_structure_checkpoint(tmp_path, capsys):
     assert histo_main([*args, "--out", str(tmp_path / "o")]) == 2
     assert "not a histology checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_seg_refuses_a_diffusion_checkpoint(tmp_path, capsys):
+    from nudiff_postproc import write_image
+    from nudiff_seg.cli import main as seg_main
+
+    save_model(tmp_path / "structure", UNet(UNetConfig.preset("tiny-64")), diffusion={"kind": "structure"})
+    write_image(
+        tmp_path / "images" / "a.png",
+        synthetic_instance_map((64, 64), n_nuclei=3).astype("uint8")[..., None].repeat(3, -1),
+    )
+    args = ["--quiet", "predict", "--checkpoint", str(tmp_path / "structure"), "--images", str(tmp_path / "images")]
+    assert seg_main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "has format 'nudiff-diffusion/unet'" in err and "expected a HoVer-Net checkpoint" in err
+    assert not (tmp_path / "o").exists()

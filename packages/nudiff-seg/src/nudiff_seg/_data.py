@@ -92,13 +92,18 @@ def load_tiles(
         if image.shape[:2] != inst.shape:
             raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
         if min(inst.shape) < min_size:
-            raise ValueError(f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; the model's input window needs {min_size}x{min_size}")
+            raise ValueError(
+                f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; "
+                f"the model's input window needs {min_size}x{min_size}"
+            )
         images.append(image)
         maps.append(inst.astype(np.int32, copy=False))
     return Tiles(folder, [p[0] for p in pairs], images, maps)
 
 
-def window_origins(shape: tuple[int, int], input_size: int, output_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+def window_origins(
+    shape: tuple[int, int], input_size: int, output_size: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Top-left corners of input windows inside an image of ``shape`` whose output
     regions cover it at stride ``output_size`` (the last window flush with the border);
     with ``rng``, the grid is shifted by a random offset. Returns (K, 2) int."""
@@ -107,8 +112,8 @@ def window_origins(shape: tuple[int, int], input_size: int, output_size: int, rn
         span = length - input_size
         count = math.ceil(span / output_size) + 1 if span > 0 else 1
         starts = np.minimum(np.arange(count) * output_size, span)
-        if rng is not None and span > 0:
-            starts = np.clip(starts + rng.integers(0, output_size), 0, span)
+        if rng is not None and span > 0:  # shifted grid, plus a window flush with the start
+            starts = np.concatenate([[0], np.clip(starts + rng.integers(0, output_size), 0, span)])
         axes.append(np.unique(starts))
     rows, cols = np.meshgrid(*axes, indexing="ij")
     return np.stack([rows.ravel(), cols.ravel()], axis=1)
@@ -149,8 +154,13 @@ class Augment:
 
 
 def cut_window(
-    tiles: Tiles, index: int, origin: tuple[int, int], input_size: int, output_size: int,
-    augment: Augment | None, rng: np.random.Generator,
+    tiles: Tiles,
+    index: int,
+    origin: tuple[int, int],
+    input_size: int,
+    output_size: int,
+    augment: Augment | None,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One training sample: the (S, S, 3) uint8 input, the (s, s) NP target and the
     (s, s, 2) HV target."""
@@ -172,8 +182,15 @@ class MixedBatches:
     """
 
     def __init__(
-        self, real: Tiles, synthetic: Tiles | None, *, ratio: float | str, batch: int,
-        input_size: int, output_size: int, augment: Augment | None,
+        self,
+        real: Tiles,
+        synthetic: Tiles | None,
+        *,
+        ratio: float | str,
+        batch: int,
+        input_size: int,
+        output_size: int,
+        augment: Augment | None,
     ) -> None:
         if batch < 1:
             raise ValueError(f"`batch` must be >= 1, got {batch}")
@@ -181,7 +198,9 @@ class MixedBatches:
             if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
                 raise ValueError(f"`--synthetic-ratio` must be in [0, 1) or 'pool', got {ratio!r}")
             if round(batch * float(ratio)) == 0 and float(ratio) > 0:
-                raise ValueError(f"`--synthetic-ratio` {ratio} of a batch of {batch} is no synthetic window; raise either")
+                raise ValueError(
+                    f"`--synthetic-ratio` {ratio} of a batch of {batch} is no synthetic window; raise either"
+                )
         self.real, self.synthetic, self.ratio = real, synthetic, ratio
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
 
@@ -212,7 +231,9 @@ class MixedBatches:
             return batches
         return [flat[i : i + self.batch] for i in range(0, len(flat), self.batch)]
 
-    def materialise(self, windows: list[tuple[Tiles, int, np.ndarray]], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def materialise(
+        self, windows: list[tuple[Tiles, int, np.ndarray]], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stack a batch: images (B, S, S, 3) uint8, NP (B, s, s), HV (B, s, s, 2) float32."""
         samples = [cut_window(t, i, o, self.input_size, self.output_size, self.augment, rng) for t, i, o in windows]
-        return tuple(np.stack(parts) for parts in zip(*samples))  # type: ignore[return-value]
+        return tuple(np.stack(parts) for parts in zip(*samples, strict=True))  # type: ignore[return-value]

@@ -62,7 +62,9 @@ class HoVerNetConfig:
         if self.mode not in ("original", "fast"):
             raise ValueError(f"`mode` must be 'original' or 'fast', got {self.mode!r}")
         if self.width_divisor not in (1, 2, 4, 8):
-            raise ValueError(f"`width_divisor` must be 1, 2, 4 or 8 (dense blocks use 4 groups), got {self.width_divisor!r}")
+            raise ValueError(
+                f"`width_divisor` must be 1, 2, 4 or 8 (dense blocks use 4 groups), got {self.width_divisor!r}"
+            )
         if len(self.blocks) != 4 or any(int(b) < 1 for b in self.blocks):
             raise ValueError(f"`blocks` must be 4 positive unit counts, got {self.blocks!r}")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
@@ -237,10 +239,18 @@ class HoVerNet(nn.Module):
         dense3 = DenseBlock(256 // w, k, (128 // w, 32 // w), 8)
         dense2 = DenseBlock(128 // w, k, (128 // w, 32 // w), 4)
         u3 = OrderedDict(
-            [("conva", nn.Conv2d(c[3], 256 // w, k, bias=False)), ("dense", dense3), ("convf", nn.Conv2d(dense3.out_ch, c[2], 1, bias=False))]
+            [
+                ("conva", nn.Conv2d(c[3], 256 // w, k, bias=False)),
+                ("dense", dense3),
+                ("convf", nn.Conv2d(dense3.out_ch, c[2], 1, bias=False)),
+            ]
         )
         u2 = OrderedDict(
-            [("conva", nn.Conv2d(c[2], 128 // w, k, bias=False)), ("dense", dense2), ("convf", nn.Conv2d(dense2.out_ch, c[1], 1, bias=False))]
+            [
+                ("conva", nn.Conv2d(c[2], 128 // w, k, bias=False)),
+                ("dense", dense2),
+                ("convf", nn.Conv2d(dense2.out_ch, c[1], 1, bias=False)),
+            ]
         )
         u1 = OrderedDict([("conva_pad", TFSamePad(k, 1)), ("conva", nn.Conv2d(c[1], 64 // w, k, bias=False))])
         u0 = OrderedDict([*_bn_relu(64 // w), ("conv", nn.Conv2d(64 // w, 2, 1, bias=True))])
@@ -272,7 +282,9 @@ class HoVerNet(nn.Module):
     def forward(self, images: torch.Tensor, *, freeze_encoder: bool = False) -> dict[str, torch.Tensor]:
         expected = self.config.input_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (expected, expected):
-            raise ValueError(f"HoVer-Net ({self.config.mode}) takes (N, 3, {expected}, {expected}) images, got {tuple(images.shape)}")
+            raise ValueError(
+                f"HoVer-Net ({self.config.mode}) takes (N, 3, {expected}, {expected}) images, got {tuple(images.shape)}"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
             d = self.encode(images)
         d[3] = self.conv_bot(d[3])
@@ -314,7 +326,9 @@ def load_encoder_from_torchvision(model: HoVerNet, path: str | os.PathLike[str])
     from ._resnet import load_resnet_weights, resnet50
 
     if model.config.width_divisor != 1 or model.config.blocks != (3, 4, 6, 3):
-        raise ValueError("ImageNet ResNet-50 weights fit only the full-width presets (hovernet-fast, hovernet-original)")
+        raise ValueError(
+            "ImageNet ResNet-50 weights fit only the full-width presets (hovernet-fast, hovernet-original)"
+        )
     src = load_resnet_weights(resnet50(), path).state_dict()
     dst = model.state_dict()
     pairs = {"conv0./.weight": "conv1.weight"}
@@ -333,7 +347,9 @@ def load_encoder_from_torchvision(model: HoVerNet, path: str | os.PathLike[str])
                 pairs[f"{closing}.{suffix}"] = f"{tv}.{i}.bn3.{suffix}"
     for ours, theirs in pairs.items():
         if dst[ours].shape != src[theirs].shape:  # pragma: no cover - the layouts are fixed
-            raise ValueError(f"'{path}': {theirs} has shape {tuple(src[theirs].shape)}, {ours} needs {tuple(dst[ours].shape)}")
+            raise ValueError(
+                f"'{path}': {theirs} has shape {tuple(src[theirs].shape)}, {ours} needs {tuple(dst[ours].shape)}"
+            )
         dst[ours] = src[theirs].clone()
     model.load_state_dict(dst)
     return model
@@ -370,7 +386,9 @@ def read_hovernet_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         got = config.get("format") if isinstance(config, dict) else type(config).__name__
         kind = f" (a '{config.get('kind')}' model)" if isinstance(config, dict) and config.get("kind") else ""
-        raise ValueError(f"'{path}' has format {got!r}{kind}; expected a HoVer-Net checkpoint ('{FORMAT}') from nudiff-seg train")
+        raise ValueError(
+            f"'{path}' has format {got!r}{kind}; expected a HoVer-Net checkpoint ('{FORMAT}') from nudiff-seg train"
+        )
     return config
 
 
@@ -394,8 +412,12 @@ def load_hovernet(directory: str | os.PathLike[str], *, device: str | torch.devi
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"'{weights}' could not be read as safetensors ({exc}); is it truncated?") from exc
     expected = model.state_dict()
-    bad = sorted(set(expected) ^ set(state)) + sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    bad = sorted(set(expected) ^ set(state)) + sorted(
+        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape
+    )
     if bad:
-        raise ValueError(f"'{weights}' does not fit the config in '{directory / CONFIG_NAME}' (first mismatches: {bad[:3]})")
+        raise ValueError(
+            f"'{weights}' does not fit the config in '{directory / CONFIG_NAME}' (first mismatches: {bad[:3]})"
+        )
     model.load_state_dict(state)
     return model.to(device).eval()

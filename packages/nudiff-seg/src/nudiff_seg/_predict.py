@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_postproc import evaluate, instances_from_structure, outline_overlay, to_geojson, write_image, write_instance_map
+from nudiff_postproc import (
+    evaluate,
+    instances_from_structure,
+    outline_overlay,
+    to_geojson,
+    write_image,
+    write_instance_map,
+)
 from nudiff_postproc._io import atomic_path
 
 from ._hovernet import HoVerNet

@@ -34,7 +34,21 @@ from ._predict import score_pairs
 __all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
 
 STATE_NAME = "train_state.pt"
-_LOG_FIELDS = ["epoch", "phase", "batches", "seconds", "ce", "dice", "mse", "msge", "loss", "val_dice", "val_aji", "val_pq"]
+DEFAULT_AUGMENT = Augment()
+_LOG_FIELDS = [
+    "epoch",
+    "phase",
+    "batches",
+    "seconds",
+    "ce",
+    "dice",
+    "mse",
+    "msge",
+    "loss",
+    "val_dice",
+    "val_aji",
+    "val_pq",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ def train_hovernet(
     *,
     synthetic: Tiles | None = None,
     val: Tiles | None = None,
-    augment: Augment | None = Augment(),
+    augment: Augment | None = DEFAULT_AUGMENT,
     resume: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -122,15 +136,26 @@ def train_hovernet(
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_path = out / STATE_NAME
-    settings = {"train": {**asdict(config), "real": str(real.folder), "synthetic": str(synthetic.folder) if synthetic else None}}
+    settings = {
+        "train": {**asdict(config), "real": str(real.folder), "synthetic": str(synthetic.folder) if synthetic else None}
+    }
     if state_path.exists() and not resume:
-        raise FileExistsError(f"'{out}' already holds a training run; pass --resume to continue it or choose another --out")
-    model = build_hovernet(config.preset).to(device)
+        raise FileExistsError(
+            f"'{out}' already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed
+        torch.manual_seed(config.seed)
+        model = build_hovernet(config.preset).to(device)
     if config.encoder_weights:
         load_encoder_from_torchvision(model, config.encoder_weights)
     batches = MixedBatches(
-        real, synthetic, ratio=config.synthetic_ratio, batch=config.batch,
-        input_size=model.config.input_size, output_size=model.config.output_size, augment=augment,
+        real,
+        synthetic,
+        ratio=config.synthetic_ratio,
+        batch=config.batch,
+        input_size=model.config.input_size,
+        output_size=model.config.output_size,
+        augment=augment,
     )
     epoch, start_batch, best_aji = 0, 0, -1.0
     optimizer, optimizer_phase = None, 0
@@ -150,8 +175,13 @@ def train_hovernet(
     def save_state(next_epoch: int, next_batch: int, phase: int) -> None:
         _atomic_torch_save(
             {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase, "epoch": next_epoch,
-                "batch": next_batch, "best_aji": best_aji, "settings": json.dumps(settings),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "phase": phase,
+                "epoch": next_epoch,
+                "batch": next_batch,
+                "best_aji": best_aji,
+                "settings": json.dumps(settings),
             },
             state_path,
         )
@@ -166,7 +196,12 @@ def train_hovernet(
         model.train()
         sums = dict.fromkeys(("ce", "dice", "mse", "msge", "loss"), 0.0)
         seen, t0 = 0, time.perf_counter()
-        bar = tqdm(range(start_batch, len(plan)), desc=f"epoch {epoch + 1}/{config.epochs} (phase {phase})", disable=not progress, leave=False)
+        bar = tqdm(
+            range(start_batch, len(plan)),
+            desc=f"epoch {epoch + 1}/{config.epochs} (phase {phase})",
+            disable=not progress,
+            leave=False,
+        )
         for b in bar:
             images, np_t, hv_t = batches.materialise(plan[b], np.random.default_rng([config.seed, epoch, b]))
             x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
@@ -176,7 +211,9 @@ def train_hovernet(
                 pred = model(x, freeze_encoder=phase == 1)
             loss, parts = hovernet_loss({k: v.float() for k, v in pred.items()}, np_target, hv_target)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, batch {b + 1}; lower --lr or use fp32")
+                raise FloatingPointError(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, batch {b + 1}; lower --lr or use fp32"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -23,8 +23,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ._train import SegTrainConfig, train_hovernet
 
     config = SegTrainConfig(
-        preset=args.preset, epochs=args.epochs, frozen_epochs=args.frozen_epochs, batch=args.batch, lr=args.lr,
-        synthetic_ratio=args.synthetic_ratio, precision=args.precision, seed=args.seed,
+        preset=args.preset,
+        epochs=args.epochs,
+        frozen_epochs=args.frozen_epochs,
+        batch=args.batch,
+        lr=args.lr,
+        synthetic_ratio=args.synthetic_ratio,
+        precision=args.precision,
+        seed=args.seed,
         encoder_weights=args.encoder_weights,
     )
     size = PRESETS[args.preset].input_size
@@ -33,13 +39,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     synthetic = load_tiles(args.synthetic, min_size=size, what="--synthetic") if args.synthetic else None
     val = load_tiles(args.val, what="--val") if args.val else None
     print(
-        f"training {args.preset} on {len(real)} real" + (f" + {len(synthetic)} synthetic" if synthetic else "")
+        f"training {args.preset} on {len(real)} real"
+        + (f" + {len(synthetic)} synthetic" if synthetic else "")
         + f" images ({'subset ' + args.subset if args.subset else 'all'}), {args.epochs} epochs -> {args.out}",
         flush=True,
     )
     train_hovernet(
-        real, args.out, config, synthetic=synthetic, val=val, resume=args.resume,
-        progress=not args.quiet, max_batches=args.max_batches,
+        real,
+        args.out,
+        config,
+        synthetic=synthetic,
+        val=val,
+        resume=args.resume,
+        progress=not args.quiet,
+        max_batches=args.max_batches,
     )
     return 0
 
@@ -54,7 +67,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     model = load_hovernet(args.checkpoint)
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
-    todo = [n for n in images if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))]
+    todo = [
+        n
+        for n in images
+        if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))
+    ]
     for name in tqdm(todo, desc="predict", disable=args.quiet):
         image = read_rgb(images[name])
         inst, _ = predict_instances(model, image, batch=args.batch)
@@ -66,7 +83,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nudiff_postproc.cli import main as postproc_main
 
-    return postproc_main(["--quiet", "evaluate", "--true", args.true, "--pred", args.pred, *(["--out", args.out] if args.out else [])])
+    return postproc_main(
+        ["--quiet", "evaluate", "--true", args.true, "--pred", args.pred, *(["--out", args.out] if args.out else [])]
+    )
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
@@ -76,11 +95,16 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
     model = load_hovernet(args.checkpoint)
     sets = [("synthetic", args.pairs)] + ([("real", args.real)] if args.real else [])
-    print(f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")))
+    print(
+        f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
+    )
     for label, folder in sets:
         tiles = load_tiles(folder, what=f"--{'pairs' if label == 'synthetic' else 'real'}")
         _, mean = score_pairs(model, zip(tiles.names, tiles.images, tiles.maps, strict=True), batch=args.batch)
-        print(f"{label:<10} {len(tiles):>6}  " + "  ".join(f"{mean[k]:8.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")))
+        print(
+            f"{label:<10} {len(tiles):>6}  "
+            + "  ".join(f"{mean[k]:8.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
+        )
     return 0
 
 
@@ -116,14 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="dataset folder of real pairs (images/, instance_maps/)")
     p.add_argument("--subset", help="text file of the real images to use, one name per line (nudiff-postproc subset)")
     p.add_argument("--synthetic", help="dataset folder of synthetic pairs (nudiff-histo sample output)")
-    p.add_argument("--synthetic-ratio", type=_ratio, default="pool", help="share of each batch from --synthetic, or 'pool' (the paper: one shuffled pool)")
+    p.add_argument(
+        "--synthetic-ratio",
+        type=_ratio,
+        default="pool",
+        help="share of each batch from --synthetic, or 'pool' (the paper: one shuffled pool)",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="light", help="model size and mode")
     p.add_argument("--out", required=True, help="run directory (checkpoint, train_state.pt, log.csv)")
     p.add_argument("--epochs", type=int, default=20, help="epochs over the real windows, both phases together")
-    p.add_argument("--frozen-epochs", type=int, help="phase-1 epochs with the encoder frozen (default: half with --encoder-weights, else 0)")
-    p.add_argument("--encoder-weights", help="torchvision ImageNet ResNet-50 weights for the encoder (.pth or .safetensors)")
+    p.add_argument(
+        "--frozen-epochs",
+        type=int,
+        help="phase-1 epochs with the encoder frozen (default: half with --encoder-weights, else 0)",
+    )
+    p.add_argument(
+        "--encoder-weights", help="torchvision ImageNet ResNet-50 weights for the encoder (.pth or .safetensors)"
+    )
     p.add_argument("--batch", type=int, default=4, help="windows per batch")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (10x lower for the second half of each phase)")
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam learning rate (10x lower for the second half of each phase)"
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     p.add_argument("--val", help="dataset folder of validation tiles: Dice/AJI/PQ each epoch, best epoch kept by AJI")
     p.add_argument("--seed", type=int, default=0, help="seed of the window order and augmentation")
@@ -144,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="CSV to write")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("fidelity", help="label fidelity: a model trained on real data scored on synthetic pairs", formatter_class=fmt)
+    p = sub.add_parser(
+        "fidelity", help="label fidelity: a model trained on real data scored on synthetic pairs", formatter_class=fmt
+    )
     p.add_argument("--checkpoint", required=True, help="run directory of a model trained on real data")
     p.add_argument("--pairs", required=True, help="synthetic dataset folder (images/, instance_maps/)")
     p.add_argument("--real", help="real dataset folder scored the same way, for reference")

@@ -1,0 +1,91 @@
+"""Windows, augmentation, real/synthetic mixing and the checks on dataset folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
+from nudiff_seg import Augment, MixedBatches, load_tiles, window_origins
+from nudiff_seg._data import Tiles, cut_window
+
+
+def _tiles(folder, n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    images, maps = [], []
+    for i in range(n):
+        inst = synthetic_instance_map((size, size), n_nuclei=20, seed=seed + i)
+        image = np.where(inst[..., None] > 0, 90, 220).astype(np.uint8) + rng.integers(
+            0, 20, (size, size, 3), dtype=np.uint8
+        )
+        images.append(image)
+        maps.append(inst)
+    return Tiles(folder, [f"t{i}" for i in range(n)], images, maps)
+
+
+def test_window_origins_cover_the_image_with_their_output_regions():
+    for shape in [(1000, 1000), (256, 300), (420, 256)]:
+        for rng in (None, np.random.default_rng(3)):
+            origins = window_origins(shape, 256, 164, rng)
+            covered = np.zeros(shape, bool)
+            for r, c in origins:
+                assert 0 <= r <= shape[0] - 256 and 0 <= c <= shape[1] - 256
+                covered[r + 46 : r + 210, c + 46 : c + 210] = True
+            # every pixel except the outer 46 px band is the output of some window
+            assert covered[46:-46, 46:-46].all()
+
+
+def test_mixing_by_ratio_and_by_pool(tmp_path):
+    real, synthetic = _tiles(tmp_path / "r", 3, 256), _tiles(tmp_path / "s", 5, 256, seed=10)
+    mixed = MixedBatches(real, synthetic, ratio=0.5, batch=4, input_size=256, output_size=164, augment=None)
+    plan = mixed.epoch(np.random.default_rng(0))
+    # every real window once; each batch half synthetic
+    assert sorted(i for b in plan for t, i, _ in b if t is real) == [0, 1, 2]
+    assert all(sum(t is synthetic for t, _, _ in b) == 2 for b in plan)
+    pooled = MixedBatches(real, synthetic, ratio="pool", batch=4, input_size=256, output_size=164, augment=None)
+    flat = [w for b in pooled.epoch(np.random.default_rng(0)) for w in b]
+    assert len(flat) == 8 and sum(t is synthetic for t, _, _ in flat) == 5
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\) or 'pool', got 1.5"):
+        MixedBatches(real, synthetic, ratio=1.5, batch=4, input_size=256, output_size=164, augment=None)
+
+
+def test_augmented_windows_keep_image_and_targets_aligned(tmp_path):
+    tiles = _tiles(tmp_path, 1, 300)
+    rng = np.random.default_rng(5)
+    aug = Augment(hed_sigma=0.05, brightness=0.1, contrast=0.2, blur_prob=0.0)
+    for _ in range(4):
+        image, np_t, hv_t = cut_window(tiles, 0, (20, 30), 256, 164, aug, rng)
+        assert image.dtype == np.uint8 and image.shape == (256, 256, 3)
+        assert np_t.shape == (164, 164) and hv_t.shape == (164, 164, 2)
+        # nuclei are the dark pixels of these images, whatever the transform
+        dark = image[46:210, 46:210].mean(axis=-1) < 160
+        assert (dark == (np_t > 0)).mean() > 0.97
+
+
+def test_folder_checks_name_the_file(tmp_path):
+    inst = synthetic_instance_map((64, 64), n_nuclei=5, seed=0)
+    write_image(tmp_path / "d" / "images" / "a.png", np.zeros((64, 64, 3), np.uint8))
+    write_instance_map(tmp_path / "d" / "instance_maps" / "a.png", inst)
+    write_image(tmp_path / "d" / "images" / "b.png", np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="1 image\\(s\\) have no instance map"):
+        load_tiles(tmp_path / "d")
+    write_instance_map(tmp_path / "d" / "instance_maps" / "b.png", inst[:32])
+    with pytest.raises(ValueError, match="b.png' is \\(64, 64\\) but its instance map .* is \\(32, 64\\)"):
+        load_tiles(tmp_path / "d")
+    assert load_tiles(tmp_path / "d", names=["a"]).names == ["a"]
+    with pytest.raises(ValueError, match="no image for 1 listed name"):
+        load_tiles(tmp_path / "d", names=["a", "zz"])
+    with pytest.raises(ValueError, match="a.png' is 64x64; the model's input window needs 256x256"):
+        load_tiles(tmp_path / "d", names=["a"], min_size=256)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "kind"), [(np.zeros((64, 64), np.uint8), "grayscale"), (np.zeros((64, 64, 4), np.uint8), "4-channel")]
+)
+def test_grayscale_and_rgba_images_are_refused(tmp_path, pixels, kind):
+    import imageio.v3 as iio
+
+    (tmp_path / "images").mkdir()
+    iio.imwrite(tmp_path / "images" / "a.png", pixels)
+    write_instance_map(tmp_path / "instance_maps" / "a.png", synthetic_instance_map((64, 64), n_nuclei=5, seed=0))
+    with pytest.raises(ValueError, match=f"a.png' is a {kind} image"):
+        load_tiles(tmp_path)

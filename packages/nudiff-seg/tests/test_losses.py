@@ -1,0 +1,74 @@
+"""HoVer-Net's losses against values worked out by hand, and the crop semantics of the targets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from nudiff_postproc import hv_maps
+from nudiff_seg._losses import dice_loss, hovernet_loss, mse_loss, msge_loss, sobel_kernels_5x5, targets, xentropy_loss
+
+
+def test_cross_entropy_by_hand():
+    # two pixels: true class 0 with p0 = 0.8, true class 1 with p1 = 0.25
+    true = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
+    prob = torch.tensor([[[[0.8, 0.75]], [[0.2, 0.25]]]])
+    assert xentropy_loss(true, prob).item() == pytest.approx(-(math.log(0.8) + math.log(0.25)) / 2, rel=1e-6)
+    # probabilities are clamped at 1e-7 as in the reference
+    zero = torch.tensor([[[[0.0]], [[1.0]]]])
+    assert xentropy_loss(torch.tensor([[[[1.0]], [[0.0]]]]), zero).item() == pytest.approx(-math.log(1e-7), rel=1e-5)
+
+
+def test_dice_by_hand():
+    true = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 1.0]]]])
+    prob = torch.tensor([[[[0.5, 1.0, 0.0, 0.5]], [[0.5, 0.0, 1.0, 0.5]]]])
+    # class 0: inter 1.5, |p| 2, |t| 2 -> 1 - (3 + s) / (4 + s); class 1: the same
+    s = 1e-3
+    assert dice_loss(true, prob).item() == pytest.approx(2 * (1 - (3 + s) / (4 + s)), rel=1e-6)
+    assert mse_loss(torch.zeros(2, 3), torch.full((2, 3), 0.5)).item() == pytest.approx(0.25)
+
+
+def test_gradient_kernels_and_msge_on_ramps():
+    kx, ky = sobel_kernels_5x5()
+    assert kx[2, 2] == 0 and kx[2, 3] == pytest.approx(1.0) and kx[2, 4] == pytest.approx(0.5)
+    assert kx[1, 3] == pytest.approx(0.5) and torch.equal(ky, kx.T)
+    # a ramp of slope a along x has gradient a * sum x^2 / (x^2 + y^2) = 12 a away from borders
+    cols = torch.arange(16.0)
+    h_true = (0.1 * cols).expand(16, 16)
+    h_pred = (0.15 * cols).expand(16, 16)
+    v = torch.zeros(16, 16)
+    true = torch.stack([h_true, v])[None]
+    pred = torch.stack([h_pred, v])[None]
+    focus = torch.zeros(1, 16, 16)
+    focus[:, 4:12, 4:12] = 1
+    # only the h channel differs: (12 * 0.05)^2 on the 64 focus pixels, divided by 2 * 64
+    assert msge_loss(true, pred, focus).item() == pytest.approx((12 * 0.05) ** 2 / 2, rel=1e-5)
+    # v is differentiated along y: a ramp of v along x has no gradient there
+    pred_v = torch.stack([h_true, 0.3 * cols.expand(16, 16)])[None]
+    assert msge_loss(true, pred_v, focus).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_targets_are_cropped_after_the_distance_maps():
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 8:30] = 1  # crosses the border of the 20 px centre
+    inst[18:24, 16:26] = 2
+    np_t, hv_t = targets(inst, 20)
+    assert np.array_equal(np_t, (inst[10:30, 10:30] > 0).astype(np.float32))
+    assert np.array_equal(hv_t, hv_maps(inst)[10:30, 10:30])
+    with pytest.raises(ValueError, match="square map at least 50 px"):
+        targets(inst, 50)
+
+
+def test_total_loss_is_the_sum_of_its_parts():
+    torch.manual_seed(0)
+    out = {"np": torch.randn(2, 2, 8, 8), "hv": torch.randn(2, 2, 8, 8)}
+    np_t = (torch.rand(2, 8, 8) > 0.5).float()
+    hv_t = torch.rand(2, 2, 8, 8) * 2 - 1
+    total, parts = hovernet_loss(out, np_t, hv_t)
+    assert total.item() == pytest.approx(sum(parts.values()), rel=1e-6)
+    prob = out["np"].softmax(1)
+    onehot = torch.stack([1 - np_t, np_t], 1)
+    assert parts["ce"] == pytest.approx(torch.nn.functional.nll_loss(prob.log(), np_t.long()).item(), rel=1e-5)
+    assert parts["dice"] == pytest.approx(dice_loss(onehot, prob).item(), rel=1e-6)

@@ -1,0 +1,172 @@
+"""Tiled inference, and the train -> predict -> evaluate round trip of the CLI on real tiles."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from nudiff_postproc import read_image, read_instance_map, write_image, write_instance_map
+from nudiff_seg import build_hovernet, load_hovernet, predict_structure
+from nudiff_seg.cli import main
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_hovernet("tiny").eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so that eval mode matters
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+    return m
+
+
+def _direct(model, window):
+    x = torch.from_numpy(window[None]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        out = model(x)
+    return torch.cat([out["np"].softmax(1)[:, 1:], out["hv"]], 1)[0].permute(1, 2, 0).numpy()
+
+
+def test_tiled_inference_places_each_window_where_it_belongs(model):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    pred = predict_structure(model, image, batch=3)
+    assert pred.shape == (300, 400, 3) and pred.dtype == np.float32
+    padded = np.pad(image, ((46, 2 * 164 - 300 + 46), (46, 3 * 164 - 400 + 46), (0, 0)), mode="reflect")
+    for i in range(2):
+        for j in range(3):
+            r, c = i * 164, j * 164
+            expected = _direct(model, padded[r : r + 256, c : c + 256])[: 300 - r, : 400 - c]
+            np.testing.assert_allclose(pred[r : r + 164, c : c + 164], expected, atol=1e-5)
+
+
+def test_a_tile_of_one_output_window_equals_untiled_inference(model):
+    image = np.random.default_rng(1).integers(0, 256, (164, 164, 3), dtype=np.uint8)
+    untiled = _direct(model, np.pad(image, ((46, 46), (46, 46), (0, 0)), mode="reflect"))
+    np.testing.assert_allclose(predict_structure(model, image), untiled, atol=1e-5)
+    with pytest.raises(ValueError, match="must be an \\(H, W, 3\\) uint8 RGB array"):
+        predict_structure(model, image[..., 0])
+
+
+def _crop_folder(kumar, folder, names, size):
+    for name in names:
+        image = read_image(next((kumar / "images").glob(f"{name}.*")))
+        inst = read_instance_map(next((kumar / "instance_maps").glob(f"{name}.*")))
+        write_image(folder / "images" / f"{name}.png", image[:size, :size])
+        write_instance_map(folder / "instance_maps" / f"{name}.png", inst[:size, :size])
+
+
+def test_train_predict_evaluate_round_trip_on_real_tiles(kumar, tmp_path, capsys):
+    names = (kumar / "splits" / "kumar_train.txt").read_text().split()[:2]
+    _crop_folder(kumar, tmp_path / "real", names, 420)  # 4 windows per tile
+    args = ["--quiet", "train", "--real", str(tmp_path / "real"), "--preset", "tiny", "--epochs", "2", "--batch", "4"]
+    # an interrupted run resumed gives exactly the weights of an uninterrupted one
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--max-batches", "3"]) == 0
+    assert (
+        not (tmp_path / "split" / "model.safetensors").exists()
+        or json.loads((tmp_path / "split" / "config.json").read_text())["epoch"] == 1
+    )
+    assert main([*args, "--out", str(tmp_path / "split")]) == 2  # exists: needs --resume
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    whole, split = load_hovernet(tmp_path / "whole").state_dict(), load_hovernet(tmp_path / "split").state_dict()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    with open(tmp_path / "split" / "log.csv") as fh:
+        log = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in log] == ["1", "2"]
+
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "whole"),
+                "--images",
+                str(tmp_path / "real" / "images"),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
+    for name in names:
+        for sub, suffix in (("instance_maps", ".png"), ("mat", ".mat"), ("geojson", ".geojson"), ("overlays", ".png")):
+            assert (tmp_path / "pred" / sub / f"{name}{suffix}").is_file()
+        assert read_instance_map(tmp_path / "pred" / "instance_maps" / f"{name}.png").shape == (420, 420)
+    capsys.readouterr()
+    out_csv = tmp_path / "scores.csv"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--true",
+                str(tmp_path / "real" / "instance_maps"),
+                "--pred",
+                str(tmp_path / "pred" / "instance_maps"),
+                "--out",
+                str(out_csv),
+            ]
+        )
+        == 0
+    )
+    with open(out_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == [*sorted(names), "mean"]
+    assert all(0.0 <= float(rows[-1][k]) <= 1.0 for k in ("dice", "aji", "pq"))
+    capsys.readouterr()
+
+    assert (
+        main(
+            [
+                "fidelity",
+                "--checkpoint",
+                str(tmp_path / "whole"),
+                "--pairs",
+                str(tmp_path / "real"),
+                "--real",
+                str(tmp_path / "real"),
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "synthetic" and lines[2].split()[0] == "real"
+    assert lines[1].split()[1:] == lines[2].split()[1:]  # the same folder scores the same
+
+
+def test_predict_works_on_a_whole_tile_larger_than_any_window(kumar, model, tmp_path):
+    name = (kumar / "splits" / "kumar_test_same.txt").read_text().split()[0]
+    image = read_image(next((kumar / "images").glob(f"{name}.*")))
+    assert image.shape[:2] == (1000, 1000)
+    pred = predict_structure(model, image, batch=16)
+    assert pred.shape == (1000, 1000, 3) and np.isfinite(pred).all()
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, capsys):
+    write_image(tmp_path / "d" / "images" / "a.png", np.zeros((300, 300, 3), np.uint8))
+    write_instance_map(tmp_path / "d" / "instance_maps" / "b.png", np.zeros((300, 300), np.int32))
+    out = tmp_path / "run"
+    assert main(["--quiet", "train", "--real", str(tmp_path / "d"), "--preset", "tiny", "--out", str(out)]) == 2
+    assert "have no instance map" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "nowhere"),
+                "--images",
+                str(tmp_path / "d" / "images"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "checkpoint directory not found" in capsys.readouterr().err and not out.exists()
