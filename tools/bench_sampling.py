@@ -25,7 +25,7 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,9 @@ def cpu_peak_gflops() -> tuple[float, str]:
     gflops = 2 * 4096**3 / best / 1e9
     return gflops, (
         f"best of 10 4096^2 float32 matmuls in torch, {torch.get_num_threads()} threads: {gflops:.0f} GFLOP/s "
-        f"(AVX-512 with two 512-bit FMA pipes would give 64 FLOP/cycle/core; at the 2.6 GHz TSC that is "
-        f"{64 * 2.6 * (os.cpu_count() or 1):.0f} GFLOP/s, so the cores boost above it)"
+        f"(for comparison, two 512-bit FMA pipes per core give 64 FLOP/cycle/core: "
+        f"{64 * 2.6 * (os.cpu_count() or 1):.0f} GFLOP/s at the 2.6 GHz TSC; the clock under load is not "
+        "visible in a VM)"
     )
 
 
@@ -117,27 +118,23 @@ def perturbed(model: UNet) -> UNet:
     return model.eval()
 
 
-def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> list[tuple[str, str, Any]]:
+def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> Iterator[tuple[str, str, Any]]:
     """(engine, precision, runtime) of one model: PyTorch eager (float32, bf16 autocast)
-    and the ONNX exports of ``tools/export_onnx.py`` (exported here)."""
-    out: list[tuple[str, str, Any]] = []
+    and the ONNX exports of ``tools/export_onnx.py`` (exported here), made one at a time so
+    that only one runtime (and its SPADE modulations: GBs at small-128) is alive."""
     if kind == "structure":
-        out += [
-            ("pytorch eager", "fp32", TorchDenoiser(model)),
-            ("pytorch eager", "bf16 autocast", TorchDenoiser(model, dtype=torch.bfloat16)),
-        ]
+        yield ("pytorch eager", "fp32", TorchDenoiser(model))
+        yield ("pytorch eager", "bf16 autocast", TorchDenoiser(model, dtype=torch.bfloat16))
         for precision, slimmed in (("float32", False), ("float32", True), ("float16", False)):
             if slimmed and not slim:
                 continue
             path = tmp / f"s-{precision}-{slimmed}" / "model.onnx"
             export_onnx(model, path, batch_max=batch_max, precision=precision, slim=slimmed)
             name = "onnxruntime" + (" slim" if slimmed else "")
-            out.append((name, "fp32" if precision == "float32" else "fp16", load_denoiser(path)))
-        return out
-    out += [
-        ("pytorch eager, cached", "fp32", HistoDenoiser(model)),
-        ("pytorch eager, cached", "bf16 autocast", HistoDenoiser(model, dtype=torch.bfloat16)),
-    ]
+            yield (name, "fp32" if precision == "float32" else "fp16", load_denoiser(path))
+        return
+    yield ("pytorch eager, cached", "fp32", HistoDenoiser(model))
+    yield ("pytorch eager, cached", "bf16 autocast", HistoDenoiser(model, dtype=torch.bfloat16))
     exports = [
         ("uncached", "float32"),
         ("cached-modulation", "float32"),
@@ -154,8 +151,7 @@ def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> li
         else:
             common["batch_max"] = batch_max if layout == "guided" else 2 * batch_max
             export_onnx(model, path, cond_channels=3, layout="eps" if layout == "uncached" else "guided", **common)
-        out.append((f"onnxruntime {layout}", "fp32" if precision == "float32" else "fp16", load_histo_denoiser(path)))
-    return out
+        yield (f"onnxruntime {layout}", "fp32" if precision == "float32" else "fp16", load_histo_denoiser(path))
 
 
 def time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +172,7 @@ def _time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespa
         null = torch.zeros_like(cond)
         guided_eps = runtime.guided(cond, null, GUIDANCE)
         call = median_seconds(lambda: guided_eps(x_T, t), args.repeat)
+        del guided_eps  # its prepared modulations: one set alive at a time
         eps_fn = runtime.guided(cond, null, GUIDANCE)  # its prepare() counts in the run
     else:
         call = median_seconds(lambda: runtime.eps(x_T, t), args.repeat)
@@ -256,6 +253,7 @@ def main() -> int:
                     prepared = rt.prepare(cond)
                     rt.eps(x, t, prepared)  # fills the cache
                     cached = count_flops(lambda rt=rt, x=x, t=t, p=prepared: rt.eps(x, t, p))
+                    del rt, prepared
                 reference = eager = None
                 for engine, precision, runtime in engines(kind, model, Path(tmp) / preset, args.batch, args.slim):
                     r = time_row(kind, runtime, n, size, args)
@@ -277,6 +275,7 @@ def main() -> int:
                         "final_max_abs_diff": float((final - reference).abs().max()),
                     }
                     rows.append(row)
+                    del runtime, final
                     print(
                         f"| {kind} | {preset} | {engine} | {precision} | {n} | {row['ms_per_call']:.1f} | "
                         f"{row['ms_per_step']:.1f} | {row['images_per_s']:.2f} | {row['peak_mib']:.0f} | "
