@@ -170,3 +170,48 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
         == 2
     )
     assert "checkpoint directory not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_onnx_engine_predicts_like_pytorch(model, tmp_path, capsys):
+    from nudiff_seg import save_hovernet
+
+    save_hovernet(tmp_path / "run", model)
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "g" / "hovernet.onnx"),
+                "--batch-max",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert "max abs diff" in capsys.readouterr().out
+    image = np.random.default_rng(2).integers(0, 256, (200, 330, 3), dtype=np.uint8)
+    from nudiff_seg._onnx import load_engine
+
+    engine = load_engine(tmp_path / "g" / "hovernet.onnx")
+    # a random model's h/v maps reach ~40, where float32 summation order moves them ~3e-6 relative
+    np.testing.assert_allclose(
+        predict_structure(engine, image, batch=4), predict_structure(model, image, batch=4), rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="exported for batches of at most 4, got 6"):
+        predict_structure(engine, image, batch=8)
+    write_image(tmp_path / "images" / "a.png", image)
+    args = [
+        "--quiet",
+        "predict",
+        "--engine",
+        str(tmp_path / "g" / "hovernet.onnx"),
+        "--images",
+        str(tmp_path / "images"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "pred"), "--batch", "4"]) == 0
+    assert read_instance_map(tmp_path / "pred" / "instance_maps" / "a.png").shape == (200, 330)
+    (tmp_path / "g" / "hovernet.onnx").write_bytes(b"not a graph")
+    assert main([*args, "--out", str(tmp_path / "pred2")]) == 2
+    assert "hovernet.onnx' could not be loaded as an ONNX graph" in capsys.readouterr().err

@@ -27,22 +27,19 @@ from nudiff_postproc import (
 from nudiff_postproc._io import atomic_path
 
 from ._hovernet import HoVerNet
+from ._onnx import OnnxHoVerNet
 
 __all__ = ["predict_structure", "predict_instances", "write_prediction", "prediction_paths", "score_pairs"]
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
-def predict_structure(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> np.ndarray:
+def predict_structure(model: HoVerNet | OnnxHoVerNet, image: np.ndarray, *, batch: int = 8) -> np.ndarray:
     """HoVer-Net's prediction for a whole image.
 
     Parameters
     ----------
-    model : HoVerNet
-        Used in eval mode (restored afterwards).
+    model : HoVerNet or OnnxHoVerNet
+        A PyTorch model (used in eval mode, restored afterwards) or an ONNX Runtime engine.
     image : (H, W, 3) ndarray of uint8
         RGB image of any size. Not modified.
     batch : int
@@ -66,9 +63,11 @@ def predict_structure(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> 
     padded = np.pad(image, pad, mode="reflect")
     origins = [(i * small, j * small) for i in range(rows) for j in range(cols)]
     canvas = np.empty((rows * small, cols * small, 3), np.float32)
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
+    is_torch = isinstance(model, torch.nn.Module)
+    was_training = is_torch and model.training
+    device = next(model.parameters()).device if is_torch else torch.device("cpu")
+    if is_torch:
+        model.eval()
     try:
         for start in range(0, len(origins), batch):
             chunk = origins[start : start + batch]
@@ -80,11 +79,14 @@ def predict_structure(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> 
             for (r, c), p in zip(chunk, pred, strict=True):
                 canvas[r : r + small, c : c + small] = p
     finally:
-        model.train(was_training)
+        if is_torch:
+            model.train(was_training)
     return canvas[:h, :w].copy()
 
 
-def predict_instances(model: HoVerNet, image: np.ndarray, *, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def predict_instances(
+    model: HoVerNet | OnnxHoVerNet, image: np.ndarray, *, batch: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """``(instance map (H, W) int32, structure (H, W, 3) float32)`` of an image."""
     structure = predict_structure(model, image, batch=batch)
     return instances_from_structure(structure), structure
@@ -120,7 +122,7 @@ def write_prediction(out: str | os.PathLike[str], name: str, image: np.ndarray, 
 
 
 def score_pairs(
-    model: HoVerNet, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, batch: int = 8
+    model: HoVerNet | OnnxHoVerNet, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, batch: int = 8
 ) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
     """Predict every ``(name, image, true instance map)`` and score it with
     :func:`nudiff_postproc.evaluate`; returns the per-image rows and the mean of each

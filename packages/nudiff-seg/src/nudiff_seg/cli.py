@@ -62,10 +62,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ._data import read_rgb
-    from ._hovernet import load_hovernet
+    from ._onnx import load_engine
     from ._predict import predict_instances, prediction_paths, write_prediction
 
-    model = load_hovernet(args.checkpoint)
+    if bool(args.checkpoint) == bool(args.engine):
+        raise ValueError("give either --checkpoint RUN (PyTorch) or --engine model.onnx (ONNX Runtime)")
+    model = load_engine(args.engine or args.checkpoint)
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
     todo = [
         n
@@ -77,6 +79,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inst, _ = predict_instances(model, image, batch=args.batch)
         write_prediction(args.out, name, image, inst)
     print(f"predicted {len(todo)} image(s) ({len(images) - len(todo)} already done) into {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ._onnx import export_hovernet_onnx
+
+    worst = export_hovernet_onnx(args.checkpoint, args.out, batch_max=args.batch_max, opset=args.opset)
+    print(f"wrote {args.out} (batch <= {args.batch_max}); ONNX Runtime vs PyTorch: max abs diff {worst:.2e}")
     return 0
 
 
@@ -169,11 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="instance maps of images of any size (tiled)", formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="run directory of nudiff-seg train")
+    p.add_argument("--checkpoint", help="run directory of nudiff-seg train")
+    p.add_argument("--engine", help="an .onnx graph of nudiff-seg export (ONNX Runtime) instead of --checkpoint")
     p.add_argument("--images", required=True, help="folder of RGB images (PNG/TIFF/JPEG)")
     p.add_argument("--out", required=True, help="output folder: instance_maps/, mat/, geojson/, overlays/")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="HoVer-Net checkpoint -> ONNX graph for predict --engine", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run directory of nudiff-seg train")
+    p.add_argument("--out", required=True, help="the .onnx file (config.json is written beside it)")
+    p.add_argument("--batch-max", type=int, default=16, help="largest batch the graph accepts")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (the dynamo exporter needs >= 18)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="Dice, AJI, AJI+, DQ, SQ, PQ per image and the mean", formatter_class=fmt)
     p.add_argument("--true", required=True, help="folder of reference instance maps")
@@ -205,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"nudiff-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
