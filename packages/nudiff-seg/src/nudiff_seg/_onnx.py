@@ -2,7 +2,7 @@
 
 The export, the parity check against PyTorch (float32: max abs diff <= 1e-4 times the
 largest output magnitude, on random windows, batches 1 and 3) and the session settings are nudiff-diffusion's
-(:func:`nudiff_diffusion._onnx.export_graph`, ``onnx_session``): one implementation for
+(:func:`nudiff_diffusion.export_graph`, ``onnx_session`` and the graph config helpers): one implementation for
 every nudiff graph. nudiff-diffusion is therefore needed only for this path (the
 ``onnx`` extra: ``pip install nudiff-seg[onnx]``).
 """
@@ -26,10 +26,10 @@ GRAPH_KIND = "hovernet"
 
 def _onnx_tools() -> Any:
     try:
-        from nudiff_diffusion import _onnx
+        import nudiff_diffusion as onnx_tools
     except ImportError as exc:  # pragma: no cover - installed together in this repository
         raise RuntimeError("ONNX export and --engine need nudiff-diffusion: pip install nudiff-seg[onnx]") from exc
-    return _onnx
+    return onnx_tools
 
 
 class _Graph(nn.Module):
