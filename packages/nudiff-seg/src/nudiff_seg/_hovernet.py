@@ -268,6 +268,11 @@ class HoVerNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # ...except the output convolutions, which start at zero: without a pretrained
+        # encoder the reference's init gives logits and h/v of magnitude 40-150, whose first
+        # MSE gradients drove the HV branch of CPU runs (lr 1e-3) into a constant 0 output
+        for branch in self.decoder.values():
+            nn.init.zeros_(branch.u0.conv.weight)
 
     def encoder_modules(self) -> list[nn.Module]:
         """The modules HoVer-Net's first training phase keeps frozen."""
