@@ -11,25 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from nudiff_diffusion import median_seconds  # the benchmarks' shared timer (nudiff-seg[test] installs it)
 from nudiff_seg import build_hovernet, hovernet_loss, predict_instances
 
 SHARED = Path(os.environ.get("NUDIFF_SHARED", Path(__file__).resolve().parents[4] / "shared"))
-
-
-def _median(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _tile() -> np.ndarray:
@@ -57,12 +46,12 @@ def _row(name: str, batch: int, repeat: int, tile: np.ndarray) -> str:
         loss.backward()
         opt.step()
 
-    train = _median(step, repeat) / batch
+    train = median_seconds(step, repeat) / batch
     model.eval()
     x8 = torch.rand(8, 3, size, size)
     with torch.no_grad():
-        fwd = _median(lambda: model(x8), repeat) / 8
-    whole = _median(lambda: predict_instances(model, tile, batch=8), repeat)
+        fwd = median_seconds(lambda: model(x8), repeat) / 8
+    whole = median_seconds(lambda: predict_instances(model, tile, batch=8), repeat)
     return f"| {name} | {train:.3f} | {fwd * 1e3:.0f} | {whole:.2f} |"
 
 
