@@ -64,6 +64,7 @@ def _non_negative(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from nudiff_diffusion import add_evaluate_arguments, add_sampling_arguments, add_train_arguments
+    from nudiff_postproc import PATCH_GEOMETRY  # the presets' names (no torch import for --help)
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-histo", description=__doc__, formatter_class=fmt)
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or fine-tune) a histology model", formatter_class=fmt)
     p.add_argument("--pairs", required=True, help="dataset folder: images/ and instance_maps/")
     p.add_argument("--out", required=True, help="run directory (checkpoints, previews, logs)")
-    p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
+    p.add_argument("--preset", choices=sorted(PATCH_GEOMETRY), default="tiny-64", help="model preset")
     p.add_argument("--drop-prob", type=float, default=0.2, help="share of structures dropped to zeros (CFG)")
     p.add_argument("--init", help="histology checkpoint to fine-tune (the paper's second phase)")
     add_train_arguments(p)  # the paper: lr 1e-4 pre-training, 2e-5 fine-tuning

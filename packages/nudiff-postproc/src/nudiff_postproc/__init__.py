@@ -23,6 +23,7 @@ from ._patches import (
     extract_patches,
     patch_origins,
     stitch,
+    upsample,
 )
 from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
 from ._structure import (
@@ -34,7 +35,7 @@ from ._structure import (
     transform_structure,
 )
 from ._subset import patch_features, select_subset
-from ._synthetic import synthetic_instance_map
+from ._synthetic import synthetic_he_image, synthetic_instance_map, write_synthetic_dataset
 from ._watershed import instances_from_structure, instances_from_structures
 
 __version__ = "0.1.0"
@@ -68,9 +69,12 @@ __all__ = [
     "read_monuseg_xml",
     "select_subset",
     "stitch",
+    "upsample",
     "structure_grid",
     "structure_rgb",
     "synthetic_instance_map",
+    "synthetic_he_image",
+    "write_synthetic_dataset",
     "to_geojson",
     "transform_image",
     "transform_instance_map",

@@ -15,6 +15,7 @@ __all__ = [
     "stitch",
     "downscale_instance_map",
     "downscale_image",
+    "upsample",
 ]
 
 
@@ -42,6 +43,7 @@ class PatchGeometry:
 PATCH_GEOMETRY: dict[str, PatchGeometry] = {
     "tiny-64": PatchGeometry(patch_size=128, stride=64, downscale=2),
     "small-128": PatchGeometry(patch_size=256, stride=128, downscale=2),
+    "tiny-128": PatchGeometry(patch_size=256, stride=128, downscale=2),  # small-128's, tiny widths
     "paper-256": PatchGeometry(patch_size=256, stride=128, downscale=1),  # the paper's
 }
 
@@ -73,6 +75,31 @@ def downscale_image(image: np.ndarray, factor: int) -> np.ndarray:
     h, w, c = image.shape
     blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
     return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def upsample(array: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsample of an (H, W) or (H, W, C) array ``factor`` times, pixel areas
+    aligned (as torch's ``interpolate(..., align_corners=False)``; the border repeats).
+
+    The way back up from ``downscale_image`` and the structure's path to full scale in
+    ``instances_from_structure(..., scale=k)``. uint8 input gives uint8 output (rounded);
+    any other dtype gives float32.
+
+    Returns
+    -------
+    (H * factor, W * factor[, C]) ndarray
+    """
+    from scipy.ndimage import zoom
+
+    if not isinstance(array, np.ndarray) or array.ndim not in (2, 3):
+        raise ValueError(f"`array` must be (H, W) or (H, W, C), got shape {getattr(array, 'shape', None)}")
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"`factor` must be a positive integer, got {factor!r}")
+    zooms = (factor, factor) + (1,) * (array.ndim - 2)
+    up = zoom(array.astype(np.float32, copy=False), zooms, order=1, mode="nearest", grid_mode=True)
+    if array.dtype == np.uint8:
+        return np.clip(np.rint(up), 0, 255).astype(np.uint8)
+    return up
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

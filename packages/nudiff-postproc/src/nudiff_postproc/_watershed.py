@@ -13,7 +13,7 @@ from skimage.segmentation import watershed
 
 from ._labels import compact_labels
 from ._opencv_equiv import gaussian_blur_3x3, normalize_minmax, open_ellipse_5x5, sobel
-from ._patches import downscale_instance_map
+from ._patches import downscale_instance_map, upsample
 from ._validate import as_prediction, check_finite
 
 __all__ = ["instances_from_structure", "instances_from_structures"]
@@ -220,9 +220,7 @@ def _check_scale(scale: int) -> None:
 
 def _scaled(pred: np.ndarray, threshold: float, orientations: int, scale: int, helper: Executor | None) -> np.ndarray:
     """Post-process ``pred`` upsampled ``scale`` times, then take the map back down."""
-    from scipy.ndimage import zoom
-
-    up = zoom(pred.astype(np.float32, copy=False), (scale, scale, 1), order=1, mode="nearest", grid_mode=True)
+    up = upsample(pred, scale)
     inst = _instances(up, threshold, orientations, helper)
     return compact_labels(downscale_instance_map(inst, scale))[0].astype(np.int32)
 

@@ -108,13 +108,22 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     print(
         f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
     )
+    scores = {}
     for label, folder in sets:
         tiles = load_tiles(folder, what=f"--{'pairs' if label == 'synthetic' else 'real'}")
         _, mean = score_pairs(model, zip(tiles.names, tiles.images, tiles.maps, strict=True), batch=args.batch)
+        scores[label] = {"images": len(tiles), **{k: float(v) for k, v in mean.items()}}
         print(
             f"{label:<10} {len(tiles):>6}  "
             + "  ".join(f"{mean[k]:8.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
         )
+    if args.out:
+        import json
+
+        from nudiff_postproc._io import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(scores, indent=2, allow_nan=True) + "\n")
     return 0
 
 
@@ -206,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", required=True, help="synthetic dataset folder (images/, instance_maps/)")
     p.add_argument("--real", help="real dataset folder scored the same way, for reference")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--out", help="JSON file of the mean scores per set")
     p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("features", help="ImageNet ResNet embeddings of a patch folder", formatter_class=fmt)

@@ -65,6 +65,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from nudiff_diffusion import add_evaluate_arguments, add_sampling_arguments, add_train_arguments
+    from nudiff_postproc import PATCH_GEOMETRY  # the presets' names (no torch import for --help)
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-structure", description=__doc__, formatter_class=fmt)
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a structure model", formatter_class=fmt)
     p.add_argument("--data", required=True, help="dataset folder (its instance_maps/ are used)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, previews, logs)")
-    p.add_argument("--preset", choices=("tiny-64", "small-128", "paper-256"), default="tiny-64", help="model preset")
+    p.add_argument("--preset", choices=sorted(PATCH_GEOMETRY), default="tiny-64", help="model preset")
     p.add_argument("--subset", help="text file of patch names to train on (nudiff-postproc subset)")
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)

@@ -1,0 +1,160 @@
+"""tools/pipeline.py: config checks before any work, the whole method end to end at toy
+scale (the demo config, smaller), and a run killed midway that resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "tools" / "pipeline.py"
+DEMO = ROOT / "configs" / "demo.toml"
+
+# the demo config, smaller: 4 procedural tiles of 256 px, tens of steps per model
+SMALL = [
+    "data.tiles=4",
+    "data.tile_size=256",
+    "data.test_tiles=1",
+    "prepare.fraction=0.3",
+    "structure.steps=30",
+    "structure.save_every=10",
+    "histo.pretrain_steps=20",
+    "histo.finetune_steps=10",
+    "histo.save_every=10",
+    "sample.num=8",
+    "sample.steps=4",
+    "sample.batch=4",
+    'seg.runs=[{name="subset", real="subset", synthetic=false, epochs=2},'
+    ' {name="subset+synthetic", real="subset", synthetic=true, epochs=1}]',
+]
+
+
+def _command(out: Path, *extra: str, config: Path = DEMO) -> list[str]:
+    sets = [arg for item in SMALL for arg in ("--set", item)]
+    return [sys.executable, str(PIPELINE), str(config), "--out", str(out), "--quiet", *sets, *extra]
+
+
+def _run(out: Path, *extra: str, config: Path = DEMO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NUDIFF_DATA"}
+    return subprocess.run(_command(out, *extra, config=config), capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(DEMO.read_text().replace("[structure]\n", "[structure]\nstepz = 5\n"))
+    result = _run(tmp_path / "out", config=config)
+    assert result.returncode == 2
+    assert "structure.stepz" in result.stderr and str(config) in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_section_and_bad_types_are_named(tmp_path):
+    result = _run(tmp_path / "out", "--set", "histo.steps=5")
+    assert result.returncode == 2 and "histo.steps" in result.stderr
+    result = _run(tmp_path / "out", "--set", "structure.steps='many'")
+    assert result.returncode == 2 and "structure.steps must be a int" in result.stderr and "'many'" in result.stderr
+    result = _run(tmp_path / "out", "--set", 'seg.runs=[{name="a", real="half", synthetic=false, epochs=1}]')
+    assert result.returncode == 2 and "seg.runs[0].real" in result.stderr and "'half'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_folder_fails_before_any_work(tmp_path):
+    missing = tmp_path / "no-such-tiles"
+    result = _run(tmp_path / "out", "--data", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "data folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
+    result = _run(tmp_path / "out", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    stages = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    assert stages == [
+        "prepare",
+        "structure-train",
+        "histo-train",
+        "structure-sample",
+        "histo-engine",
+        "histo-sample",
+        "synthetic-seg",
+        "seg-train-subset",
+        "seg-eval-subset",
+        "seg-train-subset+synthetic",
+        "seg-eval-subset+synthetic",
+        "judge-synthetic",
+        "report",
+    ]
+    assert "--cached-modulation" not in result.stdout  # a Python step, not a listed command
+    assert "nudiff_histo.cli --quiet sample" in result.stdout and "--engine" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_end_to_end_killed_midway_resumes_and_writes_the_report(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "NUDIFF_DATA"}
+    first = subprocess.Popen(_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # kill it once the histology model has written its first checkpoint, mid-training
+    checkpoints = out / "histo-pretrain" / "checkpoints"
+    reached = _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), 600)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert reached, err
+    assert first.returncode == 130, err
+    assert (out / "stages" / "prepare.json").is_file()
+    assert not (out / "stages" / "histo-train.json").exists()
+    assert not (out / "stages" / "report.json").exists()
+
+    second = subprocess.run(_command(out), capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "done  prepare" not in second.stdout  # skipped: its marker holds the same settings
+
+    # resumed, not restarted: the pre-training log shows two commands and no repeated step
+    log = (out / "logs" / "histo-train.log").read_text()
+    assert log.count("--out " + str(out / "histo-pretrain")) == 2
+    with open(out / "histo-pretrain" / "log.csv", newline="") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps[-1] == 20
+    # nothing lost or duplicated
+    assert len(list((out / "synthetic" / "images").glob("*.png"))) == 8
+    assert len(list((out / "synthetic-structures" / "structures").glob("*.npy"))) == 8
+    manifest = json.loads((out / "synthetic-seg" / "manifest.json").read_text())
+    assert manifest == {**manifest, "grid": 2, "tiles": 2, "pairs_used": 8, "tile_size": 256}
+    # every file of the report
+    for name in ("report.md", "report.html"):
+        assert (out / name).stat().st_size > 1000
+    for figure in ("synthetic", "real_vs_synthetic", "predictions", "curves"):
+        assert (out / "figures" / f"{figure}.png").is_file(), figure
+    report = (out / "report.md").read_text()
+    for text in ("| subset |", "| subset+synthetic |", "morphology distance", "haematoxylin W1", "label fidelity"):
+        assert text in report, text
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    for run in ("subset", "subset+synthetic"):
+        with open(out / "eval" / f"{run}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["name"] for r in rows] == ["synthetic_003", "mean"]
+    # a second run finds everything done
+    third = subprocess.run(_command(out), capture_output=True, text=True, env=env, timeout=120)
+    assert third.returncode == 0 and "0 stage(s) to run, 13 done" in third.stdout
+    # a changed setting is refused, naming the stage and the way out
+    changed = subprocess.run(
+        _command(out, "--set", "sample.guidance=3.0"), capture_output=True, text=True, env=env, timeout=120
+    )
+    assert changed.returncode == 2
+    assert "stage histo-sample" in changed.stderr and "--redo histo-sample" in changed.stderr

@@ -1,0 +1,249 @@
+"""The pipeline's configuration: a TOML file checked against one schema before any work.
+
+Every key has a default here; a config file overrides what it names. An unknown section
+or key, a value of the wrong type or a data folder that does not exist is an error that
+names it (``ConfigError``), raised before any stage starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+SEG_RUN_KEYS = {"name": str, "real": str, "synthetic": bool, "epochs": int}
+
+#: Defaults of every section and key (types are taken from these values).
+DEFAULTS: dict[str, Any] = {
+    "name": "nudiff",
+    "out": "pipeline_out",
+    "parallel": 2,  # stages that may run at once (each gets cores / parallel threads)
+    "threads": 0,  # cores to use; 0: all
+    "data": {
+        "source": "procedural",  # "procedural" or a dataset folder (images/, instance_maps/)
+        "tiles": 8,  # procedural: tiles generated
+        "tile_size": 512,  # procedural: side in pixels
+        "test_tiles": 2,  # the last N tiles (sorted names) are the test set, unless splits are given
+        "train_split": "",  # folder source: file (relative to the folder) of training tile names
+        "test_split": [""],  # folder source: file(s) of test tile names
+        "seed": 0,
+    },
+    "prepare": {"patch_size": 256, "stride": 128, "fraction": 0.1, "seed": 0},
+    "structure": {"preset": "tiny-64", "steps": 400, "batch": 4, "lr": 2e-4, "ema": 0.999, "save_every": 200},
+    "histo": {
+        "preset": "tiny-64",
+        "pretrain_steps": 300,  # the paper's first phase: no condition dropping
+        "finetune_steps": 100,  # its second phase: dropping at drop_prob, lr finetune_lr (0: one phase)
+        "batch": 4,
+        "lr": 2e-4,
+        "finetune_lr": 2e-5,
+        "drop_prob": 0.2,
+        "ema": 0.999,
+        "save_every": 100,
+    },
+    "sample": {
+        "num": 64,
+        "sampler": "dpmpp2m",
+        "steps": 20,
+        "guidance": 2.0,
+        "batch": 8,
+        "engine": "onnx",  # "onnx" (ONNX Runtime, cached modulation) or "pytorch"
+        "seed": 0,
+    },
+    "seg": {
+        "preset": "tiny",
+        "batch": 4,
+        "lr": 1e-3,
+        "seed": 0,
+        "runs": [
+            {"name": "subset", "real": "subset", "synthetic": False, "epochs": 20},
+            {"name": "subset+synthetic", "real": "subset", "synthetic": True, "epochs": 10},
+        ],
+    },
+    "report": {"pictures": 8},
+    # paper-scale configs: launch the training stages under torchrun on this many processes
+    "launch": {"nproc_per_node": 1},
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, key and value."""
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any], where: str, source: str) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(where + k for k in unknown)}; "
+            f"known keys of {where.rstrip('.') or 'the top level'}: {sorted(defaults)}"
+        )
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        default = defaults[key]
+        name = where + key
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table, got {value!r}")
+            out[key] = _merge(default, value, name + ".", source)
+        elif key == "runs":
+            out[key] = [_seg_run(r, f"{name}[{i}]", source) for i, r in enumerate(_as_list(value, name, source))]
+        elif key == "test_split":
+            out[key] = [str(v) for v in ([value] if isinstance(value, str) else _as_list(value, name, source))]
+        else:
+            out[key] = _typed(value, default, name, source)
+    return out
+
+
+def _as_list(value: Any, name: str, source: str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+    return value
+
+
+def _typed(value: Any, default: Any, name: str, source: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{source}: {name} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _seg_run(run: Any, name: str, source: str) -> dict[str, Any]:
+    if not isinstance(run, dict):
+        raise ConfigError(f"{source}: {name} must be a table, got {run!r}")
+    unknown = sorted(set(run) - set(SEG_RUN_KEYS))
+    missing = sorted(set(SEG_RUN_KEYS) - set(run))
+    if unknown or missing:
+        raise ConfigError(
+            f"{source}: {name} has unknown key(s) {unknown} / lacks {missing}; a run has {sorted(SEG_RUN_KEYS)}"
+        )
+    for key, kind in SEG_RUN_KEYS.items():
+        if not isinstance(run[key], kind) or (kind is int and isinstance(run[key], bool)):
+            raise ConfigError(f"{source}: {name}.{key} must be a {kind.__name__}, got {run[key]!r}")
+    if run["real"] not in ("subset", "full"):
+        raise ConfigError(f"{source}: {name}.real must be 'subset' or 'full', got {run['real']!r}")
+    if not run["name"] or any(c in run["name"] for c in "/\\ "):
+        raise ConfigError(f"{source}: {name}.name must be a non-empty folder name, got {run['name']!r}")
+    if run["epochs"] < 1:
+        raise ConfigError(f"{source}: {name}.epochs must be >= 1, got {run['epochs']}")
+    return dict(run)
+
+
+def _apply_overrides(given: dict[str, Any], overrides: list[str], source: str) -> None:
+    """``section.key=value`` strings (the value in TOML syntax) written into ``given``."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. structure.steps=100")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()  # a bare string
+        *sections, last = key.strip().split(".")
+        node = given
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {section} is not a table in {source}")
+        node[last] = parsed
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    out: str | None = None,
+    overrides: list[str] = (),
+) -> dict[str, Any]:
+    """Read, merge with the defaults and check a config file.
+
+    Parameters
+    ----------
+    path : path
+        The TOML file.
+    data : str, optional
+        A dataset folder that replaces ``data.source`` (the ``--data`` flag or
+        ``$NUDIFF_DATA``).
+    out : str, optional
+        The output folder, replacing ``out``.
+    overrides : list of str
+        ``section.key=value`` settings (TOML values) that replace the file's.
+
+    Returns
+    -------
+    dict
+        The full config, every key present; ``data.source`` and ``out`` as given (relative
+        paths are relative to the working directory).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: '{path}'")
+    try:
+        given = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"'{path}' is not valid TOML: {exc}") from exc
+    _apply_overrides(given, list(overrides), f"'{path}'")
+    config = _merge(DEFAULTS, given, "", f"'{path}'")
+    if data:
+        config["data"]["source"] = data
+    if out:
+        config["out"] = out
+    _check(config, f"'{path}'")
+    return config
+
+
+def _check(config: dict[str, Any], source: str) -> None:
+    from nudiff_postproc import PATCH_GEOMETRY
+    from nudiff_seg import PRESETS as SEG_PRESETS
+
+    data = config["data"]
+    if data["source"] != "procedural":
+        folder = Path(data["source"])
+        for sub in ("", "images", "instance_maps"):
+            if not (folder / sub).is_dir():
+                raise ConfigError(
+                    f"{source}: data folder '{folder / sub}' not found (data.source, --data or $NUDIFF_DATA: a folder "
+                    "with images/ and instance_maps/)"
+                )
+        for split in [data["train_split"], *data["test_split"]]:
+            if split and not (folder / split).is_file():
+                raise ConfigError(f"{source}: split file '{folder / split}' not found")
+        if bool(data["train_split"]) != any(data["test_split"]):
+            raise ConfigError(f"{source}: give both data.train_split and data.test_split, or neither")
+    elif data["tiles"] <= data["test_tiles"] or data["test_tiles"] < 1:
+        raise ConfigError(
+            f"{source}: data.tiles ({data['tiles']}) must exceed data.test_tiles ({data['test_tiles']}) >= 1"
+        )
+    for section in ("structure", "histo"):
+        if config[section]["preset"] not in PATCH_GEOMETRY:
+            raise ConfigError(
+                f"{source}: {section}.preset {config[section]['preset']!r} is not one of {sorted(PATCH_GEOMETRY)}"
+            )
+    if config["structure"]["preset"] != config["histo"]["preset"]:
+        raise ConfigError(
+            f"{source}: structure.preset {config['structure']['preset']!r} and histo.preset "
+            f"{config['histo']['preset']!r} must match (the histology model paints the structures' size)"
+        )
+    if config["seg"]["preset"] not in SEG_PRESETS:
+        raise ConfigError(f"{source}: seg.preset {config['seg']['preset']!r} is not one of {sorted(SEG_PRESETS)}")
+    if config["sample"]["engine"] not in ("onnx", "pytorch"):
+        raise ConfigError(f"{source}: sample.engine must be 'onnx' or 'pytorch', got {config['sample']['engine']!r}")
+    if not 0 < config["prepare"]["fraction"] <= 1:
+        raise ConfigError(f"{source}: prepare.fraction must be in (0, 1], got {config['prepare']['fraction']}")
+    names = [r["name"] for r in config["seg"]["runs"]]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"{source}: seg.runs must be a non-empty list with distinct names, got {names}")
+    for key in ("parallel",):
+        if config[key] < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1, got {config[key]}")
+    if config["threads"] < 0:
+        raise ConfigError(f"{source}: threads must be >= 0, got {config['threads']}")

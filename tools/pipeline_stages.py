@@ -1,0 +1,277 @@
+"""The pipeline's stages for a config: the package CLIs they run and their Python steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pipeline_runner import Stage, cli
+
+Run = Callable[[list[str]], None]
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def cli_args(*args: Any) -> list[str]:
+    """Command-line words of ``args`` (paths and numbers as text)."""
+    return [str(a) for a in args]
+
+
+def _fresh(path: Path) -> Path:
+    """``path`` with a ``.partial`` suffix, emptied: where a stage builds a folder before it
+    renames it into place (a killed stage leaves no half-written result)."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _link_pair(src_dir: Path, name: str, dst_dir: Path) -> None:
+    """Link ``src_dir/{images,instance_maps}/name.*`` into ``dst_dir`` (relative links)."""
+    from nudiff_postproc._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES
+
+    for sub, suffixes in (("images", IMAGE_SUFFIXES), ("instance_maps", INSTANCE_MAP_SUFFIXES)):
+        found = [src_dir / sub / f"{name}{s}" for s in suffixes if (src_dir / sub / f"{name}{s}").is_file()]
+        if not found:
+            raise FileNotFoundError(f"'{src_dir / sub}' has no file for '{name}' (one of {list(suffixes)})")
+        (dst_dir / sub).mkdir(parents=True, exist_ok=True)
+        link = dst_dir / sub / found[0].name
+        link.symlink_to(os.path.relpath(found[0].resolve(), link.parent.resolve()))
+
+
+def _split_names(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    from nudiff_postproc._folders import dataset_pairs
+
+    data = config["data"]
+    folder = Path(data["source"])
+    names = [n for n, _, _ in dataset_pairs(folder)]
+    if data["train_split"]:
+        train = (folder / data["train_split"]).read_text().split()
+        test = [n for f in data["test_split"] for n in (folder / f).read_text().split()]
+    else:
+        if len(names) <= data["test_tiles"]:
+            raise ValueError(
+                f"'{folder}' holds {len(names)} tile(s); data.test_tiles = {data['test_tiles']} leaves none"
+            )
+        train, test = names[: -data["test_tiles"]], names[-data["test_tiles"] :]
+    missing = sorted(set(train + test) - set(names))
+    if missing:
+        raise ValueError(f"'{folder}' lacks {len(missing)} tile(s) of the splits, e.g. {missing[:3]}")
+    return train, test
+
+
+def prepare(run: Run, *, config: dict[str, Any]) -> None:
+    """Train/test tiles, 256 px patches of the training tiles and the labelled subset,
+    built in ``data.partial`` and renamed to ``data``."""
+    from nudiff_postproc import write_synthetic_dataset
+
+    out = Path(config["out"])
+    tmp = _fresh(out / "data")
+    data = config["data"]
+    if data["source"] == "procedural":
+        write_synthetic_dataset(tmp / "tiles", data["tiles"], size=data["tile_size"], seed=data["seed"])
+        source = tmp / "tiles"
+        names = sorted(p.stem for p in (source / "images").iterdir())
+        train, test = names[: -data["test_tiles"]], names[-data["test_tiles"] :]
+    else:
+        source = Path(data["source"]).resolve()
+        train, test = _split_names(config)
+    for split, names in (("train", train), ("test", test)):
+        for name in names:
+            _link_pair(source, name, tmp / split)
+    p = config["prepare"]
+    patches = ["--data", tmp / "train", "--out", tmp / "patches", "--size", p["patch_size"], "--stride", p["stride"]]
+    run(cli("nudiff_postproc", "patches", *patches))
+    subset = ["--data", tmp / "patches", "--fraction", p["fraction"], "--seed", p["seed"], "--out", tmp / "subset.txt"]
+    run(cli("nudiff_postproc", "subset", *subset))
+    for name in (tmp / "subset.txt").read_text().split():
+        _link_pair(tmp / "patches", name, tmp / "subset")
+    _publish(tmp, out / "data")
+
+
+def export_engine(run: Run, *, config: dict[str, Any]) -> None:
+    """The histology model as ONNX graphs with the SPADE modulation cached per batch."""
+    out = Path(config["out"])
+    tmp = _fresh(out / "engines")
+    batch = 2 * config["sample"]["batch"]  # guidance runs the conditional and unconditional halves as one batch
+    graph = tmp / "histo" / "model.onnx"
+    run(
+        cli_args(sys.executable, TOOLS / "export_onnx.py", out / "histo", "-o", graph, "--cached-modulation")
+        + cli_args("--batch-max", batch)
+    )
+    _publish(tmp, out / "engines")
+
+
+def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:
+    """Synthetic pairs at the segmentation's scale: images upsampled to the tiles' resolution
+    (bilinear), instance maps from the structure post-processed there, and ``grid`` x
+    ``grid`` of them side by side when one is smaller than a HoVer-Net input window."""
+    from nudiff_postproc import (
+        PATCH_GEOMETRY,
+        instances_from_structure,
+        read_image,
+        upsample,
+        write_image,
+        write_instance_map,
+    )
+    from nudiff_postproc._folders import list_files, read_structure
+    from nudiff_seg import PRESETS
+
+    out = Path(config["out"])
+    geometry = PATCH_GEOMETRY[config["histo"]["preset"]]
+    window = PRESETS[config["seg"]["preset"]].input_size
+    side = geometry.image_size * geometry.downscale
+    grid = -(-window // side)
+    src = out / "synthetic"
+    tmp = _fresh(out / "synthetic-seg")
+    files = list_files(src / "structures", (".npy",), "synthetic structure")
+    names = sorted(files)
+    groups = [names[i : i + grid * grid] for i in range(0, len(names) - grid * grid + 1, grid * grid)]
+    for k, group in enumerate(groups):
+        image = np.zeros((grid * side, grid * side, 3), np.uint8)
+        inst = np.zeros((grid * side, grid * side), np.int32)
+        for j, name in enumerate(group):
+            r, c = divmod(j, grid)
+            structure = read_structure(files[name])
+            cell = instances_from_structure(upsample(structure, geometry.downscale))
+            cell = np.where(cell > 0, cell + inst.max(), 0)
+            rows, cols = slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)
+            inst[rows, cols] = cell
+            image[rows, cols] = upsample(read_image(src / "images" / f"{name}.png"), geometry.downscale)
+        write_image(tmp / "images" / f"mosaic_{k:04d}.png", image)
+        write_instance_map(tmp / "instance_maps" / f"mosaic_{k:04d}.png", inst)
+    (tmp / "manifest.json").write_text(
+        json.dumps(
+            {
+                "source": str(src),
+                "pairs_used": len(groups) * grid * grid,
+                "tiles": len(groups),
+                "grid": grid,
+                "upsampled": geometry.downscale,
+                "tile_size": grid * side,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    _publish(tmp, out / "synthetic-seg")
+
+
+def build_stages(config: dict[str, Any]) -> list[Stage]:
+    """The stages of ``config`` in a valid order, with their commands and outputs."""
+    out = Path(config["out"])
+    data = out / "data"
+    s, h, smp, seg = config["structure"], config["histo"], config["sample"], config["seg"]
+    launch = config["launch"]["nproc_per_node"]
+
+    def trainer(package: str, *args: Any) -> list[str]:
+        command = cli(package, "train", *args)
+        if launch > 1:  # DDP: every process trains on its share of each batch
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch}"] + command[1:]
+        return command
+
+    def common(section: dict[str, Any]) -> list[Any]:
+        return ["--batch", section["batch"], "--ema", section["ema"], "--save-every", section["save_every"], "--resume"]
+
+    stages: list[Stage] = []
+
+    def add(stage: Stage, fn: Any = None) -> None:
+        if fn is not None:
+            stage.python = partial(fn, config=config)
+        stages.append(stage)
+
+    add(Stage("prepare", [], outputs=[data], settings=[config["data"], config["prepare"]]), prepare)
+    structure_cmd = trainer("nudiff_structure", "--data", data / "subset", "--out", out / "structure")
+    structure_cmd += cli_args("--preset", s["preset"], "--steps", s["steps"], "--lr", s["lr"], *common(s))
+    add(Stage("structure-train", ["prepare"], [structure_cmd], outputs=[out / "structure"]))
+    pairs = ["--pairs", data / "subset", "--preset", h["preset"]]
+    if h["finetune_steps"] > 0:  # the paper's two phases
+        phases = [
+            ["--out", out / "histo-pretrain", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", 0],
+            ["--out", out / "histo", "--init", out / "histo-pretrain", "--steps", h["finetune_steps"]]
+            + ["--lr", h["finetune_lr"], "--drop-prob", h["drop_prob"]],
+        ]
+    else:
+        phases = [
+            ["--out", out / "histo", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", h["drop_prob"]]
+        ]
+    histo_cmds = [trainer("nudiff_histo", *pairs, *phase, *common(h)) for phase in phases]
+    add(Stage("histo-train", ["prepare"], histo_cmds, outputs=[out / "histo-pretrain", out / "histo"]))
+    sampling = ["--sampler", smp["sampler"], "--steps", smp["steps"], "--seed", smp["seed"], "--batch", smp["batch"]]
+    structures = out / "synthetic-structures"
+    command = cli("nudiff_structure", "sample", "--checkpoint", out / "structure", "--num", smp["num"], *sampling)
+    add(Stage("structure-sample", ["structure-train"], [command + ["--out", str(structures)]], outputs=[structures]))
+    if smp["engine"] == "onnx":
+        add(Stage("histo-engine", ["histo-train"], outputs=[out / "engines"], settings=smp["batch"]), export_engine)
+        source, deps = ["--engine", out / "engines" / "histo" / "model.onnx"], ["structure-sample", "histo-engine"]
+    else:
+        source, deps = ["--checkpoint", out / "histo"], ["structure-sample", "histo-train"]
+    command = cli("nudiff_histo", "sample", "--structures", structures, *source, *sampling)
+    command += cli_args("--guidance", smp["guidance"], "--out", out / "synthetic")
+    add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"]))
+    add(
+        Stage("synthetic-seg", ["histo-sample"], outputs=[out / "synthetic-seg"], settings=seg["preset"]),
+        synthetic_for_seg,
+    )
+    test = data / "test"
+    for run in seg["runs"]:
+        name = run["name"]
+        command = cli("nudiff_seg", "train", "--real", data / "patches")
+        command += cli_args("--subset", data / "subset.txt") if run["real"] == "subset" else []
+        if run["synthetic"]:
+            command += cli_args("--synthetic", out / "synthetic-seg", "--synthetic-ratio", "pool")
+        command += cli_args("--preset", seg["preset"], "--epochs", run["epochs"], "--batch", seg["batch"])
+        command += cli_args("--lr", seg["lr"], "--seed", seg["seed"], "--out", out / "seg" / name, "--resume")
+        deps = ["prepare"] + (["synthetic-seg"] if run["synthetic"] else [])
+        add(Stage(f"seg-train-{name}", deps, [command], outputs=[out / "seg" / name]))
+        predictions, scores = out / "predictions" / name, out / "eval" / f"{name}.csv"
+        commands = [
+            cli("nudiff_seg", "predict", "--checkpoint", out / "seg" / name, "--images", test / "images")
+            + cli_args("--out", predictions),
+            cli("nudiff_seg", "evaluate", "--true", test / "instance_maps", "--pred", predictions / "instance_maps")
+            + cli_args("--out", scores),
+        ]
+        add(Stage(f"seg-eval-{name}", [f"seg-train-{name}"], commands, outputs=[predictions, scores]))
+    evals = out / "eval"
+    judge = [
+        cli(
+            "nudiff_structure", "evaluate", "--samples", structures, "--real", test, "--out", evals / "structures.json"
+        ),
+        cli(
+            "nudiff_histo",
+            "evaluate",
+            "--samples",
+            out / "synthetic",
+            "--real",
+            test,
+            "--out",
+            evals / "histology.json",
+        ),
+    ]
+    deps = ["histo-sample", "synthetic-seg"]
+    real_only = next((r["name"] for r in seg["runs"] if not r["synthetic"]), None)
+    if real_only:  # label fidelity: a model that saw real labels only, scored on the synthetic pairs
+        judge.append(
+            cli("nudiff_seg", "fidelity", "--checkpoint", out / "seg" / real_only, "--pairs", out / "synthetic-seg")
+            + cli_args("--real", test, "--out", evals / "fidelity.json")
+        )
+        deps.append(f"seg-train-{real_only}")
+    outputs = [evals / "structures.json", evals / "histology.json", evals / "fidelity.json"]
+    add(Stage("judge-synthetic", deps, judge, outputs=outputs))
+    from pipeline_report import write_report
+
+    outputs = [out / "report.md", out / "report.html", out / "figures"]
+    add(Stage("report", [st.name for st in stages], outputs=outputs, settings=config["report"]), write_report)
+    return stages
