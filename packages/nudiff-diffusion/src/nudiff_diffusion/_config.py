@@ -62,7 +62,7 @@ class UNetConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> UNetConfig:
-        """A named preset (``paper-256``, ``small-128``, ``tiny-128``, ``tiny-64``) with optional overrides."""
+        """A named preset (``paper-256``, ``small-128``, ``tiny-64``) with optional overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -96,17 +96,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=1,
         attention_resolutions=(8,),
         channel_mult=(1, 2, 2, 2),
-        num_head_channels=32,
-        learn_sigma=True,
-    ),
-    # tiny-64's widths at 128 px (one more level): the CPU-scale experiment's models, whose
-    # 256 px / 2x-downscaled patches become one 256 px HoVer-Net window when upsampled
-    "tiny-128": dict(
-        image_size=128,
-        model_channels=32,
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        channel_mult=(1, 2, 2, 2, 2),
         num_head_channels=32,
         learn_sigma=True,
     ),

@@ -53,7 +53,6 @@ class HistoPreset:
 PRESETS: dict[str, HistoPreset] = {
     "tiny-64": HistoPreset(PATCH_GEOMETRY["tiny-64"], "tiny-64", spade_hidden=32),
     "small-128": HistoPreset(PATCH_GEOMETRY["small-128"], "small-128", spade_hidden=64),
-    "tiny-128": HistoPreset(PATCH_GEOMETRY["tiny-128"], "tiny-128", spade_hidden=32),
     # the paper's UNet flags; 128 hidden channels as semantic diffusion models' SPADE
     "paper-256": HistoPreset(PATCH_GEOMETRY["paper-256"], "paper-256", spade_hidden=128),
 }

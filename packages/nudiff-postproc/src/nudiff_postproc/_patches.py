@@ -43,7 +43,6 @@ class PatchGeometry:
 PATCH_GEOMETRY: dict[str, PatchGeometry] = {
     "tiny-64": PatchGeometry(patch_size=128, stride=64, downscale=2),
     "small-128": PatchGeometry(patch_size=256, stride=128, downscale=2),
-    "tiny-128": PatchGeometry(patch_size=256, stride=128, downscale=2),  # small-128's, tiny widths
     "paper-256": PatchGeometry(patch_size=256, stride=128, downscale=1),  # the paper's
 }
 
