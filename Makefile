@@ -1,5 +1,5 @@
 # nudiff: `make demo` runs the main job, `make test` runs the tests. Both set up .venv
-# first (idempotent: it reinstalls only when a pyproject or the constraints change).
+# first (idempotent: it reinstalls only when this file, a pyproject or the constraints change).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,20 +9,23 @@ STAMP := $(VENV)/.nudiff-installed
 # says so too, but CI may not pass the variable on)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# where `make wheels` puts the wheels and sdists (tests/test_wheels.py passes its own)
+DIST ?= dist
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint wheels clean
 
 setup: $(STAMP)
 
-$(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+$(STAMP): Makefile constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# every local package in one pip call: their metadata name each other by name only
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) -c constraints.txt \
-		$(foreach p,$(PACKAGES),-e $(p)[test]) "ruff>=0.5"
+		$(foreach p,$(PACKAGES),-e $(p)[test]) "ruff>=0.5" "build>=1.2" "matplotlib>=3.7"
 	@touch $(STAMP)
 
+# the main job: the whole method on configs/demo.toml (procedural tiles, or $$NUDIFF_DATA) -> demo_out/report.md
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/pipeline.py configs/demo.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py
@@ -39,5 +42,19 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py
 
+# a wheel and an sdist of every package in $(DIST)/, each package in its own isolated build
+# environment (poetry-core from the index); the wheel is built from the sdist, which proves the
+# sdist complete. A rerun first removes that version's files, so each package has exactly one of each.
+wheels: $(STAMP)
+	@mkdir -p $(DIST)
+	@set -e; for p in $(PACKAGES); do \
+		name=$$(sed -n 's/^name = "\(.*\)"$$/\1/p' $$p/pyproject.toml | head -n 1 | tr - _); \
+		version=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' $$p/pyproject.toml | head -n 1); \
+		rm -f $(DIST)/$$name-$$version-*.whl $(DIST)/$$name-$$version.tar.gz; \
+		echo "building $$name $$version"; \
+		$(BIN)/python -m build --quiet --outdir $(DIST) $$p; \
+	done
+	@ls -l $(DIST)
+
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) demo_out bench_out dist .pytest_cache .hypothesis

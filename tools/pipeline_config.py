@@ -62,7 +62,9 @@ DEFAULTS: dict[str, Any] = {
             {"name": "subset+synthetic", "real": "subset", "synthetic": True, "epochs": 10},
         ],
     },
-    "report": {"pictures": 8},
+    # real_pictures = false leaves out the pictures that show real tiles (licensed data that
+    # must not be copied, e.g. into a repository)
+    "report": {"pictures": 8, "real_pictures": True},
     # paper-scale configs: launch the training stages under torchrun on this many processes
     "launch": {"nproc_per_node": 1},
 }

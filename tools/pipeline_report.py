@@ -246,6 +246,8 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
         )
     if "real_vs_synthetic" in figures:
         blocks.append(("img", figures["real_vs_synthetic"], "real subset patch | synthetic training tile, outlined"))
+    if not config["report"]["real_pictures"]:
+        blocks.append(("p", "Pictures of real tiles are left out (report.real_pictures = false: licensed data)."))
     if "curves" in figures:
         blocks.append(("h", 2, "Training"))
         blocks.append(("img", figures["curves"], "training losses"))
@@ -348,11 +350,11 @@ def write_report(run: Callable[[list[str]], None], *, config: dict[str, Any]) ->
     shutil.rmtree(figures_dir, ignore_errors=True)
     figures_dir.mkdir(parents=True)
     figures: dict[str, str] = {}
-    n = config["report"]["pictures"]
+    n, real = config["report"]["pictures"], config["report"]["real_pictures"]
     for key, picture in (
         ("synthetic", _synthetic_grid(out, n)),
-        ("real_vs_synthetic", _real_vs_synthetic(out, max(2, n // 2))),
-        ("predictions", _predictions(out, config)),
+        ("real_vs_synthetic", _real_vs_synthetic(out, max(2, n // 2)) if real else None),
+        ("predictions", _predictions(out, config) if real else None),
     ):
         if picture is not None:
             write_image(figures_dir / f"{key}.png", picture)
