@@ -152,8 +152,9 @@ def test_train_predict_evaluate_round_trip_on_real_tiles(kumar, tmp_path, capsys
     assert lines[1].split()[0] == "synthetic" and lines[2].split()[0] == "real"
     assert lines[1].split()[1:] == lines[2].split()[1:]  # the same folder scores the same
     scores = json.loads((tmp_path / "fidelity.json").read_text())
-    assert scores["synthetic"]["images"] == len(names) and scores["synthetic"] == scores["real"]
-    assert [f"{scores['real'][k]:8.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")] == lines[2].split()[2:]
+    assert scores["synthetic"]["images"] == len(names)
+    assert json.dumps(scores["synthetic"]) == json.dumps(scores["real"])  # NaN-safe: a tiny model may find none
+    assert [f"{scores['real'][k]:.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")] == lines[2].split()[2:]
 
 
 def test_predict_works_on_a_whole_tile_larger_than_any_window(kumar, model, tmp_path):
