@@ -193,11 +193,15 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
     for run in config["seg"]["runs"]:
         mean = _mean_row(out / "eval" / f"{run['name']}.csv") or {}
         real = "labelled subset" if run["real"] == "subset" else "all training patches"
+        log = _log(out / "seg" / run["name"] / "log.csv")  # what was trained (a resumed run may differ)
+        epochs = str(max((int(r["epoch"]) for r in log), default=0))
+        windows = str(sum(int(r["batches"]) for r in log) * config["seg"]["batch"])
         rows.append(
-            [run["name"], real + (" + synthetic" if run["synthetic"] else ""), str(run["epochs"])]
+            [run["name"], real + (" + synthetic" if run["synthetic"] else ""), epochs, windows]
             + [_fmt(mean.get(k)) for k in METRICS]
         )
-    blocks.append(("table", ["run", "training data", "epochs", "Dice", "AJI", "AJI+", "DQ", "SQ", "PQ"], rows))
+    header = ["run", "training data", "epochs", "windows", "Dice", "AJI", "AJI+", "DQ", "SQ", "PQ"]
+    blocks.append(("table", header, rows))
     if "predictions" in figures:
         names = ", ".join(r["name"] for r in config["seg"]["runs"])
         blocks.append(("img", figures["predictions"], f"centre of the first test tile: truth (black), then {names}"))
