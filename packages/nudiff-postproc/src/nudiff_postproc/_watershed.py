@@ -71,13 +71,29 @@ def _flood_surface(overall: np.ndarray, blb: np.ndarray, box: tuple[slice, slice
     return np.negative(dist, out=dist)
 
 
+def _flood_front(inside: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The pixels a flood of ``inside`` from ``seeds`` actually visits: the unlabelled
+    ones and the seed pixels 4-adjacent to one of them. A seed pixel with no unlabelled
+    neighbour is popped from scikit-image's heap without pushing anything, so leaving it
+    out of the flood's mask changes nothing but the heap's size (about half the pixels of
+    a nucleus are such marker interior)."""
+    todo = inside & (seeds == 0)
+    near = todo.copy()
+    near[1:] |= todo[:-1]
+    near[:-1] |= todo[1:]
+    near[:, 1:] |= todo[:, :-1]
+    near[:, :-1] |= todo[:, 1:]
+    return np.logical_and(near, inside, out=near)
+
+
 class _HoverNetWatershed:
     """One prediction's watershed, with the orientation-independent parts computed once.
 
-    Besides caching, three shortcuts keep it fast. A foreground component that holds a
+    Besides caching, four shortcuts keep it fast. A foreground component that holds a
     single marker is flooded by that marker entirely, so only components with two or more
     markers go through the watershed, cropped to their bounding box (a flood never leaves
-    its component). And the number of instances of a result is the number of markers that
+    its component), and only with the marker pixels that border unflooded ones (see
+    ``_flood_front``). And the number of instances of a result is the number of markers that
     touch the foreground, so the 8-orientation variant counts markers for each
     orientation and floods only the winner. The results are those of the plain algorithm;
     the only conceivable difference is the order in which scikit-image's heap pops two
@@ -167,7 +183,10 @@ class _HoverNetWatershed:
             box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
             dist = dist_job.result()[box] if dist_job else _flood_surface(overall, self.blb, box)
             inside = multi[box]
-            flooded = watershed(dist, markers=np.where(inside, marker[box], 0), mask=inside)
+            seeds = np.where(inside, marker[box], 0)
+            active = _flood_front(inside, seeds)
+            flooded = watershed(dist, markers=np.where(active, seeds, 0), mask=active)
+            np.copyto(flooded, seeds, where=~active)
             np.copyto(out[box], np.take(new_id, flooded), where=inside)
         elif dist_job:
             dist_job.result()
