@@ -72,6 +72,20 @@ def test_missing_data_folder_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path):
+    missing = tmp_path / "resnet50.pth"
+    result = _run(tmp_path / "out", "--set", f"seg.encoder_weights='{missing}'", "--dry-run")
+    assert result.returncode == 2 and "seg.encoder_weights" in result.stderr and str(missing) in result.stderr
+    missing.write_bytes(b"weights")  # the dry run only checks that it is there
+    weights = ("--set", f"seg.encoder_weights='{missing}'")
+    result = _run(tmp_path / "out", *weights, "--set", "seg.frozen_epochs=1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    trainings = [line for line in result.stdout.splitlines() if "nudiff_seg.cli --quiet train" in line]
+    assert len(trainings) == 2
+    assert all(f"--encoder-weights {missing} --frozen-epochs 1" in line for line in trainings)
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     result = _run(tmp_path / "out", "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
         "batch": 4,
         "lr": 1e-3,
         "seed": 0,
+        # torchvision ImageNet ResNet-50 weights (.pth / .safetensors) for the encoder; "": from scratch
+        "encoder_weights": "",
+        "frozen_epochs": -1,  # phase-1 epochs with the encoder frozen; -1: nudiff-seg's default
         "runs": [
             {"name": "subset", "real": "subset", "synthetic": False, "epochs": 20},
             {"name": "subset+synthetic", "real": "subset", "synthetic": True, "epochs": 10},
@@ -241,6 +244,12 @@ def _check(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: sample.engine must be 'onnx' or 'pytorch', got {config['sample']['engine']!r}")
     if not 0 < config["prepare"]["fraction"] <= 1:
         raise ConfigError(f"{source}: prepare.fraction must be in (0, 1], got {config['prepare']['fraction']}")
+    weights = config["seg"]["encoder_weights"]
+    if weights and not Path(weights).is_file():
+        raise ConfigError(f"{source}: seg.encoder_weights file '{weights}' not found")
+    frozen = config["seg"]["frozen_epochs"]
+    if frozen < -1:
+        raise ConfigError(f"{source}: seg.frozen_epochs must be >= 0 (or -1: the default), got {frozen}")
     names = [r["name"] for r in config["seg"]["runs"]]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"{source}: seg.runs must be a non-empty list with distinct names, got {names}")

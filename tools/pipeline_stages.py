@@ -234,6 +234,8 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             command += cli_args("--synthetic", out / "synthetic-seg", "--synthetic-ratio", "pool")
         command += cli_args("--preset", seg["preset"], "--epochs", run["epochs"], "--batch", seg["batch"])
         command += cli_args("--lr", seg["lr"], "--seed", seg["seed"], "--out", out / "seg" / name, "--resume")
+        command += cli_args("--encoder-weights", seg["encoder_weights"]) if seg["encoder_weights"] else []
+        command += cli_args("--frozen-epochs", seg["frozen_epochs"]) if seg["frozen_epochs"] >= 0 else []
         deps = ["prepare"] + (["synthetic-seg"] if run["synthetic"] else [])
         add(Stage(f"seg-train-{name}", deps, [command], outputs=[out / "seg" / name]))
         predictions, scores = out / "predictions" / name, out / "eval" / f"{name}.csv"
