@@ -5,6 +5,9 @@ PyTorch from the same noise; then the paper's procedure against nudiff's default
 
     python tools/bench_sampling.py [--presets tiny-64 small-128] [--batch 8] [--json out.json]
 
+With --int8, two int8 copies of the plain UNet graph (ONNX Runtime quantizer: dynamic, and
+static QDQ calibrated at six noise levels) get rows too.
+
 Random weights, perturbed so that the zero-initialised output layers do not hide
 differences (timing does not depend on the weights; sample differences do, so they are an
 indication for an untrained model). Times are medians of --repeat calls after a warm-up;
@@ -118,7 +121,55 @@ def perturbed(model: UNet) -> UNet:
     return model.eval()
 
 
-def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> Iterator[tuple[str, str, Any]]:
+def quantized_int8(graph: Path, out: Path, *, static: bool, batch: int) -> Path:
+    """An int8 copy of a plain UNet graph by ONNX Runtime's quantizer (weights int8).
+    ``static``: QDQ format with uint8 activations calibrated on (x, t) at six noise levels
+    of the schedule (random inputs: the weights are random too); else dynamic quantization
+    (activations quantized per call: ConvInteger / MatMulInteger)."""
+    import shutil
+
+    import numpy as np
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(graph.parent / "config.json", out.parent / "config.json")
+    if not static:
+        quantize_dynamic(graph, out, weight_type=QuantType.QInt8)
+        return out
+    size = json.loads((graph.parent / "config.json").read_text())["unet"]["image_size"]
+
+    class NoiseLevels(CalibrationDataReader):
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(3)
+            self.items = iter(
+                {"x": torch.randn(batch, 3, size, size, generator=g).numpy(), "t": np.full((batch,), t, np.int64)}
+                for t in (999, 800, 600, 400, 200, 50)
+            )
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        graph,
+        out,
+        NoiseLevels(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv", "MatMul"],
+    )
+    return out
+
+
+def engines(
+    kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool, int8: bool = False
+) -> Iterator[tuple[str, str, Any]]:
     """(engine, precision, runtime) of one model: PyTorch eager (float32, bf16 autocast)
     and the ONNX exports of ``tools/export_onnx.py`` (exported here), made one at a time so
     that only one runtime (and its SPADE modulations: GBs at small-128) is alive."""
@@ -132,6 +183,10 @@ def engines(kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool) -> It
             export_onnx(model, path, batch_max=batch_max, precision=precision, slim=slimmed)
             name = "onnxruntime" + (" slim" if slimmed else "")
             yield (name, "fp32" if precision == "float32" else "fp16", load_denoiser(path))
+        for static in (False, True) if int8 else ():
+            graph = tmp / "s-float32-False" / "model.onnx"
+            path = quantized_int8(graph, tmp / f"s-int8-{static}" / "model.onnx", static=static, batch=batch_max)
+            yield ("onnxruntime", "int8 static (QDQ)" if static else "int8 dynamic", load_denoiser(path))
         return
     yield ("pytorch eager, cached", "fp32", HistoDenoiser(model))
     yield ("pytorch eager, cached", "bf16 autocast", HistoDenoiser(model, dtype=torch.bfloat16))
@@ -212,6 +267,7 @@ def main() -> int:
     parser.add_argument("--default-steps", type=int, default=20, help="nudiff's default sampler steps (dpmpp2m)")
     parser.add_argument("--paper-steps", type=int, default=3, help="ancestral steps timed for the paper's procedure")
     parser.add_argument("--slim", action="store_true", help="also time onnxslim-simplified graphs")
+    parser.add_argument("--int8", action="store_true", help="also time int8 quantized plain UNet graphs (ORT)")
     parser.add_argument("--json", help="also write header and rows as JSON")
     args = parser.parse_args()
     import onnxruntime
@@ -255,7 +311,9 @@ def main() -> int:
                     cached = count_flops(lambda rt=rt, x=x, t=t, p=prepared: rt.eps(x, t, p))
                     del rt, prepared
                 reference = eager = None
-                for engine, precision, runtime in engines(kind, model, Path(tmp) / preset, args.batch, args.slim):
+                for engine, precision, runtime in engines(
+                    kind, model, Path(tmp) / preset, args.batch, args.slim, args.int8
+                ):
                     r = time_row(kind, runtime, n, size, args)
                     flops = cached if ("cached" in engine and "uncached" not in engine) else uncached
                     final = r.pop("final")
