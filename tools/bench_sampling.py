@@ -181,11 +181,13 @@ def engines(
                 continue
             path = tmp / f"s-{precision}-{slimmed}" / "model.onnx"
             export_onnx(model, path, batch_max=batch_max, precision=precision, slim=slimmed)
+            if (precision, slimmed) == ("float32", False):
+                float32_graph = path  # what the int8 rows quantize
             name = "onnxruntime" + (" slim" if slimmed else "")
             yield (name, "fp32" if precision == "float32" else "fp16", load_denoiser(path))
         for static in (False, True) if int8 else ():
-            graph = tmp / "s-float32-False" / "model.onnx"
-            path = quantized_int8(graph, tmp / f"s-int8-{static}" / "model.onnx", static=static, batch=batch_max)
+            out = tmp / f"s-int8-{static}" / "model.onnx"
+            path = quantized_int8(float32_graph, out, static=static, batch=batch_max)
             yield ("onnxruntime", "int8 static (QDQ)" if static else "int8 dynamic", load_denoiser(path))
         return
     yield ("pytorch eager, cached", "fp32", HistoDenoiser(model))
