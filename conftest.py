@@ -43,3 +43,17 @@ def kumar(shared: Path) -> Path:
     if not (path / "instance_maps").is_dir():
         pytest.skip(f"{path} is missing")
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests run only with ``--runslow`` (the suite must stay under 15 minutes on 2 cores)."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

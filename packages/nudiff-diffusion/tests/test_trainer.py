@@ -99,12 +99,12 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
         textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, setup_distributed, train
-        assert setup_distributed()[1] == 2
+        assert setup_distributed("cpu")[1] == 2
         torch.manual_seed(0)
         model = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1))
         data = torch.rand(32, 1, 16, 16) * 2 - 1
-        train(model, data, NoiseSchedule.linear(1000), r"{tmp_path / "run"}", TrainConfig(steps=3, batch_size=2),
-              progress=False)
+        config = TrainConfig(steps=3, batch_size=2, device="cpu")
+        train(model, data, NoiseSchedule.linear(1000), r"{tmp_path / "run"}", config, progress=False)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)

@@ -236,3 +236,14 @@ def test_images_never_start_from_their_structures_noise():
     b = initial_noise(0, [0, 1, 2], (3, 8, 8), stream=HISTO_NOISE_STREAM)
     assert HISTO_NOISE_STREAM != 0
     assert abs(float(torch.corrcoef(torch.stack([a.ravel(), b.ravel()]))[0, 1])) < 0.2
+
+
+def test_cuda_only_options_are_refused_on_the_cpu(run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _sample(run, tmp_path / "o", "--cuda-graphs", "--device", "cpu") == 2
+    assert "`cuda_graphs` needs the model on a CUDA device, got device cpu" in capsys.readouterr().err
+    assert _sample(run, tmp_path / "o", "--device", "cuda") == 2
+    assert "asks for a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -137,3 +137,42 @@ def test_bad_inputs(run, tmp_path, capsys):
     assert "ONNX graph not found: 'model.onnx'" in capsys.readouterr().err
     assert main(["--quiet", "sample", "--engine", "model.plan", "--num", "1", "--out", str(tmp_path / "s")]) == 2
     assert "needs TensorRT, which is not installed here" in capsys.readouterr().err
+
+
+def test_device_and_precision_flags(run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    assert _sample(run, tmp_path / "s", "--device", "cuda") == 2
+    assert "asks for a CUDA GPU, but this PyTorch" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before any output
+    train = ["--quiet", "train", "--data", str(run / "data"), "--out", str(tmp_path / "r"), "--steps", "1"]
+    assert main([*train, "--device", "cuda:0"]) == 2
+    assert "asks for a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert _sample(run, tmp_path / "s", "--cuda-graphs") == 2
+    assert "`cuda_graphs` needs the model on a CUDA device, got device cpu" in capsys.readouterr().err
+    engine = [
+        "--quiet",
+        "sample",
+        "--engine",
+        "m.onnx",
+        "--num",
+        "1",
+        "--out",
+        str(tmp_path / "s"),
+        "--precision",
+        "bf16",
+    ]
+    assert main(engine) == 2
+    assert "precision apply to PyTorch checkpoints, not to the engine 'm.onnx'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    # bf16 autocast on the CPU: the same structures up to bf16's rounding
+    assert _sample(run, tmp_path / "fp32", "--device", "cpu") == 0
+    assert _sample(run, tmp_path / "bf16", "--precision", "bf16") == 0
+    names = sorted(p.name for p in (tmp_path / "fp32" / "structures").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "bf16" / "structures").iterdir()) and len(names) == 6
+    diff = max(
+        np.abs(np.load(tmp_path / "fp32" / "structures" / n) - np.load(tmp_path / "bf16" / "structures" / n)).max()
+        for n in names
+    )
+    assert 0 < diff < 0.5, diff

@@ -18,6 +18,7 @@ from ._onnx import (
     write_graph_config,
 )
 from ._runs import (
+    add_device_argument,
     add_evaluate_arguments,
     add_sampling_arguments,
     add_train_arguments,
@@ -25,10 +26,11 @@ from ._runs import (
     median_seconds,
     report_evaluation,
     run_cli,
+    runtime_options_from_args,
     shard_indices,
     train_config_from_args,
 )
-from ._runtime import ENGINE_SUFFIXES, TorchDenoiser, load_denoiser
+from ._runtime import ENGINE_SUFFIXES, PRECISIONS, TorchDenoiser, check_runtime_options, load_denoiser, resolve_device
 from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
 from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
@@ -60,6 +62,8 @@ __all__ = [
     "write_graph_config",
     "read_graph_config",
     "add_sampling_arguments",
+    "add_device_argument",
+    "runtime_options_from_args",
     "add_train_arguments",
     "initial_noise",
     "run_cli",
@@ -71,7 +75,10 @@ __all__ = [
     "tensor_to_structures",
     "PRESETS",
     "TorchDenoiser",
+    "PRECISIONS",
+    "check_runtime_options",
     "load_denoiser",
+    "resolve_device",
     "TrainConfig",
     "latest_checkpoint",
     "setup_distributed",

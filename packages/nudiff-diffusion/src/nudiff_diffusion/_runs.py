@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._runtime import PRECISIONS, resolve_device
 from ._trainer import TrainConfig
 
 __all__ = [
@@ -24,14 +25,16 @@ __all__ = [
     "add_train_arguments",
     "train_config_from_args",
     "add_sampling_arguments",
+    "add_device_argument",
+    "runtime_options_from_args",
     "shard_indices",
     "initial_noise",
 ]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--steps --batch --lr --ema --precision --save-every --resume --seed`` (the paper's
-    defaults: batch 4, lr 1e-4)."""
+    """``--steps --batch --lr --ema --precision --save-every --resume --seed --weight-decay
+    --device`` (the paper's defaults: batch 4, lr 1e-4, weight decay 0.05)."""
     parser.add_argument("--steps", type=int, default=10000, help="training steps")
     parser.add_argument("--batch", type=int, default=4, help="batch size (the paper: 4)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -40,14 +43,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (the paper: 0.05)")
+    add_device_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: auto (the CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda, cuda:N."""
+    parser.add_argument(
+        "--device", default="auto", help="where PyTorch runs: auto (the CUDA GPU if there is one), cpu, cuda, cuda:N"
+    )
 
 
 def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
-    """The :class:`TrainConfig` of :func:`add_train_arguments`' flags (plus ``extra`` fields)."""
+    """The :class:`TrainConfig` of :func:`add_train_arguments`' flags (plus ``extra`` fields);
+    ``--device`` is checked here, before any work."""
+    resolve_device(args.device)
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        device=args.device,
         ema_rate=args.ema,
         precision=args.precision,
         save_every=args.save_every,
@@ -57,7 +73,8 @@ def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfi
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what: str) -> None:
-    """``--checkpoint --engine --sampler --steps --batch --seed --out --rank --world-size``."""
+    """``--checkpoint --engine --sampler --steps --batch --seed --out --rank --world-size
+    --device --precision --compile --cuda-graphs``."""
     parser.add_argument("--checkpoint", help="run directory (or checkpoint directory) of a trained model")
     parser.add_argument(
         "--engine", help="an exported engine (.onnx: ONNX Runtime; .plan/.engine: TensorRT); overrides --checkpoint"
@@ -69,6 +86,25 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--rank", type=int, default=0, help="this shard's index")
     parser.add_argument("--world-size", type=int, default=1, help="number of shards")
+    add_device_argument(parser)
+    parser.add_argument(
+        "--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast precision of a --checkpoint run"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the --checkpoint model (a GPU option)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay each step of a --checkpoint run as a CUDA graph (GPU only)"
+    )
+
+
+def runtime_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``load_denoiser`` (and ``load_histo_denoiser``) from
+    :func:`add_sampling_arguments`' flags: the resolved ``--device`` and the PyTorch options."""
+    return {
+        "device": resolve_device(args.device),
+        "precision": args.precision,
+        "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
+    }
 
 
 def shard_indices(num: int, rank: int, world_size: int) -> list[int]:

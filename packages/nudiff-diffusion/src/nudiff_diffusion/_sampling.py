@@ -85,6 +85,15 @@ def _clip_x0(x0: torch.Tensor, clip: float | Literal["dynamic"] | None) -> torch
     return x0.clamp(-float(clip), float(clip))
 
 
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise on ``device``, drawn on the generator's own device: a CPU
+    generator gives the same noise whether the sampler runs on the CPU or a GPU."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def sample(
     eps_fn: EpsFn,
     *,
@@ -134,6 +143,12 @@ def sample(
         Show a tqdm bar.
     x_T : tensor, optional
         Initial noise; drawn from ``generator`` when not given.
+    device : torch.device or str, optional
+        Where the sampler's arithmetic runs and ``eps_fn`` gets ``x`` (default: the
+        generator's device, else the CPU); the noise is drawn on the generator's device and
+        moved, so a run on a GPU with a CPU generator starts from the CPU run's noise.
+    dtype : torch.dtype
+        The dtype of ``x`` (float32).
 
     Returns
     -------
@@ -150,7 +165,7 @@ def sample(
     if device is None:
         device = generator.device if generator is not None else "cpu"
     if x_T is None:
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x = _randn(shape, generator, device, dtype)
     else:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"`x_T` has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
@@ -180,7 +195,7 @@ def sample(
             if v is not None:
                 log_var = sub.learned_log_variance(v, t_sub)
             if i > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = _randn(x.shape, generator, x.device, x.dtype)
                 x = mean + torch.exp(0.5 * log_var) * noise
             else:
                 x = mean
@@ -189,7 +204,7 @@ def sample(
             sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
             x = np.sqrt(ab_prev) * x0 + np.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
             if i > 0 and sigma > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
         else:
             lam = 0.5 * float(sub.log_snr[i])
             if i > 0:

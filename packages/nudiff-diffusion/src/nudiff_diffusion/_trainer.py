@@ -20,6 +20,7 @@ from torch import nn
 
 from ._checkpoint import save_model
 from ._losses import training_losses
+from ._runtime import resolve_device
 from ._schedule import NoiseSchedule
 from ._unet import UNet
 
@@ -46,6 +47,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     cond_drop_prob: float = 0.0  # conditional models: replace the condition by zeros this often
+    device: str = "auto"  # where to train: "auto" (the CUDA GPU if there is one), "cpu", "cuda", "cuda:N"
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -57,16 +59,23 @@ class TrainConfig:
             raise ValueError(f"`ema_rate` must be in [0, 1), got {self.ema_rate}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"`cond_drop_prob` must be in [0, 1], got {self.cond_drop_prob}")
+        if self.weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(device: str = "auto") -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE`` and
-    ``MASTER_ADDR`` in the environment): nccl when CUDA is there, gloo otherwise. Without
-    torchrun, nothing happens. Returns ``(rank, world_size)``."""
+    ``MASTER_ADDR`` in the environment); without torchrun, nothing happens. With CUDA (and
+    ``device`` not ``"cpu"``) and a GPU for every local process: nccl, and this process's
+    current CUDA device is ``LOCAL_RANK`` (which ``"auto"`` and ``"cuda"`` then name);
+    otherwise gloo. Returns ``(rank, world_size)``."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        use_cuda = device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     return _rank_world()
 
 
@@ -153,6 +162,8 @@ def train(
         ``train_state.pt``: raw weights, optimiser, step; the last ``keep_last`` kept),
         ``log.csv`` (and ``tensorboard/`` when TensorBoard is installed).
     config : TrainConfig
+        ``config.device`` is where the model is moved (in place) and trained; the data stay
+        where they are and each batch is moved.
     resume : bool
         Continue from the newest checkpoint of ``out_dir``: on a CPU, 10 + 10 resumed steps
         give the same weights, bit for bit, as 20 uninterrupted ones.
@@ -177,7 +188,8 @@ def train(
         raise ValueError(f"`data` must be (M, {model.config.in_channels}, H, W), got {tuple(data.shape)}")
     rank, world = _rank_world()
     out = Path(out_dir)
-    device = next(model.parameters()).device
+    device = resolve_device(config.device)
+    model.to(device)  # in place, as the training itself
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
@@ -196,7 +208,7 @@ def train(
             start = int(state["step"])
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     micro = config.microbatch or config.batch_size
     log_path = out / "log.csv"

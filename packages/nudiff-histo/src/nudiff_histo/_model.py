@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nudiff_diffusion import ENGINE_SUFFIXES, TorchDenoiser, UNet, UNetConfig, load_denoiser, load_model, read_config
+from nudiff_diffusion import (
+    ENGINE_SUFFIXES,
+    PRECISIONS,
+    TorchDenoiser,
+    UNet,
+    UNetConfig,
+    check_runtime_options,
+    load_denoiser,
+    load_model,
+    read_config,
+)
 from nudiff_postproc import PATCH_GEOMETRY, PatchGeometry
 from torch import nn
 
@@ -190,12 +200,22 @@ class HistoDenoiser(TorchDenoiser):
         recomputes the SPADE modulation, as the paper's code does).
     dtype : torch.dtype, optional
         Autocast dtype (e.g. ``torch.bfloat16``); None runs in float32.
+    compile, cuda_graphs : bool
+        As in ``nudiff_diffusion.TorchDenoiser`` (GPU options); a CUDA graph captures the
+        step with the prepared modulations of a run, which :meth:`prepare` computes outside it.
     """
 
     def __init__(
-        self, model: UNet, config: dict[str, Any] | None = None, *, cache: bool = True, dtype: torch.dtype | None = None
+        self,
+        model: UNet,
+        config: dict[str, Any] | None = None,
+        *,
+        cache: bool = True,
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
-        super().__init__(model, config, dtype=dtype)
+        super().__init__(model, config, dtype=dtype, compile=compile, cuda_graphs=cuda_graphs)
         self.cache = cache
 
     def prepare(self, cond: torch.Tensor) -> torch.Tensor | ModulationCache:
@@ -204,12 +224,21 @@ class HistoDenoiser(TorchDenoiser):
         return ModulationCache(cond) if self.cache else cond
 
 
-def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
-    """The runtime for a histology checkpoint directory (PyTorch, with the modulation cache),
+def load_histo_denoiser(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> Any:
+    """The runtime for a histology checkpoint directory (PyTorch, with the modulation cache;
+    ``precision``, ``compile`` and ``cuda_graphs`` as in ``nudiff_diffusion.load_denoiser``),
     an exported ``*.onnx`` graph of one (ONNX Runtime; a ``--cached-modulation`` export runs
     in :class:`OnnxModulatedDenoiser`) or a TensorRT engine (``*.plan`` / ``*.engine``;
     without TensorRT or a GPU: ``EngineUnavailableError`` with the install message)."""
     path = Path(path)
+    check_runtime_options(path, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
     if path.suffix.lower() == ".onnx" or path.suffix.lower() in ENGINE_SUFFIXES:
         if path.suffix.lower() == ".onnx" and path.is_file():
             from nudiff_diffusion import read_graph_config
@@ -223,4 +252,10 @@ def load_histo_denoiser(path: str | os.PathLike[str], *, device: str | torch.dev
         if kind != "histo":
             raise ValueError(f"'{path}' is a graph of a {kind or 'structure'!r} model, not of a histology model")
         return runtime
-    return HistoDenoiser(load_histo_model(path, device=device), read_config(path))
+    return HistoDenoiser(
+        load_histo_model(path, device=device),
+        read_config(path),
+        dtype=PRECISIONS[precision],
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+    )

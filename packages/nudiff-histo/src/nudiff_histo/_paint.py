@@ -63,4 +63,5 @@ def paint_images(
         x_T=x_T,
         generator=generator,
         progress=False,
+        device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
     )

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import train_config_from_args
+    from nudiff_diffusion import setup_distributed, train_config_from_args
 
     from ._train import train_histo_model
 
+    setup_distributed(args.device)  # under torchrun: DDP over the ranks; else nothing
     config = train_config_from_args(args, cond_drop_prob=args.drop_prob)
     train_histo_model(
         args.pairs, args.out, args.preset, config, init=args.init, resume=args.resume, progress=not args.quiet
@@ -21,10 +22,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import runtime_options_from_args
+
     from ._model import load_histo_denoiser
     from ._sample import sample_histology
 
-    runtime = load_histo_denoiser(args.engine or args.checkpoint)
+    runtime = load_histo_denoiser(args.engine or args.checkpoint, **runtime_options_from_args(args))
     manifest = sample_histology(
         runtime,
         args.structures,

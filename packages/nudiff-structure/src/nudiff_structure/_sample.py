@@ -91,6 +91,7 @@ def sample_structures(
             clip=clip,
             x_T=x_T,
             generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk[0]),
+            device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
         )
         structures = from_model_output(x)
         maps = instances_from_structures(structures, scale=scale)

@@ -46,6 +46,7 @@ def draw_structures(
             steps=steps,
             clip=1.0,
             generator=torch.Generator().manual_seed(seed),
+            device=next(model.parameters()).device,
         )
     structures = from_model_output(x)
     return structures, instances_from_structures(structures, scale=scale)

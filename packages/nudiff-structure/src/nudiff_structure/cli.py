@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import train_config_from_args
+    from nudiff_diffusion import setup_distributed, train_config_from_args
 
     from ._train import train_structure_model
 
+    setup_distributed(args.device)  # under torchrun: DDP over the ranks; else nothing
     config = train_config_from_args(args)
     train_structure_model(
         args.data, args.out, args.preset, config, subset=args.subset, resume=args.resume, progress=not args.quiet
@@ -21,16 +22,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import load_denoiser, read_config
+    from nudiff_diffusion import load_denoiser, read_config, runtime_options_from_args
 
     from ._sample import sample_structures
 
     source = args.engine or args.checkpoint
+    options = runtime_options_from_args(args)  # --device checked before any work
     if not args.engine:  # before building the network: a histology checkpoint would not fit it
         kind = read_config(source).get("diffusion", {}).get("kind", "structure")
         if kind != "structure":
             raise ValueError(f"'{source}' holds a {kind!r} model, not a structure model")
-    runtime = load_denoiser(source)
+    runtime = load_denoiser(source, **options)
     kind = runtime.config.get("diffusion", {}).get("kind", "structure")
     if kind != "structure":
         raise ValueError(f"'{source}' holds a {kind!r} model, not a structure model")
