@@ -8,6 +8,14 @@ PyTorch from the same noise; then the paper's procedure against nudiff's default
 With --int8, two int8 copies of the plain UNet graph (ONNX Runtime quantizer: dynamic, and
 static QDQ calibrated at six noise levels) get rows too.
 
+On a GPU (``--device auto`` finds one), the PyTorch rows run there and add float16
+autocast, CUDA graphs (float32 and bf16) and, with --compile, torch.compile (bf16, alone and
+under CUDA graphs); --no-onnx leaves out the ONNX Runtime rows (CPU-only without
+onnxruntime-gpu). GPU times wait for the device (``torch.cuda.synchronize``) after each
+call; the peak is the best bfloat16 8192^2 matmul. The GPU check of ../shared/GPU.md:
+
+    python tools/bench_sampling.py --presets paper-256 --batch 16 --compile --no-onnx --repeat 5
+
 Random weights, perturbed so that the zero-initialised output layers do not hide
 differences (timing does not depend on the weights; sample differences do, so they are an
 indication for an untrained model). Times are medians of --repeat calls after a warm-up;
@@ -22,6 +30,7 @@ respaced ancestral run does not depend on the number of steps).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -41,6 +50,7 @@ from nudiff_diffusion import (
     export_onnx,
     load_denoiser,
     median_seconds,
+    resolve_device,
     sample,
 )
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
@@ -107,6 +117,37 @@ def cpu_peak_gflops() -> tuple[float, str]:
     )
 
 
+def cuda_peak_gflops(device: torch.device) -> tuple[float, str]:
+    """The attainable bfloat16 matrix peak of the GPU: the best of 10 8192^2 products."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        best = min(best, start.elapsed_time(end) / 1e3)
+    gflops = 2 * 8192**3 / best / 1e9
+    name = torch.cuda.get_device_name(device)
+    return gflops, f"{name}: best of 10 8192^2 bfloat16 matmuls in torch: {gflops:.0f} GFLOP/s"
+
+
+def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` that waits for the GPU's work before returning (wall-clock timing of CUDA)."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
@@ -167,15 +208,51 @@ def quantized_int8(graph: Path, out: Path, *, static: bool, batch: int) -> Path:
     return out
 
 
+def torch_variants(cuda: bool, compile: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(engine, precision, TorchDenoiser options) of the PyTorch rows: eager float32 first
+    (every row's reference), bf16 autocast; on a GPU CUDA graphs, float16 autocast; with
+    ``compile``, torch.compile (bf16, and on a GPU with CUDA graphs too)."""
+    bf16 = {"dtype": torch.bfloat16}
+    rows = [("pytorch eager", "fp32", {}), ("pytorch eager", "bf16 autocast", bf16)]
+    if cuda:
+        rows += [
+            ("pytorch eager", "fp16 autocast", {"dtype": torch.float16}),
+            ("pytorch cuda graphs", "fp32", {"cuda_graphs": True}),
+            ("pytorch cuda graphs", "bf16 autocast", {**bf16, "cuda_graphs": True}),
+        ]
+    if compile:
+        rows.append(("pytorch compile", "bf16 autocast", {**bf16, "compile": True}))
+        if cuda:
+            both = {**bf16, "compile": True, "cuda_graphs": True}
+            rows.append(("pytorch compile + cuda graphs", "bf16 autocast", both))
+    return rows
+
+
 def engines(
-    kind: str, model: UNet, tmp: Path, batch_max: int, slim: bool, int8: bool = False
+    kind: str,
+    model: UNet,
+    tmp: Path,
+    batch_max: int,
+    slim: bool,
+    int8: bool = False,
+    *,
+    onnx: bool = True,
+    compile: bool = False,
 ) -> Iterator[tuple[str, str, Any]]:
-    """(engine, precision, runtime) of one model: PyTorch eager (float32, bf16 autocast)
-    and the ONNX exports of ``tools/export_onnx.py`` (exported here), made one at a time so
-    that only one runtime (and its SPADE modulations: GBs at small-128) is alive."""
+    """(engine, precision, runtime) of one model: PyTorch (:func:`torch_variants`, on the
+    model's device) and the ONNX exports of ``tools/export_onnx.py`` (exported here), made
+    one at a time so that only one runtime (and its SPADE modulations: GBs at small-128) is
+    alive."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    for engine, precision, options in torch_variants(cuda, compile):
+        if kind == "structure":
+            yield (engine, precision, TorchDenoiser(model, **options))
+        else:
+            yield (f"{engine}, cached", precision, HistoDenoiser(model, **options))
+    if not onnx:
+        return
+    model = copy.deepcopy(model).cpu()  # the exporter traces on the CPU; ONNX Runtime runs there
     if kind == "structure":
-        yield ("pytorch eager", "fp32", TorchDenoiser(model))
-        yield ("pytorch eager", "bf16 autocast", TorchDenoiser(model, dtype=torch.bfloat16))
         for precision, slimmed in (("float32", False), ("float32", True), ("float16", False)):
             if slimmed and not slim:
                 continue
@@ -190,8 +267,6 @@ def engines(
             path = quantized_int8(float32_graph, out, static=static, batch=batch_max)
             yield ("onnxruntime", "int8 static (QDQ)" if static else "int8 dynamic", load_denoiser(path))
         return
-    yield ("pytorch eager, cached", "fp32", HistoDenoiser(model))
-    yield ("pytorch eager, cached", "bf16 autocast", HistoDenoiser(model, dtype=torch.bfloat16))
     exports = [
         ("uncached", "float32"),
         ("cached-modulation", "float32"),
@@ -221,23 +296,24 @@ def time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespac
 
 
 def _time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    device = getattr(runtime, "device", torch.device("cpu"))  # ONNX Runtime: CPU tensors in and out
     g = torch.Generator().manual_seed(1)
-    x_T = torch.randn(n, 3, size, size, generator=g)
-    t = torch.full((n,), 500)
+    x_T = torch.randn(n, 3, size, size, generator=g).to(device)
+    t = torch.full((n,), 500, device=device)
     if kind == "histo":
-        cond = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        cond = (torch.rand(n, 3, size, size, generator=g) * 2 - 1).to(device)
         null = torch.zeros_like(cond)
         guided_eps = runtime.guided(cond, null, GUIDANCE)
-        call = median_seconds(lambda: guided_eps(x_T, t), args.repeat)
+        call = median_seconds(synced(lambda: guided_eps(x_T, t), device), args.repeat)
         del guided_eps  # its prepared modulations: one set alive at a time
         eps_fn = runtime.guided(cond, null, GUIDANCE)  # its prepare() counts in the run
     else:
-        call = median_seconds(lambda: runtime.eps(x_T, t), args.repeat)
+        call = median_seconds(synced(lambda: runtime.eps(x_T, t), device), args.repeat)
         eps_fn = runtime.eps
     t0 = time.perf_counter()
     final = sample(
-        eps_fn, shape=tuple(x_T.shape), schedule=SCHEDULE, steps=args.steps, x_T=x_T, clip=1.0, progress=False
-    )
+        eps_fn, shape=tuple(x_T.shape), schedule=SCHEDULE, steps=args.steps, x_T=x_T, clip=1.0, device=device
+    ).cpu()  # .cpu() waits for a GPU's work
     run = time.perf_counter() - t0
     return {"ms_per_call": call * 1e3, "ms_per_step": run / args.steps * 1e3, "images_per_s": n / run, "final": final}
 
@@ -247,16 +323,13 @@ def paper_seconds_per_pair(structure: UNet, histo: UNet, n: int, args: argparse.
     ancestral steps of each model (PyTorch eager, float32, batch n) and scaled to 1000."""
     size = structure.config.image_size
     s_rt, h_rt = TorchDenoiser(structure), HistoDenoiser(histo, cache=False)
-    cond = torch.rand(n, 3, size, size) * 2 - 1
+    device = s_rt.device
+    cond = (torch.rand(n, 3, size, size) * 2 - 1).to(device)
     k = args.paper_steps
-    s_run = median_seconds(
-        lambda: sample(s_rt.eps, shape=(n, 3, size, size), schedule=SCHEDULE, method="ddpm", steps=k, progress=False), 1
-    )
+    common = {"shape": (n, 3, size, size), "schedule": SCHEDULE, "method": "ddpm", "steps": k, "device": device}
+    s_run = median_seconds(synced(lambda: sample(s_rt.eps, **common), device), 1)
     sequential = h_rt.guided(cond, torch.zeros_like(cond), GUIDANCE, batched=False)
-    h_run = median_seconds(
-        lambda: sample(sequential, shape=(n, 3, size, size), schedule=SCHEDULE, method="ddpm", steps=k, progress=False),
-        1,
-    )
+    h_run = median_seconds(synced(lambda: sample(sequential, **common), device), 1)
     return {"structure_s": s_run / k * 1000 / n, "histo_s": h_run / k * 1000 / n}
 
 
@@ -271,12 +344,19 @@ def main() -> int:
     parser.add_argument("--slim", action="store_true", help="also time onnxslim-simplified graphs")
     parser.add_argument("--int8", action="store_true", help="also time int8 quantized plain UNet graphs (ORT)")
     parser.add_argument("--json", help="also write header and rows as JSON")
+    parser.add_argument("--device", default="auto", help="where the PyTorch rows run: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile (about a minute per shape on this CPU)"
+    )
+    parser.add_argument("--no-onnx", action="store_true", help="PyTorch rows only (e.g. a GPU without onnxruntime-gpu)")
     args = parser.parse_args()
     import onnxruntime
 
-    peak, peak_note = cpu_peak_gflops()
+    device = resolve_device(args.device)
+    peak, peak_note = cuda_peak_gflops(device) if device.type == "cuda" else cpu_peak_gflops()
     header = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": f"python {platform.python_version()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), "
         f"onnxruntime {onnxruntime.__version__} (default intra-op threads)",
@@ -299,11 +379,12 @@ def main() -> int:
         for preset in args.presets:
             for kind in ("structure", "histo"):
                 model = perturbed(UNet(UNetConfig.preset(preset)) if kind == "structure" else build_histo_unet(preset))
+                model = model.to(device)
                 pair_models.setdefault(preset, {})[kind] = model
                 size, n = model.config.image_size, args.batch
                 unet_n = 2 * n if kind == "histo" else n
-                x, t = torch.randn(unet_n, 3, size, size), torch.full((unet_n,), 500)
-                cond = torch.rand(unet_n, 3, size, size) * 2 - 1 if kind == "histo" else None
+                x, t = torch.randn(unet_n, 3, size, size, device=device), torch.full((unet_n,), 500, device=device)
+                cond = torch.rand(unet_n, 3, size, size, device=device) * 2 - 1 if kind == "histo" else None
                 uncached = count_flops(lambda model=model, x=x, t=t, c=cond: model(x, t, c))
                 cached = uncached
                 if kind == "histo":
@@ -314,7 +395,14 @@ def main() -> int:
                     del rt, prepared
                 reference = eager = None
                 for engine, precision, runtime in engines(
-                    kind, model, Path(tmp) / preset, args.batch, args.slim, args.int8
+                    kind,
+                    model,
+                    Path(tmp) / preset,
+                    args.batch,
+                    args.slim,
+                    args.int8,
+                    onnx=not args.no_onnx,
+                    compile=args.compile,
                 ):
                     r = time_row(kind, runtime, n, size, args)
                     flops = cached if ("cached" in engine and "uncached" not in engine) else uncached
@@ -373,15 +461,18 @@ def main() -> int:
             ),
             (
                 f"nudiff default, PyTorch: dpmpp2m {args.default_steps} + {args.default_steps} steps, "
-                "batched guidance, SPADE cache",
+                "batched guidance, SPADE cache, fastest fp32 variant",
                 per_pair("structure", "pytorch") + per_pair("histo", "pytorch"),
             ),
-            (
-                f"nudiff default, ONNX Runtime: dpmpp2m {args.default_steps} + {args.default_steps} steps, "
-                "fastest fp32 graphs",
-                per_pair("structure", "onnxruntime") + per_pair("histo", "onnxruntime"),
-            ),
         ]
+        if not args.no_onnx:
+            procedures.append(
+                (
+                    f"nudiff default, ONNX Runtime: dpmpp2m {args.default_steps} + {args.default_steps} steps, "
+                    "fastest fp32 graphs",
+                    per_pair("structure", "onnxruntime") + per_pair("histo", "onnxruntime"),
+                )
+            )
         for name, seconds in procedures:
             pairs.append(
                 {"preset": preset, "procedure": name, "seconds_per_pair": seconds, "ratio_vs_paper": paper_s / seconds}
