@@ -223,3 +223,17 @@ def test_tensorrt_engines_build_check_and_sample(runs):
         == 0
     )
     shutil.rmtree(runs / "htrt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TENSORRT, reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_cuda_graphs_replay_the_engine(runs):
+    build = _tool("export_trt")
+    plan = runs / "s_trt_graphs" / "model.plan"
+    assert build([str(runs / "s_onnx" / "model.onnx"), "-o", str(plan), "--opt-batch", "2"]) == 0
+    plain, graphed = load_denoiser(plan, device="cuda"), load_denoiser(plan, device="cuda", cuda_graphs=True)
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 2, 1):  # new inputs, then a new batch size (a new capture)
+        x = torch.randn(n, plain.in_channels, plain.image_size, plain.image_size, generator=g).cuda()
+        t = torch.randint(1000, (n,), generator=g).cuda()
+        assert (graphed.eps(x, t) - plain.eps(x, t)).abs().max().item() < 1e-5

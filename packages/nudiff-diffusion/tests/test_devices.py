@@ -5,10 +5,12 @@ torch.compile, CUDA graphs) and their errors. The CUDA paths run in the ``gpu`` 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import pytest
 import torch
 from nudiff_diffusion import (
+    EngineUnavailableError,
     TorchDenoiser,
     TrainConfig,
     UNet,
@@ -97,8 +99,13 @@ def test_load_denoiser_options(tmp_path):
     for options, named in (({"precision": "fp16"}, "precision"), ({"compile": True}, "compile")):
         with pytest.raises(ValueError, match=rf"{named} apply to PyTorch checkpoints, not to the engine .*model.onnx"):
             load_denoiser(graph, **options)
-    with pytest.raises(ValueError, match=r"cuda_graphs apply to PyTorch checkpoints, not to the engine '.*m.plan'"):
-        load_denoiser(tmp_path / "m.plan", cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs apply to PyTorch checkpoints, not to the engine '.*model.onnx'"):
+        load_denoiser(graph, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"precision apply to PyTorch checkpoints, not to the engine '.*m.plan'"):
+        load_denoiser(tmp_path / "m.plan", precision="bf16")
+    if importlib.util.find_spec("tensorrt") is None:  # TensorRT takes CUDA graphs: past the check, to the engine
+        with pytest.raises(EngineUnavailableError, match="needs TensorRT"):
+            load_denoiser(tmp_path / "m.plan", cuda_graphs=True)
 
 
 def test_cli_flags_reach_the_configs(monkeypatch):

@@ -194,13 +194,16 @@ class TorchDenoiser(GuidedRuntime):
 
 
 def check_runtime_options(path: Path, *, precision: str, compile: bool, cuda_graphs: bool) -> None:
-    """Check the PyTorch runtime's options for a model at ``path``: a known ``precision``,
-    and none of them with an exported engine (``*.onnx``, ``*.plan``, ``*.engine``), whose
-    precision was fixed when it was exported or built."""
+    """Check the runtime options for a model at ``path``: a known ``precision``; with an
+    exported graph, whose precision was fixed when it was exported or built, neither
+    ``precision`` nor ``compile``, and ``cuda_graphs`` only for a TensorRT engine (ONNX
+    Runtime's graphs run as they are)."""
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if path.suffix.lower() == ".onnx" or path.suffix.lower() in ENGINE_SUFFIXES:
-        options = (("precision", precision != "fp32"), ("compile", compile), ("cuda_graphs", cuda_graphs))
+    suffix = path.suffix.lower()
+    if suffix == ".onnx" or suffix in ENGINE_SUFFIXES:
+        graphs = cuda_graphs and suffix == ".onnx"
+        options = (("precision", precision != "fp32"), ("compile", compile), ("cuda_graphs", graphs))
         asked = [name for name, on in options if on]
         if asked:
             raise ValueError(
@@ -221,9 +224,10 @@ def load_denoiser(
     ``*.onnx`` in ONNX Runtime (:class:`OnnxDenoiser`), ``*.plan`` / ``*.engine`` in TensorRT
     (:class:`TensorRTDenoiser`, on ``device`` when it is a CUDA device, else ``cuda``).
 
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"`` autocast), ``compile`` and
-    ``cuda_graphs`` are options of the PyTorch runtime (:class:`TorchDenoiser`); an exported
-    engine's precision is fixed when it is built, so asking for them with one is an error.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"`` autocast) and ``compile`` are options of
+    the PyTorch runtime (:class:`TorchDenoiser`), ``cuda_graphs`` of it and of TensorRT's; an
+    exported graph's precision is fixed when it is built, so asking for them with one that
+    cannot take them is an error.
 
     Raises
     ------
@@ -244,7 +248,7 @@ def load_denoiser(
         from ._tensorrt import TensorRTDenoiser
 
         device = torch.device(device)
-        return TensorRTDenoiser(path, device=device if device.type == "cuda" else "cuda")
+        return TensorRTDenoiser(path, device=device if device.type == "cuda" else "cuda", cuda_graphs=cuda_graphs)
     return TorchDenoiser(
         load_model(path, device=device),
         read_config(path),

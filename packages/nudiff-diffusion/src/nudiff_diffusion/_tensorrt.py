@@ -263,7 +263,8 @@ class TensorRTDenoiser(GraphRuntime):
     """A TensorRT engine (``*.plan`` / ``*.engine`` of ``tools/export_trt.py``) behind
     ``eps(x, t, cond)``: inputs and outputs are torch CUDA tensors handed to TensorRT by
     address, run on torch's current stream (no host copies when the caller's tensors are
-    on the GPU).
+    on the GPU). With ``cuda_graphs``, each run replays a CUDA graph of the engine's run,
+    captured anew when the input shapes change (a sampling run: once).
 
     Raises
     ------
@@ -271,13 +272,20 @@ class TensorRTDenoiser(GraphRuntime):
         Without TensorRT or a CUDA GPU (the message says what to install).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device = "cuda") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, device: str | torch.device = "cuda", cuda_graphs: bool = False
+    ) -> None:
         path = Path(path)
         require_tensorrt(path)
-        self._load(path, read_graph_config(path, fmt=TRT_FORMAT), device)
+        self._load(path, read_graph_config(path, fmt=TRT_FORMAT), device, cuda_graphs)
 
-    def _load(self, path: Path, config: dict[str, Any], device: str | torch.device = "cuda") -> None:
+    def _load(
+        self, path: Path, config: dict[str, Any], device: str | torch.device = "cuda", cuda_graphs: bool = False
+    ) -> None:
         trt = require_tensorrt(path)
+        self.cuda_graphs = cuda_graphs
+        self._graph: Any = None
+        self._graph_key: tuple[Any, ...] | None = None
         self.path, self.config = path, config
         self._check_layout()
         self.batch_max = int(config["batch_max"])
@@ -305,18 +313,52 @@ class TensorRTDenoiser(GraphRuntime):
         missing = sorted(set(self._inputs_names) - set(feed))
         if missing:
             raise ValueError(f"'{self.path}' expects inputs {self._inputs_names}; missing {missing}")
-        keep = []  # the device tensors must outlive the asynchronous run
+        if self.cuda_graphs:
+            return self._replay(feed).to(x.device)
+        # the device tensors must outlive the asynchronous run
+        keep = {name: feed[name].to(self.device, self._dtypes[name]).contiguous() for name in self._inputs_names}
+        outputs = self._bind(keep)
+        self._enqueue(torch.cuda.current_stream(self.device))
+        return outputs[0].float().to(x.device)
+
+    def _bind(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Set the input shapes and hand TensorRT the addresses of ``inputs`` (device
+        tensors by name) and of new output tensors, which are returned."""
         for name in self._inputs_names:
-            tensor = feed[name].to(self.device, self._dtypes[name]).contiguous()
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self.context.set_input_shape(name, tuple(inputs[name].shape))
+            self.context.set_tensor_address(name, inputs[name].data_ptr())
         outputs = []
         for name in self._output_names:
             out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtypes[name], device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
-        stream = torch.cuda.current_stream(self.device)
+        return outputs
+
+    def _enqueue(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run '{self.path}'")
-        return outputs[0].float().to(x.device)
+
+    def _replay(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One run as a CUDA graph: captured for the first call with a new set of input
+        shapes, replayed after copying the inputs into its static buffers. As TensorRT
+        asks: shapes and addresses are set, one run is enqueued and waited for (the first
+        run after new shapes does work that cannot be captured), and the capture runs on
+        a non-default stream; addresses and shapes then stay fixed until the next capture."""
+        key = tuple((name, tuple(feed[name].shape)) for name in self._inputs_names)
+        if key != self._graph_key:
+            self._graph, self._graph_key = None, None  # free the old graph first
+            static = {n: feed[n].to(self.device, self._dtypes[n]).contiguous().clone() for n in self._inputs_names}
+            outputs = self._bind(static)
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._enqueue(stream)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self._enqueue(stream)
+            self._graph, self._graph_key, self._static, self._graph_outputs = graph, key, static, outputs
+        else:
+            for name in self._inputs_names:
+                self._static[name].copy_(feed[name].to(self.device, self._dtypes[name]))
+        self._graph.replay()
+        return self._graph_outputs[0].float().clone()  # the next replay overwrites the output

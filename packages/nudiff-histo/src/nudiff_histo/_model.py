@@ -247,7 +247,7 @@ def load_histo_denoiser(
                 from ._export import OnnxModulatedDenoiser
 
                 return OnnxModulatedDenoiser(path)
-        runtime = load_denoiser(path, device=device)
+        runtime = load_denoiser(path, device=device, cuda_graphs=cuda_graphs)
         kind = runtime.config.get("diffusion", {}).get("kind")
         if kind != "histo":
             raise ValueError(f"'{path}' is a graph of a {kind or 'structure'!r} model, not of a histology model")
