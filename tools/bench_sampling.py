@@ -54,6 +54,7 @@ from nudiff_diffusion import (
     sample,
 )
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
+from nudiff_postproc import retain_freed_memory
 from torch.utils.flop_counter import FlopCounterMode
 
 SCHEDULE = NoiseSchedule.linear(1000)
@@ -349,8 +350,15 @@ def main() -> int:
         "--compile", action="store_true", help="also time torch.compile (about a minute per shape on this CPU)"
     )
     parser.add_argument("--no-onnx", action="store_true", help="PyTorch rows only (e.g. a GPU without onnxruntime-gpu)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (freed large tensors go back to the OS; nudiff's CLIs retain them)",
+    )
     args = parser.parse_args()
     import onnxruntime
+
+    retained = False if args.system_malloc else retain_freed_memory()
 
     device = resolve_device(args.device)
     peak, peak_note = cuda_peak_gflops(device) if device.type == "cuda" else cpu_peak_gflops()
@@ -361,7 +369,8 @@ def main() -> int:
         f"({torch.get_num_threads()} threads), "
         f"onnxruntime {onnxruntime.__version__} (default intra-op threads)",
         "settings": f"batch {args.batch}; median of {args.repeat} calls after a warm-up; dpmpp2m {args.steps} steps "
-        f"per row; guidance {GUIDANCE}",
+        f"per row; guidance {GUIDANCE}; malloc: "
+        + ("freed memory retained (retain_freed_memory, as the CLIs)" if retained else "glibc default"),
         "peak": peak_note,
         "load_average_at_start": os.getloadavg()[0],
     }

@@ -25,6 +25,7 @@ from ._patches import (
     stitch,
     upsample,
 )
+from ._process import retain_freed_memory
 from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
 from ._structure import (
     DIHEDRAL,
@@ -41,6 +42,7 @@ from ._watershed import instances_from_structure, instances_from_structures
 __version__ = "0.1.0"
 
 __all__ = [
+    "retain_freed_memory",
     "DIHEDRAL",
     "METRIC_KEYS",
     "MORPHOLOGY_FEATURES",

@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    from nudiff_postproc import retain_freed_memory
+
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # PyTorch's large CPU tensors: no page faults on every reuse
     try:
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:

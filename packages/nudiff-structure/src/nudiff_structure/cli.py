@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
     from nudiff_diffusion import run_cli
+    from nudiff_postproc import retain_freed_memory
 
-    return run_cli(build_parser(), argv, "nudiff-structure")
+    return run_cli(build_parser(), argv, "nudiff-structure", retain_memory=retain_freed_memory)
 
 
 if __name__ == "__main__":
