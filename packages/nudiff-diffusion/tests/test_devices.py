@@ -97,11 +97,11 @@ def test_load_denoiser_options(tmp_path):
         load_denoiser(tmp_path / "ckpt", precision="fp8")
     graph = tmp_path / "model.onnx"  # refused before the file is even read
     for options, named in (({"precision": "fp16"}, "precision"), ({"compile": True}, "compile")):
-        with pytest.raises(ValueError, match=rf"{named} apply to PyTorch checkpoints, not to the engine .*model.onnx"):
+        with pytest.raises(ValueError, match=rf"{named} cannot be used with the exported graph .*model.onnx"):
             load_denoiser(graph, **options)
-    with pytest.raises(ValueError, match=r"cuda_graphs apply to PyTorch checkpoints, not to the engine '.*model.onnx'"):
+    with pytest.raises(ValueError, match=r"cuda_graphs cannot be used with the exported graph '.*model.onnx'"):
         load_denoiser(graph, cuda_graphs=True)
-    with pytest.raises(ValueError, match=r"precision apply to PyTorch checkpoints, not to the engine '.*m.plan'"):
+    with pytest.raises(ValueError, match=r"precision cannot be used with the exported graph '.*m.plan'"):
         load_denoiser(tmp_path / "m.plan", precision="bf16")
     if importlib.util.find_spec("tensorrt") is None:  # TensorRT takes CUDA graphs: past the check, to the engine
         with pytest.raises(EngineUnavailableError, match="needs TensorRT"):

@@ -164,7 +164,7 @@ def test_device_and_precision_flags(run, tmp_path, capsys, monkeypatch):
         "bf16",
     ]
     assert main(engine) == 2
-    assert "precision apply to PyTorch checkpoints, not to the engine 'm.onnx'" in capsys.readouterr().err
+    assert "precision cannot be used with the exported graph 'm.onnx'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     # bf16 autocast on the CPU: the same structures up to bf16's rounding
     assert _sample(run, tmp_path / "fp32", "--device", "cpu") == 0

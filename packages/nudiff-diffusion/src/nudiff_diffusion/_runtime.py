@@ -207,8 +207,9 @@ def check_runtime_options(path: Path, *, precision: str, compile: bool, cuda_gra
         asked = [name for name, on in options if on]
         if asked:
             raise ValueError(
-                f"{', '.join(asked)} apply to PyTorch checkpoints, not to the engine '{path}' "
-                "(its precision was fixed when it was exported or built)"
+                f"{' and '.join(asked)} cannot be used with the exported graph '{path}': precision and compile "
+                "apply to PyTorch checkpoints (an export's precision is fixed when it is exported or built), "
+                "cuda_graphs to PyTorch checkpoints and TensorRT engines"
             )
 
 
