@@ -28,6 +28,10 @@ step gpu_tests "$PY" -m pytest -q -m gpu -p no:cacheprovider tests packages
 step bench_paper256 "$PY" tools/bench_sampling.py --presets paper-256 --batch 16 --compile --no-onnx \
     --repeat 5 --steps 4 --paper-steps 2 --json "$OUT_DIR/bench_paper256.json"
 DATA="${NUDIFF_SHARED:-../shared}/data/monuseg-train"
+if [ ! -d "$DATA/instance_maps" ]; then  # a device machine without ../shared: procedural tiles
+    DATA="$OUT_DIR/synthetic_tiles"
+    "$PY" -c "from nudiff_postproc import write_synthetic_dataset as w; w('$DATA', 8, size=1000)"
+fi
 for precision in bf16 fp16; do
     step "train_${precision}" "$PY" -m nudiff_structure.cli --quiet train --data "$DATA" \
         --out "$OUT_DIR/run_${precision}" --preset paper-256 --steps 300 --batch 4 --save-every 300 \
