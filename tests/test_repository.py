@@ -27,6 +27,9 @@ def test_package_layout(package):
     assert (package / "src" / module / "py.typed").is_file()
     assert list((package / "tests").glob("test_*.py"))
     assert list((package / "benchmarks").glob("*.py"))
+    # the licence text travels in each wheel (poetry-core picks up LICENSE beside pyproject.toml)
+    assert meta["project"]["license"] == "MIT"
+    assert (package / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
     for dep in meta["project"].get("dependencies", []):
         assert "==" not in dep, f"{package.name} pins {dep}: libraries declare ranges"
 
