@@ -92,7 +92,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the --checkpoint model (a GPU option)")
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay each step of a --checkpoint run as a CUDA graph (GPU only)"
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each sampler step as a CUDA graph (a --checkpoint model or a TensorRT --engine; GPU only)",
     )
 
 
