@@ -252,7 +252,8 @@ def engines(
             yield (f"{engine}, cached", precision, HistoDenoiser(model, **options))
     if not onnx:
         return
-    model = copy.deepcopy(model).cpu()  # the exporter traces on the CPU; ONNX Runtime runs there
+    if cuda:  # the exporter traces on the CPU, and ONNX Runtime runs there
+        model = copy.deepcopy(model).cpu()
     if kind == "structure":
         for precision, slimmed in (("float32", False), ("float32", True), ("float16", False)):
             if slimmed and not slim:

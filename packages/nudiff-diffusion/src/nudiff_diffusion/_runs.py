@@ -131,21 +131,12 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
     return torch.stack([torch.randn(shape, generator=generator(i)) for i in indices])
 
 
-def run_cli(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    prog: str,
-    *,
-    retain_memory: Callable[[], Any] | None = None,
-) -> int:
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
     """Parse ``argv`` and run the chosen command (``args.func``); bad input (ValueError,
     TypeError, FileNotFoundError, NotImplementedError, and an engine that this machine cannot
     run: ``EngineUnavailableError``) prints ``prog command: error: ...``
-    and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``.
-    ``retain_memory`` (``nudiff_postproc.retain_freed_memory``) runs once the arguments parse."""
+    and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``."""
     args = parser.parse_args(argv)
-    if retain_memory is not None:
-        retain_memory()
     if args.command == "sample" and not (args.checkpoint or args.engine):
         print(f"{prog} sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
         return 2

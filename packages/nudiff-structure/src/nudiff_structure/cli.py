@@ -104,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nudiff_diffusion import run_cli
     from nudiff_postproc import retain_freed_memory
 
-    return run_cli(build_parser(), argv, "nudiff-structure", retain_memory=retain_freed_memory)
+    retain_freed_memory()  # PyTorch's large CPU tensors: no page faults on every reuse
+    return run_cli(build_parser(), argv, "nudiff-structure")
 
 
 if __name__ == "__main__":
