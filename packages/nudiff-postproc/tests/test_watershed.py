@@ -132,6 +132,24 @@ def test_fast_paths_equal_the_direct_algorithm(seed, n, orientations):
     assert same_up_to_relabelling(batch, expected)
 
 
+def test_components_with_overlapping_boxes_are_flooded_apart():
+    """A ring of two touching nuclei around two more touching nuclei: two components with
+    two markers each, the inner one's bounding box inside the outer one's. They are
+    flooded side by side in one packed canvas; each must keep to its own pixels."""
+    yy, xx = np.mgrid[:120, :120]
+    r = np.hypot(yy - 60, xx - 60)
+    inst = np.zeros((120, 120), np.int32)
+    ring, inner = (r >= 30) & (r < 50), r < 20
+    inst[ring & (xx < 60)], inst[ring & (xx >= 60)] = 1, 2
+    inst[inner & (yy < 60)], inst[inner & (yy >= 60)] = 3, 4
+    pred = encode_structure(inst)
+    expected = _oracle(pred, 1)
+    assert [len(np.unique(expected[inst == k])) for k in range(1, 5)] == [1, 1, 1, 1]
+    assert len(np.unique(expected)) == 5  # every nucleus its own instance: both components flooded
+    for got in (instances_from_structure(pred), instances_from_structures(pred[None], workers=1)[0]):
+        assert same_up_to_relabelling(got, expected)
+
+
 def test_numbering_is_consecutive():
     out = instances_from_structure(_noisy_structure(5, 40))
     ids = np.unique(out)

@@ -11,6 +11,7 @@ from functools import lru_cache
 from math import comb
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage as ndi
 
 __all__ = ["normalize_minmax", "sobel", "gaussian_blur_3x3", "open_ellipse_5x5", "ELLIPSE_5X5"]
@@ -76,10 +77,71 @@ def _along_cols_inplace(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return _along_rows(transposed, kernel, out=src.reshape(transposed.shape)).T
 
 
+#: output pixels per block of the banded matrix products in :func:`sobel` (32 measured
+#: best with 16 and 64 on 256 px maps: larger blocks waste more products on the band's
+#: zeros, smaller ones make the products too small for BLAS)
+_BLOCK = 32
+
+
+def _reflect_borders(padded: np.ndarray, radius: int) -> None:
+    """Fill the first and last ``radius`` rows of ``padded`` in place from the ``n > radius``
+    rows between them, by ``BORDER_REFLECT_101`` (``dcb|abcd|cba``)."""
+    n = padded.shape[0] - 2 * radius
+    padded[:radius] = padded[2 * radius : radius : -1]
+    padded[n + radius :] = padded[n + radius - 2 : n - 2 : -1]
+
+
+@lru_cache(maxsize=8)
+def _band(ksize: int, derivative: bool) -> np.ndarray:
+    """``(_BLOCK + ksize - 1, _BLOCK)`` float64: column ``c`` holds the Sobel kernel
+    (derivative or smoothing) at rows ``c .. c + ksize - 1``, so that a window of
+    ``_BLOCK + ksize - 1`` padded samples times this matrix is the correlation at the
+    window's ``_BLOCK`` output positions."""
+    kernel = sobel_kernels(ksize)[0 if not derivative else 1]
+    band = np.zeros((_BLOCK + ksize - 1, _BLOCK))
+    for c in range(_BLOCK):
+        band[c : c + ksize, c] = kernel
+    band.flags.writeable = False
+    return band
+
+
+def _sobel_blocked(src: np.ndarray, axis: int, ksize: int) -> np.ndarray:
+    """:func:`sobel` as two banded matrix products (BLAS): each block of ``_BLOCK``
+    outputs along a line is a window of padded samples times :func:`_band`. About twice
+    as fast as ``correlate1d`` for the 21-tap kernels on 256 px maps, and equal to it up
+    to the order of float64 summation (relative differences of ~1e-16)."""
+    h, w = src.shape
+    radius = ksize // 2
+    span = _BLOCK + 2 * radius
+    wide, tall = -(-w // _BLOCK) * _BLOCK, -(-h // _BLOCK) * _BLOCK
+    # rows first, as OpenCV: reflect-101 padded float64 rows, zeros past the last block
+    padded = np.empty((h, wide + 2 * radius))
+    padded[:, radius : w + radius] = src
+    _reflect_borders(padded[:, : w + 2 * radius].T, radius)
+    padded[:, w + 2 * radius :] = 0.0
+    windows = sliding_window_view(padded, span, axis=1)[:, ::_BLOCK].transpose(1, 0, 2)
+    rows = np.matmul(windows, _band(ksize, axis == 1))  # (wide / B, h, B)
+    # then columns: the padded copy also undoes the block layout of ``rows``
+    padded = np.empty((tall + 2 * radius, wide))
+    padded[radius : h + radius].reshape(h, -1, _BLOCK)[...] = rows.transpose(1, 0, 2)
+    _reflect_borders(padded[: h + 2 * radius], radius)
+    padded[h + 2 * radius :] = 0.0
+    windows = sliding_window_view(padded, span, axis=0)[::_BLOCK]  # (tall / B, wide, span)
+    out = np.matmul(_band(ksize, axis == 0).T, windows.transpose(0, 2, 1))  # (tall / B, B, wide)
+    return out.reshape(tall, wide)[:h, :w]
+
+
 def sobel(src: np.ndarray, axis: int, ksize: int = 21) -> np.ndarray:
     """``cv2.Sobel(src, cv2.CV_64F, dx, dy, ksize)`` with ``dx=1`` for ``axis=1`` and
     ``dy=1`` for ``axis=0``: separable, float64, border ``BORDER_REFLECT_101``
-    (scipy's ``"mirror"``), the row filter applied first as in OpenCV."""
+    (scipy's ``"mirror"``), the row filter applied first as in OpenCV.
+
+    Maps of at least ``_BLOCK`` (and ``ksize``) pixels each way go through banded matrix
+    products (:func:`_sobel_blocked`), smaller ones through ``scipy.ndimage.correlate1d``;
+    the two agree to float64 rounding. The result may be a non-contiguous view.
+    """
+    if min(src.shape) >= max(_BLOCK, ksize):
+        return _sobel_blocked(src, axis, ksize)
     smooth, deriv = sobel_kernels(ksize)
     if axis == 1:
         return _along_cols_inplace(_along_rows(src, deriv), smooth)

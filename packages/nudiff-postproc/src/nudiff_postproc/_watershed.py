@@ -28,10 +28,14 @@ _NUDIFF_ORIENTATIONS = tuple(
 )
 
 
-def _keep_large(labels: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+def _keep_large(labels: np.ndarray, n_labels: int, min_size: int) -> tuple[np.ndarray, int]:
     """Drop labelled components under ``min_size`` pixels and number the rest 1..N
-    in their original order (HoVer-Net's ``remove_small_objects``, then compacted)."""
-    sizes = np.bincount(labels.ravel())
+    in their original order (HoVer-Net's ``remove_small_objects``, then compacted).
+    ``labels`` holds ``0..n_labels``, as ``ndi.label`` returns them."""
+    # np.unique's vectorised sort counts 256 px maps in half the time of np.bincount
+    present, counts = np.unique(labels, return_counts=True)
+    sizes = np.zeros(n_labels + 1, np.intp)
+    sizes[present] = counts
     big = sizes >= min_size
     big[0] = False
     if big[1:].all():
@@ -86,13 +90,73 @@ def _flood_front(inside: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return np.logical_and(near, inside, out=near)
 
 
+def _flood_components(
+    dist: np.ndarray,
+    marker: np.ndarray,
+    components: np.ndarray,
+    ids: np.ndarray,
+    boxes: list[tuple[slice, slice]],
+    dist_origin: tuple[int, int] = (0, 0),
+) -> list[np.ndarray]:
+    """Watershed of the foreground components ``ids``, each inside its bounding box.
+
+    scikit-image's ``watershed`` costs in proportion to the array it is given (it pads and
+    converts every input), not to the pixels it floods, so the components are packed side by
+    side, top-aligned, into one canvas with a column of masked-out pixels between
+    neighbours: a third of the area of their common bounding box on the fixtures' crops.
+    No flood crosses a gap, and each component's pixels keep their raster order, so
+    the heap pops them in the order a flood of that component alone would.
+
+    Parameters
+    ----------
+    dist : ndarray of float64
+        The flooded surface (:func:`_flood_surface`), read inside the boxes: the whole
+        (H, W) map, or a part of it whose first pixel is ``dist_origin`` of the map.
+    marker, components : (H, W) ndarray of int
+        Marker labels and foreground components, full size.
+    ids : (K,) ndarray of int
+        Components to flood (each holds two or more markers).
+    boxes : list of K (slice, slice)
+        Their bounding boxes in ``components``.
+    dist_origin : (int, int)
+        Row and column of the map at which ``dist`` starts.
+
+    Returns
+    -------
+    list of K ndarray of int32
+        Per component, its box's marker labels: the flooded ones on the component's
+        pixels, 0 elsewhere.
+    """
+    heights = [box[0].stop - box[0].start for box in boxes]
+    widths = [box[1].stop - box[1].start for box in boxes]
+    lefts = np.cumsum([0] + [w + 1 for w in widths[:-1]]).tolist()
+    shape = (max(heights), lefts[-1] + widths[-1])
+    r0, c0 = dist_origin
+    surface = np.zeros(shape)
+    seeds = np.zeros(shape, np.int32)
+    inside = np.zeros(shape, bool)
+    slots = []
+    for c, box, height, width, left in zip(ids.tolist(), boxes, heights, widths, lefts, strict=True):
+        slot = (slice(0, height), slice(left, left + width))
+        own = np.equal(components[box], c, out=inside[slot])
+        np.copyto(seeds[slot], marker[box], where=own)
+        surface[slot] = dist[box[0].start - r0 : box[0].stop - r0, box[1].start - c0 : box[1].stop - c0]
+        slots.append(slot)
+    active = _flood_front(inside, seeds)
+    flooded = watershed(surface, markers=np.where(active, seeds, 0), mask=active)
+    np.copyto(flooded, seeds, where=~active)
+    flooded[~inside] = 0
+    return [flooded[slot] for slot in slots]
+
+
 class _HoverNetWatershed:
     """One prediction's watershed, with the orientation-independent parts computed once.
 
     Besides caching, four shortcuts keep it fast. A foreground component that holds a
     single marker is flooded by that marker entirely, so only components with two or more
-    markers go through the watershed, cropped to their bounding box (a flood never leaves
-    its component), and only with the marker pixels that border unflooded ones (see
+    markers go through the watershed, each cut to its bounding box (a flood never leaves
+    its component) and packed with the others into one small canvas (see
+    ``_flood_components``), and only with the marker pixels that border unflooded ones (see
     ``_flood_front``). And the number of instances of a result is the number of markers that
     touch the foreground, so the 8-orientation variant counts markers for each
     orientation and floods only the winner. The results are those of the plain algorithm;
@@ -107,14 +171,14 @@ class _HoverNetWatershed:
         self.v_raw = np.ascontiguousarray(pred[..., 2])
         self._edges: dict[tuple[int, int, int], np.ndarray] = {}
         self._helper = helper
-        # the Sobel filters dominate; with a helper thread (scipy releases the GIL in them)
+        # the Sobel filters dominate; with a helper thread (BLAS releases the GIL in them)
         # half of them run beside the foreground labelling and the other half
         keys = [(c, s, 1) for c in (1, 2) for s in (1, -1)] + [(c, s, 0) for c in (2, 1) for s in (1, -1)]
         if orientations == 1:
             keys = [(1, 1, 1), (2, 1, 0)]
         pending = [helper.submit(self._edge, *k) for k in keys[len(keys) // 2 :]] if helper else []
-        components, _ = ndi.label(pred[..., 0] >= threshold, structure=_CROSS)
-        self.components, self.n_components = _keep_large(components, _MIN_OBJECT)
+        components, n = ndi.label(pred[..., 0] >= threshold, structure=_CROSS)
+        self.components, self.n_components = _keep_large(components, n, _MIN_OBJECT)
         self.blb = self.components > 0
         for key in keys[: len(keys) // 2] if helper else []:
             self._edge(*key)
@@ -142,8 +206,8 @@ class _HoverNetWatershed:
         """Marker labels 1..M and, per marker, its foreground component (0: none)."""
         marker = self.blb & (overall < _EDGE_LEVEL)
         marker = open_ellipse_5x5(_fill_holes(marker))
-        marker, _ = ndi.label(marker, structure=_CROSS)
-        marker, n_markers = _keep_large(marker, _MIN_OBJECT)
+        marker, n = ndi.label(marker, structure=_CROSS)
+        marker, n_markers = _keep_large(marker, n, _MIN_OBJECT)
         component_of = np.zeros(n_markers + 1, np.int64)
         # a marker lies within one foreground component (it is grown from the foreground
         # and holes enclosed by it), so any of its foreground pixels names the component
@@ -175,19 +239,22 @@ class _HoverNetWatershed:
         out = np.take(single_label, self.components)
         multi_component = per_component >= 2
         multi_component[0] = False
-        if multi_component.any():
-            multi = np.take(multi_component, self.components)
-            # scikit-image's call costs in proportion to the array it is given: pass the
-            # bounding box of the pixels to flood (a flood never leaves its component)
-            rows, cols = np.flatnonzero(multi.any(axis=1)), np.flatnonzero(multi.any(axis=0))
-            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            dist = dist_job.result()[box] if dist_job else _flood_surface(overall, self.blb, box)
-            inside = multi[box]
-            seeds = np.where(inside, marker[box], 0)
-            active = _flood_front(inside, seeds)
-            flooded = watershed(dist, markers=np.where(active, seeds, 0), mask=active)
-            np.copyto(flooded, seeds, where=~active)
-            np.copyto(out[box], np.take(new_id, flooded), where=inside)
+        multi_ids = np.flatnonzero(multi_component)
+        if multi_ids.size:
+            every_box = ndi.find_objects(self.components, max_label=int(multi_ids[-1]))
+            boxes = [every_box[c - 1] for c in multi_ids.tolist()]
+            if dist_job:
+                dist, origin = dist_job.result(), (0, 0)
+            else:  # only the common bounding box of the flooded components
+                origin = (min(b[0].start for b in boxes), min(b[1].start for b in boxes))
+                union = (
+                    slice(origin[0], max(b[0].stop for b in boxes)),
+                    slice(origin[1], max(b[1].stop for b in boxes)),
+                )
+                dist = _flood_surface(overall, self.blb, union)
+            floods = _flood_components(dist, marker, self.components, multi_ids, boxes, origin)
+            for box, flooded in zip(boxes, floods, strict=True):
+                np.copyto(out[box], np.take(new_id, flooded), where=flooded > 0)
         elif dist_job:
             dist_job.result()
         return out
