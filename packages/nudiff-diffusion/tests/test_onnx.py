@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -124,3 +127,24 @@ def test_a_corrupt_graph_is_named(exported, tmp_path):
     (tmp_path / "config.json").write_text((root / "graph" / "config.json").read_text())
     with pytest.raises(ValueError, match="model.onnx' could not be loaded as an ONNX graph"):
         load_denoiser(tmp_path / "model.onnx")
+
+
+def test_onnx_runtime_takes_the_thread_count_the_process_was_given(exported):
+    """ONNX Runtime ignores OMP_NUM_THREADS; the session takes PyTorch's count, which follows it
+    (the pipeline gives each of its parallel stages one thread that way)."""
+    root, _, _ = exported
+    code = (
+        "import sys, torch; from nudiff_diffusion import load_denoiser; "
+        "r = load_denoiser(sys.argv[1]); "
+        "print(r.session.get_session_options().intra_op_num_threads, torch.get_num_threads())"
+    )
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(root / "graph" / "model.onnx")],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert done.stdout.split() == [threads, threads], done.stdout + done.stderr

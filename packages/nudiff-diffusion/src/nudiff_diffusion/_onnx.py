@@ -320,7 +320,13 @@ def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = 
     """An ONNX Runtime session for ``path`` with every graph optimisation on: the TensorRT
     and CUDA execution providers when onnxruntime-gpu has them and torch sees a CUDA device
     (the provider list names CUDA even without one), else the CPU. A file that is not a
-    graph raises an error naming it."""
+    graph raises an error naming it.
+
+    The CPU provider gets as many threads as PyTorch has (``torch.get_num_threads()``, which
+    follows ``OMP_NUM_THREADS``): ONNX Runtime would otherwise take every physical core and
+    ignore the variable, so two sampling processes that were given one thread each (the
+    pipeline's parallel stages) would each run two on a 2-core machine.
+    """
     import onnxruntime as ort
 
     path = Path(path)
@@ -333,6 +339,7 @@ def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = 
         providers.append("CPUExecutionProvider")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # noqa: BLE001  # ORT raises its own exception types: name the file
