@@ -178,12 +178,16 @@ class _HoverNetWatershed:
             keys = [(1, 1, 1), (2, 1, 0)]
         pending = [helper.submit(self._edge, *k) for k in keys[len(keys) // 2 :]] if helper else []
         components, n = ndi.label(pred[..., 0] >= threshold, structure=_CROSS)
-        self.components, self.n_components = _keep_large(components, n, _MIN_OBJECT)
+        if helper:  # the helper's filters end first: it also drops the small components
+            kept = helper.submit(_keep_large, components, n, _MIN_OBJECT)
+            for key in keys[: len(keys) // 2]:
+                self._edge(*key)
+            for future in pending:
+                future.result()
+            self.components, self.n_components = kept.result()
+        else:
+            self.components, self.n_components = _keep_large(components, n, _MIN_OBJECT)
         self.blb = self.components > 0
-        for key in keys[: len(keys) // 2] if helper else []:
-            self._edge(*key)
-        for future in pending:
-            future.result()
 
     def _edge(self, channel: int, sign: int, axis: int) -> np.ndarray:
         """``1 - normalize(Sobel(normalize(sign * channel)))`` along ``axis``, float32."""
@@ -225,7 +229,10 @@ class _HoverNetWatershed:
         if self.n_components == 0:
             return np.zeros(self.blb.shape, np.int32)
         overall = self._overall(orientation)
-        dist_job = self._helper.submit(_flood_surface, overall, self.blb) if self._helper else None
+        dist_job = boxes_job = None
+        if self._helper:  # beside the markers: the flood surface, then the components' boxes
+            dist_job = self._helper.submit(_flood_surface, overall, self.blb)
+            boxes_job = self._helper.submit(ndi.find_objects, self.components)
         marker, component_of = self.markers(overall)
         present = component_of != 0  # markers outside the foreground leave no instance
         new_id = np.cumsum(present, dtype=np.int32)
@@ -241,7 +248,7 @@ class _HoverNetWatershed:
         multi_component[0] = False
         multi_ids = np.flatnonzero(multi_component)
         if multi_ids.size:
-            every_box = ndi.find_objects(self.components, max_label=int(multi_ids[-1]))
+            every_box = boxes_job.result() if boxes_job else ndi.find_objects(self.components, int(multi_ids[-1]))
             boxes = [every_box[c - 1] for c in multi_ids.tolist()]
             if dist_job:
                 dist, origin = dist_job.result(), (0, 0)
