@@ -264,6 +264,7 @@ class _HoverNetWatershed:
                 np.copyto(out[box], np.take(new_id, flooded), where=flooded > 0)
         elif dist_job:
             dist_job.result()
+            boxes_job.cancel()  # no component to flood: the boxes are not needed
         return out
 
 
