@@ -27,9 +27,11 @@ def test_sobel_kernels_are_opencvs():
     assert smooth.sum() == 2**20 and deriv.sum() == 0 and deriv[-1] == 1 and deriv[0] == -1
 
 
-# below 32 px a side: scipy's correlate1d; from 32 px: banded matrix products in blocks of
-# 32, with partial last blocks where the side is no multiple of 32
-@pytest.mark.parametrize("shape", [(1, 1), (2, 9), (9, 2), (31, 47), (32, 32), (33, 95), (256, 256), (70, 300)])
+# below 32 px a side and above 768: scipy's correlate1d; between: banded matrix products in
+# blocks of 32, with partial last blocks where the side is no multiple of 32
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 9), (9, 2), (31, 47), (32, 32), (33, 95), (256, 256), (70, 300), (40, 768), (800, 40)]
+)
 def test_filters_equal_scipy_with_reflect_101(shape):
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     x64 = x.astype(np.float64)
