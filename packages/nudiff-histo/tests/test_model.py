@@ -32,6 +32,20 @@ def test_every_normalisation_is_spade(model):
     assert norms and not any(isinstance(m, torch.nn.GroupNorm) and m.affine for m in model.modules())
 
 
+def test_spade_layer_is_group_norm_times_one_plus_gamma_plus_beta():
+    torch.manual_seed(2)
+    layer = SpadeNorm(64, hidden=16).eval()
+    x, cond = torch.randn(2, 64, 16, 16), torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        hidden = layer.shared(torch.nn.functional.interpolate(cond, size=(16, 16), mode="nearest"))
+        gamma, beta = layer.gamma(hidden), layer.beta(hidden)
+        expected = torch.nn.functional.group_norm(x, 32) * (1 + gamma) + beta
+        scale, shift = layer.modulation(cond, (16, 16))
+        out = layer(x, cond)
+    assert torch.equal(scale, 1 + gamma) and torch.equal(shift, beta)  # the cached form of the modulation
+    assert (out - expected).abs().max() <= 1e-5
+
+
 def test_structure_changes_the_output(model):
     x, cond, t = _inputs()
     with torch.no_grad():

@@ -49,7 +49,8 @@ def spade_layers(model: UNet) -> list[tuple[SpadeNorm, tuple[int, int]]]:
 
 
 class _ModulationGraph(nn.Module):
-    """``cond -> (gamma_0, beta_0, gamma_1, ...)``: every SPADE layer's modulation."""
+    """``cond -> (scale_0, shift_0, scale_1, ...)``: every SPADE layer's modulation
+    (:meth:`SpadeNorm.modulation`: ``1 + gamma`` and ``beta``)."""
 
     def __init__(self, layers: list[tuple[SpadeNorm, tuple[int, int]]]) -> None:
         super().__init__()
@@ -64,7 +65,7 @@ class _ModulationGraph(nn.Module):
 
 
 class _ModulatedEpsGraph(nn.Module):
-    """``(x, t, gamma_0, beta_0, ...) -> out``: the UNet with its SPADE layers reading a
+    """``(x, t, scale_0, shift_0, ...) -> out``: the UNet with its SPADE layers reading a
     :class:`ModulationCache` filled from the inputs."""
 
     def __init__(self, model: UNet, layers: list[tuple[SpadeNorm, tuple[int, int]]]) -> None:
@@ -78,7 +79,7 @@ class _ModulatedEpsGraph(nn.Module):
 
 
 def _modulation_names(count: int) -> list[str]:
-    return [f"{kind}_{i}" for i in range(count) for kind in ("gamma", "beta")]
+    return [f"{kind}_{i}" for i in range(count) for kind in ("scale", "shift")]
 
 
 def export_histo_onnx(

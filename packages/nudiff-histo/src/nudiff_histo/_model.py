@@ -5,7 +5,9 @@ SPADE (Park et al. 2019, as used by semantic diffusion models and the Nudiff pap
 GroupNorm without affine parameters, then ``x * (1 + gamma) + beta`` where ``gamma`` and
 ``beta`` are predicted from the structure, resized (nearest) to the layer's resolution, by
 ``conv3x3 -> ReLU -> conv3x3``. Every normalisation layer of the UNet is a SPADE layer; the
-timestep scale-shift of the residual blocks applies on top, unchanged.
+timestep scale-shift of the residual blocks applies on top, unchanged. A layer's modulation
+is kept as the scale ``1 + gamma`` and the shift ``beta``, so that a cached modulation costs
+every later step one multiplication and one addition, not two additions.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ PRESETS: dict[str, HistoPreset] = {
 
 
 class ModulationCache:
-    """SPADE scales and shifts of one batch of structures, filled on the first UNet call
-    and reused by every later call (every sampling step).
+    """SPADE scales (``1 + gamma``) and shifts (``beta``) of one batch of structures, filled
+    on the first UNet call and reused by every later call (every sampling step).
 
     Parameters
     ----------
@@ -87,12 +89,13 @@ class ModulationCache:
 
     @classmethod
     def filled(cls, modulations: list[tuple[SpadeNorm, torch.Tensor, torch.Tensor]]) -> ModulationCache:
-        """A cache holding given ``(layer, gamma, beta)`` modulations and no structures
-        (the inputs of an exported per-step graph)."""
+        """A cache holding given ``(layer, scale, shift)`` modulations (what
+        :meth:`SpadeNorm.modulation` returns) and no structures (the inputs of an exported
+        per-step graph)."""
         cache = cls.__new__(cls)
         cache.cond = None
-        cache._entries = {id(norm): (gamma, beta) for norm, gamma, beta in modulations}
-        cache.layers = [(norm, (gamma.shape[-2], gamma.shape[-1])) for norm, gamma, _ in modulations]
+        cache._entries = {id(norm): (scale, shift) for norm, scale, shift in modulations}
+        cache.layers = [(norm, (scale.shape[-2], scale.shape[-1])) for norm, scale, _ in modulations]
         return cache
 
     def __len__(self) -> int:
@@ -123,25 +126,26 @@ class SpadeNorm(nn.Module):
         self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
 
     def modulation(self, cond: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gamma, beta)``, each (N, C, *size), of structures ``cond`` at resolution ``size``."""
+        """``(1 + gamma, beta)``, each (N, C, *size), of structures ``cond`` at resolution
+        ``size``: the scale and the shift of the normalised input."""
         dtype = self.shared[0].weight.dtype
         c = F.interpolate(cond.to(dtype), size=tuple(size), mode="nearest")
         hidden = self.shared(c)
-        return self.gamma(hidden), self.beta(hidden)
+        return 1 + self.gamma(hidden), self.beta(hidden)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | ModulationCache | None) -> torch.Tensor:
         if cond is None:
             raise ValueError("a SPADE layer needs the structure `cond` (zeros for no condition)")
         size = (x.shape[-2], x.shape[-1])
-        gamma, beta = cond.get(self, size) if isinstance(cond, ModulationCache) else self.modulation(cond, size)
-        if gamma.shape[0] != x.shape[0]:
-            raise ValueError(f"{gamma.shape[0]} structures for a batch of {x.shape[0]}")
+        scale, shift = cond.get(self, size) if isinstance(cond, ModulationCache) else self.modulation(cond, size)
+        if scale.shape[0] != x.shape[0]:
+            raise ValueError(f"{scale.shape[0]} structures for a batch of {x.shape[0]}")
         if x.device.type == "meta":  # shape and FLOP counting: no autocast there
             normalized = self.norm(x)
         else:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 normalized = self.norm(x.float()).to(x.dtype)
-        return normalized * (1 + gamma.to(x.dtype)) + beta.to(x.dtype)
+        return normalized * scale.to(x.dtype) + shift.to(x.dtype)
 
 
 def build_histo_unet(preset: str, **overrides: Any) -> UNet:
