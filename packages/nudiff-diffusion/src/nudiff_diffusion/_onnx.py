@@ -316,7 +316,9 @@ def export_onnx(
     )
 
 
-def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = None) -> Any:
+def onnx_session(
+    path: str | os.PathLike[str], *, providers: list[str] | None = None, profile_prefix: str | None = None
+) -> Any:
     """An ONNX Runtime session for ``path`` with every graph optimisation on: the TensorRT
     and CUDA execution providers when onnxruntime-gpu has them and torch sees a CUDA device
     (the provider list names CUDA even without one), else the CPU. A file that is not a
@@ -326,6 +328,10 @@ def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = 
     follows ``OMP_NUM_THREADS``): ONNX Runtime would otherwise take every physical core and
     ignore the variable, so two sampling processes that were given one thread each (the
     pipeline's parallel stages) would each run two on a 2-core machine.
+
+    ``profile_prefix`` turns on ONNX Runtime's profiler: the time of every node of every
+    run goes to ``{profile_prefix}_<date>.json``, whose path ``session.end_profiling()``
+    returns (``tools/bench_engine_ops.py`` reads it).
     """
     import onnxruntime as ort
 
@@ -340,6 +346,9 @@ def onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # noqa: BLE001  # ORT raises its own exception types: name the file
