@@ -10,7 +10,7 @@ and ONNX Runtime alternating after two warm-up calls of each. The wall time per 
 of those rounds; the breakdown comes from the profilers: ONNX Runtime's own (every node of
 the timed rounds; its overhead is a few ms per call) and ``torch.profiler`` over two more
 eager calls (operator self time). Both engines use torch's thread count; freed memory is
-retained as in nudiff's command lines.
+retained and eager runs channels-last, as in nudiff's command lines.
 
 The ceiling is eager's call time over ONNX Runtime's convolution time alone: the speed-up
 ONNX Runtime would reach if every other operator cost nothing. Random weights, perturbed as
@@ -129,7 +129,7 @@ def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path) -> dict[str
     if kind == "structure":
         model = perturbed(UNet(UNetConfig.preset(preset)))
         export_onnx(model, folder / "model.onnx", batch_max=batch)
-        runtime = TorchDenoiser(model)
+        runtime = TorchDenoiser(model, channels_last=True)  # as the command lines load it
 
         def eager() -> Any:
             return runtime.eps(x, t)
@@ -139,7 +139,7 @@ def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path) -> dict[str
         model = perturbed(build_histo_unet(preset))
         export_histo_onnx(model, folder / "model.onnx", batch_max=batch)
         cond = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-        runtime = HistoDenoiser(model)
+        runtime = HistoDenoiser(model, channels_last=True)
         prepared = runtime.prepare(cond)  # its modulations are made on the first call
 
         def eager() -> Any:

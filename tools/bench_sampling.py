@@ -234,10 +234,15 @@ def quantized_int8(graph: Path, out: Path, *, static: bool, batch: int) -> Path:
 
 def torch_variants(cuda: bool, compile: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(engine, precision, TorchDenoiser options) of the PyTorch rows: eager float32 first
-    (every row's reference), bf16 autocast; on a GPU CUDA graphs, float16 autocast; with
+    (every row's reference; channels-last on the CPU, as the command lines load it, then the
+    plain NCHW layout), bf16 autocast; on a GPU CUDA graphs, float16 autocast; with
     ``compile``, torch.compile (bf16, and on a GPU with CUDA graphs too)."""
-    bf16 = {"dtype": torch.bfloat16}
-    rows = [("pytorch eager", "fp32", {}), ("pytorch eager", "bf16 autocast", bf16)]
+    layout = {} if cuda else {"channels_last": True}
+    bf16 = {"dtype": torch.bfloat16, **layout}
+    rows = [("pytorch eager", "fp32", layout)]
+    if not cuda:
+        rows.append(("pytorch eager NCHW", "fp32", {}))
+    rows.append(("pytorch eager", "bf16 autocast", bf16))
     if cuda:
         rows += [
             ("pytorch eager", "fp16 autocast", {"dtype": torch.float16}),
@@ -269,10 +274,12 @@ def engines(
     alive."""
     cuda = next(model.parameters()).device.type == "cuda"
     for engine, precision, options in torch_variants(cuda, compile):
+        # a channels-last runtime converts its model: a copy, so the others keep NCHW
+        own = copy.deepcopy(model) if options.get("channels_last") else model
         if kind == "structure":
-            yield (engine, precision, TorchDenoiser(model, **options))
+            yield (engine, precision, TorchDenoiser(own, **options))
         else:
-            yield (f"{engine}, cached", precision, HistoDenoiser(model, **options))
+            yield (f"{engine}, cached", precision, HistoDenoiser(own, **options))
     if not onnx:
         return
     if cuda:  # the exporter traces on the CPU, and ONNX Runtime runs there

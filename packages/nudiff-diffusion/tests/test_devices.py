@@ -5,6 +5,7 @@ torch.compile, CUDA graphs) and their errors. The CUDA paths run in the ``gpu`` 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 
 import pytest
@@ -89,6 +90,26 @@ def test_precision_runs_autocast_and_returns_float32():
         TorchDenoiser(model, dtype=torch.float64)
 
 
+def test_channels_last_runtime_gives_the_same_eps_and_leaves_other_models_alone(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    with torch.no_grad():  # the zero-initialised output layer would hide every difference
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900])
+    plain = TorchDenoiser(model)
+    assert model.input_conv.weight.is_contiguous()  # the default keeps the caller's layout
+    reference = plain.eps(x, t)
+    save_model(tmp_path / "ckpt", model)
+    loaded = load_denoiser(tmp_path / "ckpt")  # the loader owns its model: channels-last on the CPU
+    weight = loaded.model.input_conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    out = loaded.eps(x, t)
+    assert x.is_contiguous() and out.shape == reference.shape
+    assert (out - reference).abs().max() <= 1e-5
+    assert (TorchDenoiser(model, channels_last=True).eps(x, t) - reference).abs().max() <= 1e-5
+
+
 def test_load_denoiser_options(tmp_path):
     save_model(tmp_path / "ckpt", UNet(TINY))
     runtime = load_denoiser(tmp_path / "ckpt", precision="bf16")
@@ -137,5 +158,8 @@ def test_torch_compile_matches_eager_on_the_cpu():
     model = _perturbed(UNet(UNetConfig.preset("tiny-64", image_size=16, num_res_blocks=1)))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 500])
     eager = TorchDenoiser(model).eps(x, t)
-    compiled = TorchDenoiser(model, compile=True).eps(x, t)
+    compiled = TorchDenoiser(copy.deepcopy(model), compile=True).eps(x, t)
     assert (compiled - eager).abs().max().item() < 1e-4
+    # what load_denoiser(..., compile=True) runs on the CPU
+    compiled_nhwc = TorchDenoiser(copy.deepcopy(model), compile=True, channels_last=True).eps(x, t)
+    assert (compiled_nhwc - eager).abs().max().item() < 1e-4
