@@ -13,8 +13,8 @@ eager calls (operator self time). Both engines use torch's thread count; freed m
 retained and eager runs channels-last, as in nudiff's command lines.
 
 The ceiling is eager's call time over ONNX Runtime's convolution time alone: the speed-up
-ONNX Runtime would reach if every other operator cost nothing. Both use unprofiled call
-times: under ``torch.profiler`` a channels-last model's normalisations and elementwise
+ONNX Runtime would reach if every other operator cost nothing. Both ratios use eager's
+unprofiled call time: under ``torch.profiler`` a channels-last model's normalisations and elementwise
 operators read 2-3x what they take without it (forward hooks: the same time as NCHW), so
 eager's breakdown is indicative only. Random weights, perturbed as
 in ``tools/bench_sampling.py`` (timing does not depend on them).
