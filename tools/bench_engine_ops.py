@@ -14,10 +14,10 @@ retained and eager runs channels-last, as in nudiff's command lines.
 
 The ceiling is eager's call time over ONNX Runtime's convolution time alone: the speed-up
 ONNX Runtime would reach if every other operator cost nothing. Both ratios use eager's
-unprofiled call time: under ``torch.profiler`` a channels-last model's normalisations and elementwise
-operators read 2-3x what they take without it (forward hooks: the same time as NCHW), so
-eager's breakdown is indicative only. Random weights, perturbed as
-in ``tools/bench_sampling.py`` (timing does not depend on them).
+unprofiled call time: under ``torch.profiler`` a channels-last model's normalisations and
+elementwise operators read 2-3x what they take without it (forward hooks: the same time as
+NCHW), so eager's breakdown is indicative only. Random weights, perturbed as in
+``tools/bench_sampling.py`` (timing does not depend on them).
 """
 
 from __future__ import annotations
