@@ -1,7 +1,9 @@
-"""tools/bench_engine_ops.py: its operator accounting on a real tiny UNet in both engines."""
+"""tools/bench_engine_ops.py (operator accounting on a real tiny UNet in both engines) and
+tools/bench_pair.py (alternating rounds, ratios within a round)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -59,3 +61,22 @@ def test_breakdowns_account_for_the_calls(ops, kind, tmp_path):
     assert row["ort_ops_ms"]["layout conversion (NCHWc)"] >= 0 and row["eager_ops_ms"]["layout conversion (NCHWc)"] == 0
     # the ceiling (every other operator free) is above the measured ratio
     assert row["ceiling"] > row["speedup"] > 0
+
+
+def test_pair_benchmark_alternates_and_divides_within_rounds(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench_pair
+    finally:
+        sys.path.remove(str(TOOLS))
+    out = tmp_path / "pair.json"
+    args = ["--preset", "tiny-64", "--batch", "2", "--rounds", "2", "--steps", "2", "--paper-steps", "1"]
+    monkeypatch.setattr(sys, "argv", ["bench_pair.py", *args, "--json", str(out)])
+    assert bench_pair.main() == 0
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 2
+    for engine in ("onnxruntime", "pytorch"):
+        ratios = [r["paper"] / r[engine] for r in result["rounds"]]
+        assert all(r > 1 for r in ratios)  # even 2 nudiff steps per model beat 1000 ancestral ones
+        assert result["median_ratio"][engine] == pytest.approx(statistics.median(ratios))
+    assert "| median ratio |" in capsys.readouterr().out
