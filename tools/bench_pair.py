@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
-from bench_sampling import GUIDANCE, SCHEDULE, paper_seconds_per_pair, perturbed
+from bench_sampling import GUIDANCE, SCHEDULE, finish, paper_seconds_per_pair, perturbed
 from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, export_onnx, load_denoiser, sample
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
 from nudiff_postproc import retain_freed_memory
@@ -107,13 +106,7 @@ def main() -> int:
             print(f"| {r + 1} | {row['paper']:.1f} | {cells} |", flush=True)
         medians = {e: statistics.median(row["paper"] / row[e] for row in rounds) for e in engines}
         print(f"| median ratio | | {' | '.join(f'| {medians[e]:.0f}x' for e in engines)} |")
-    header["load_average_at_end"] = os.getloadavg()[0]
-    print(
-        f"\n# load average (1 min) at start {header['load_average_at_start']:.2f}, "
-        f"at end {header['load_average_at_end']:.2f}"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rounds": rounds, "median_ratio": medians}, indent=1))
+    finish(header, args.json, {"rounds": rounds, "median_ratio": medians})
     return 0
 
 

@@ -385,6 +385,18 @@ def paper_seconds_per_pair(structure: UNet, histo: UNet, n: int, args: argparse.
     return {"structure_s": s_run / k * 1000 / n, "histo_s": h_run / k * 1000 / n}
 
 
+def finish(header: dict[str, Any], json_path: str | None, results: dict[str, Any]) -> None:
+    """Close a benchmark run: the load average at its end next to the one at its start
+    (``header["load_average_at_start"]``), and ``{"header": ..., **results}`` as JSON."""
+    header["load_average_at_end"] = os.getloadavg()[0]
+    print(
+        f"\n# load average (1 min) at start {header['load_average_at_start']:.2f}, "
+        f"at end {header['load_average_at_end']:.2f}"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps({"header": header, **results}, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny-64", "small-128"], help="UNet presets")
@@ -538,13 +550,7 @@ def main() -> int:
                 {"preset": preset, "procedure": name, "seconds_per_pair": seconds, "ratio_vs_paper": paper_s / seconds}
             )
             print(f"| {preset} | {name} | {seconds:.2f} | {paper_s / seconds:.0f}x |")
-    header["load_average_at_end"] = os.getloadavg()[0]
-    print(
-        f"\n# load average (1 min) at start {header['load_average_at_start']:.2f}, "
-        f"at end {header['load_average_at_end']:.2f}"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "pairs": pairs}, indent=2) + "\n")
+    finish(header, args.json, {"rows": rows, "pairs": pairs})
     return 0
 
 
