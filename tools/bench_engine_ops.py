@@ -40,7 +40,7 @@ import torch
 from bench_sampling import perturbed
 from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, export_onnx, onnx_session
 from nudiff_histo import HistoDenoiser, OnnxModulatedDenoiser, build_histo_unet, export_histo_onnx
-from nudiff_postproc import retain_freed_memory
+from nudiff_postproc import describe_cpu, retain_freed_memory
 
 WARM_UP = 2  # untimed calls of each engine before the timed rounds
 CATEGORIES = (
@@ -202,7 +202,7 @@ def main() -> int:
         parser.error(f"--batch must be >= 2 and --rounds >= 1, got {args.batch} and {args.rounds}")
     retained = retain_freed_memory()
     header = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": describe_cpu(),
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}",
         "threads": torch.get_num_threads(),
         "memory": "freed memory retained" if retained else "glibc default",

@@ -35,7 +35,7 @@ import torch
 from bench_sampling import GUIDANCE, SCHEDULE, finish, paper_seconds_per_pair, perturbed
 from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, export_onnx, load_denoiser, sample
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
-from nudiff_postproc import retain_freed_memory
+from nudiff_postproc import describe_cpu, retain_freed_memory
 
 
 def nudiff_seconds_per_pair(structure: Any, histo: Any, n: int, size: int, steps: int) -> float:
@@ -63,7 +63,7 @@ def main() -> int:
         parser.error("--batch, --rounds, --steps and --paper-steps must be positive")
     retained = retain_freed_memory()
     header = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": describe_cpu(),
         "versions": f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), onnxruntime {ort.__version__}",
         "settings": f"{args.preset}, batch {args.batch}, nudiff {args.steps} + {args.steps} steps, paper timed over "

@@ -100,16 +100,6 @@ ROWS = [
 ]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -125,7 +115,7 @@ def main() -> int:
     import skimage
 
     print(f"# nudiff-postproc {npp.__version__} benchmark")
-    print(f"# machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
+    print(f"# machine: {npp.describe_cpu()}")
     print(
         f"# python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
         f"scikit-image {skimage.__version__}"

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import nudiff_postproc as npp
 import numpy as np
-from benchmark_postproc import _cpu_name as cpu_name  # this folder: the scripts run from it
 from scipy import ndimage as ndi
 from scipy.ndimage import binary_fill_holes
 from skimage.segmentation import watershed
@@ -122,7 +121,7 @@ def main() -> int:
     import skimage
 
     print(f"# nudiff-postproc {npp.__version__} against HoVer-Net's __proc_np_hv (OpenCV {cv2.__version__})")
-    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
+    print(f"# machine: {npp.describe_cpu()}")
     print(
         f"# python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
         f"scikit-image {skimage.__version__}, OpenCV threads {cv2.getNumThreads()}"

@@ -1,4 +1,5 @@
-"""retain_freed_memory: large blocks are reused instead of page-faulted in again."""
+"""retain_freed_memory: large blocks are reused instead of page-faulted in again;
+describe_cpu: the CPU line of benchmark headers."""
 
 from __future__ import annotations
 
@@ -53,3 +54,32 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 def test_the_environment_opts_out():
     assert _faults("retain", NUDIFF_SYSTEM_MALLOC="1")[0] == "False"
+
+
+def _cpuinfo(tmp_path, model: str, family: int, number: int, flags: str, more: dict | None = None) -> str:
+    fields = {"processor": "{}", "cpu family": family, "model": number, "model name": model, "flags": flags}
+    fields.update(more or {})
+    block = "".join(f"{key}\t: {value}\n" for key, value in fields.items())
+    path = tmp_path / "cpuinfo"
+    # two processors: only the first one's block is read
+    path.write_text(block.format(0) + "\n" + block.format(1).replace(model, "other"))
+    return str(path)
+
+
+def test_describe_cpu_names_the_model_and_its_vector_extensions(tmp_path):
+    from nudiff_postproc import describe_cpu
+
+    zen3 = describe_cpu(_cpuinfo(tmp_path, "AMD EPYC", 25, 1, "fpu sse avx fma avx2 bmi2"))
+    assert zen3.startswith("AMD EPYC (family 25, model 1), AVX2 FMA, no AVX-512, ")
+    with_clock = describe_cpu(_cpuinfo(tmp_path, "AMD EPYC", 25, 1, "avx2", {"cpu MHz": "2445.406"}))
+    assert with_clock.startswith("AMD EPYC (family 25, model 1, 2445 MHz), AVX2, no AVX-512, ")
+    zen5 = describe_cpu(_cpuinfo(tmp_path, "AMD EPYC", 26, 2, "avx2 fma avx512f avx512_bf16 avx512_vnni"))
+    assert zen5.startswith("AMD EPYC (family 26, model 2), AVX2 FMA AVX512F AVX512_BF16 AVX512_VNNI, ")
+    assert "other" not in zen5
+
+
+def test_describe_cpu_falls_back_without_proc_cpuinfo(tmp_path):
+    from nudiff_postproc import describe_cpu
+
+    line = describe_cpu(tmp_path / "missing")
+    assert "cores" in line and "family" not in line

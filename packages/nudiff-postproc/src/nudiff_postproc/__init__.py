@@ -25,7 +25,7 @@ from ._patches import (
     stitch,
     upsample,
 )
-from ._process import retain_freed_memory
+from ._process import describe_cpu, retain_freed_memory
 from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
 from ._structure import (
     DIHEDRAL,
@@ -50,6 +50,7 @@ __all__ = [
     "PATCH_GEOMETRY",
     "PatchGeometry",
     "compact_labels",
+    "describe_cpu",
     "downscale_image",
     "downscale_instance_map",
     "encode_structure",

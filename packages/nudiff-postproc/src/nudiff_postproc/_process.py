@@ -1,12 +1,15 @@
-"""Process-wide settings that nudiff's command lines apply: keep freed memory for reuse."""
+"""The process and its machine: a process-wide setting that nudiff's command lines apply
+(keep freed memory for reuse), and the CPU description that every benchmark prints."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
+from pathlib import Path
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["describe_cpu", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -43,3 +46,51 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+#: vector extensions that decide float32 and bfloat16 throughput, in the order printed
+_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def describe_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """One line naming this machine's CPU, for the headers of benchmark tables.
+
+    The hosts behind this project's VMs change between sessions (an EPYC with AVX-512 and
+    bf16 one day, one with AVX2 only the next, 3-4x apart on the same benchmark), so a
+    table names the CPU model, its family and model numbers and its vector extensions,
+    besides the core count and the operating system.
+
+    Parameters
+    ----------
+    cpuinfo : str or Path, default "/proc/cpuinfo"
+        Linux's CPU description; where it cannot be read (other systems), the line falls
+        back to :func:`platform.processor`.
+
+    Returns
+    -------
+    str
+        For example ``"AMD EPYC (family 25, model 1, 2445 MHz), AVX2 FMA, no AVX-512,
+        2 cores, Linux 6.18"``.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if not sep:
+                if fields:  # the end of the first processor's block
+                    break
+                continue
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cores = f"{os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    if "model name" not in fields:
+        return f"{platform.processor() or platform.machine()}, {cores}"
+    flags = set(fields.get("flags", "").split())
+    vector = " ".join(name.upper() for name in _VECTOR_FLAGS if name in flags) or "no AVX2"
+    if "avx512f" not in flags:
+        vector += ", no AVX-512"
+    family = f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}"
+    if "cpu MHz" in fields:  # the nominal clock (in a VM, the host's TSC), not the clock under load
+        family += f", {float(fields['cpu MHz']):.0f} MHz"
+    return f"{fields['model name']} ({family}), {vector}, {cores}"
