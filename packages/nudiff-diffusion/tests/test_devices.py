@@ -23,6 +23,7 @@ from nudiff_diffusion import (
     runtime_options_from_args,
     save_model,
     train_config_from_args,
+    warn_if_emulated_precision,
 )
 
 TINY = UNetConfig.preset("tiny-64", image_size=16)
@@ -149,6 +150,44 @@ def test_cli_flags_reach_the_configs(monkeypatch):
         "compile": True,
         "cuda_graphs": False,
     }
+
+
+def _cpu_bf16(monkeypatch: pytest.MonkeyPatch, capability: str, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, recwarn):
+    cpu = torch.device("cpu")
+    _cpu_bf16(monkeypatch, "AVX2", False, False)
+    with pytest.warns(RuntimeWarning, match="no AVX-512 BF16 or AMX.*use --precision fp32"):
+        assert warn_if_emulated_precision(cpu, "bf16")
+    _no_cuda(monkeypatch)
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, batch=4, what="samples")
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        runtime_options_from_args(parser.parse_args(["--out", "o", "--precision", "bf16", "--device", "cpu"]))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        train_config_from_args(parser.parse_args(["--precision", "bf16", "--device", "cpu"]))
+    recwarn.clear()
+    # no warning: float32, a GPU, an exported engine, or a CPU with the instructions
+    assert not warn_if_emulated_precision(cpu, "fp32")
+    assert not warn_if_emulated_precision(torch.device("cuda"), "bf16")
+    runtime_options_from_args(parser_engine := _sampling_args("--engine", "m.onnx", "--precision", "bf16"))
+    assert parser_engine.engine == "m.onnx"
+    for capability, avx512_bf16, amx in (("AVX512", True, False), ("AVX512", False, True), ("DEFAULT", False, False)):
+        _cpu_bf16(monkeypatch, capability, avx512_bf16, amx)
+        assert not warn_if_emulated_precision(cpu, "bf16")
+    assert [str(w.message) for w in recwarn] == []
+
+
+def _sampling_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, batch=4, what="samples")
+    return parser.parse_args(["--out", "o", "--device", "cpu", *argv])
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ def test_train_predict_evaluate_round_trip_on_real_tiles(kumar, tmp_path, capsys
                 str(tmp_path / "real" / "images"),
                 "--out",
                 str(tmp_path / "pred"),
+                "--device",
+                "cpu",
             ]
         )
         == 0
@@ -187,6 +189,24 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
         == 2
     )
     assert "checkpoint directory not found" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:0"])
+def test_an_unusable_device_fails_before_any_work(tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: cuda:0 is usable")
+    write_image(tmp_path / "d" / "images" / "a.png", np.zeros((300, 300, 3), np.uint8))
+    write_instance_map(tmp_path / "d" / "instance_maps" / "a.png", np.zeros((300, 300), np.int32))
+    out = tmp_path / "run"
+    common = ["--device", device, "--out", str(out)]
+    for args in (
+        ["train", "--real", str(tmp_path / "d"), "--preset", "tiny"],
+        ["predict", "--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path / "d" / "images")],
+    ):
+        assert main(["--quiet", *args, *common]) == 2
+        err = capsys.readouterr().err
+        assert f"`device` {device!r}" in err or f"got {device!r}" in err, err
+        assert not out.exists()
 
 
 def test_onnx_engine_predicts_like_pytorch(model, tmp_path, capsys):

@@ -30,7 +30,15 @@ from ._runs import (
     shard_indices,
     train_config_from_args,
 )
-from ._runtime import ENGINE_SUFFIXES, PRECISIONS, TorchDenoiser, check_runtime_options, load_denoiser, resolve_device
+from ._runtime import (
+    ENGINE_SUFFIXES,
+    PRECISIONS,
+    TorchDenoiser,
+    check_runtime_options,
+    load_denoiser,
+    resolve_device,
+    warn_if_emulated_precision,
+)
 from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
 from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
@@ -79,6 +87,7 @@ __all__ = [
     "check_runtime_options",
     "load_denoiser",
     "resolve_device",
+    "warn_if_emulated_precision",
     "TrainConfig",
     "latest_checkpoint",
     "setup_distributed",

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._runtime import PRECISIONS, resolve_device
+from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._trainer import TrainConfig
 
 __all__ = [
@@ -57,7 +57,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
     """The :class:`TrainConfig` of :func:`add_train_arguments`' flags (plus ``extra`` fields);
     ``--device`` is checked here, before any work."""
-    resolve_device(args.device)
+    warn_if_emulated_precision(resolve_device(args.device), args.precision)
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch,
@@ -101,8 +101,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch: int, what:
 def runtime_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``load_denoiser`` (and ``load_histo_denoiser``) from
     :func:`add_sampling_arguments`' flags: the resolved ``--device`` and the PyTorch options."""
+    device = resolve_device(args.device)
+    if not args.engine:  # an engine runs in its own precision
+        warn_if_emulated_precision(device, args.precision)
     return {
-        "device": resolve_device(args.device),
+        "device": device,
         "precision": args.precision,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,

@@ -8,6 +8,7 @@ asked for.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,52 @@ from ._checkpoint import load_model, read_config
 from ._guidance import GuidedRuntime
 from ._unet import UNet
 
-__all__ = ["TorchDenoiser", "load_denoiser", "resolve_device", "check_runtime_options", "ENGINE_SUFFIXES", "PRECISIONS"]
+__all__ = [
+    "TorchDenoiser",
+    "load_denoiser",
+    "resolve_device",
+    "check_runtime_options",
+    "warn_if_emulated_precision",
+    "ENGINE_SUFFIXES",
+    "PRECISIONS",
+]
 
 ENGINE_SUFFIXES = (".plan", ".engine")  # TensorRT
 
 #: ``--precision`` of a PyTorch run: the autocast dtype (None: float32)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), as PyTorch
+    sees it; True where PyTorch cannot say (other architectures, older versions)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is None for probe in probes) or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return True
+    return any(probe() for probe in probes)
+
+
+def warn_if_emulated_precision(device: torch.device, precision: str) -> bool:
+    """Warn (``RuntimeWarning``) when ``precision`` has no hardware support on ``device``.
+
+    bf16 autocast on a CPU without AVX-512 BF16 or AMX runs emulated: on an AVX2-only EPYC
+    a small-128 UNet call at batch 8 took 30.7 s against 4.2 s in float32 (7.3x slower),
+    while on an EPYC with AVX-512 BF16 it was 1.6x faster than float32.
+
+    Returns
+    -------
+    bool
+        Whether it warned.
+    """
+    if device.type != "cpu" or precision != "bf16" or _cpu_has_bf16_instructions():
+        return False
+    warnings.warn(
+        f"--precision bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512 BF16 or AMX): "
+        "bfloat16 is emulated there, measured 7x slower than fp32 on such a CPU; use --precision fp32",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

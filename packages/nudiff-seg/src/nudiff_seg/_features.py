@@ -33,6 +33,7 @@ def patch_embeddings(images: np.ndarray, model: ResNet, *, batch: int = 32) -> n
     images : (N, H, W, 3) uint8
         RGB patches (H, W >= 32), ImageNet-normalised here.
     model : ResNet
+        On the CPU or a GPU: the patches are moved to its device.
     batch : int
         Patches per forward pass.
 
@@ -44,11 +45,12 @@ def patch_embeddings(images: np.ndarray, model: ResNet, *, batch: int = 32) -> n
         raise ValueError(f"`images` must be (N, H, W, 3) uint8, got {getattr(images, 'shape', type(images))}")
     if min(images.shape[1:3]) < 32:
         raise ValueError(f"patches must be at least 32 px, got {images.shape[1:3]}")
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    device = next(model.parameters()).device  # the patches go where the model is
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float() / 255.0
-            out.append(model.features((x - mean) / std).numpy())
+            x = torch.from_numpy(images[start : start + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
+            out.append(model.features((x - mean) / std).cpu().numpy())
     return np.concatenate(out).astype(np.float32)

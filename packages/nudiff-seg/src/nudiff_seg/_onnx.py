@@ -3,8 +3,7 @@
 The export, the parity check against PyTorch (float32: max abs diff <= 1e-4 times the
 largest output magnitude, on random windows, batches 1 and 3) and the session settings are nudiff-diffusion's
 (:func:`nudiff_diffusion.export_graph`, ``onnx_session`` and the graph config helpers): one implementation for
-every nudiff graph. nudiff-diffusion is therefore needed only for this path (the
-``onnx`` extra: ``pip install nudiff-seg[onnx]``).
+every nudiff graph.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ GRAPH_KIND = "hovernet"
 
 
 def _onnx_tools() -> Any:
-    try:
-        import nudiff_diffusion as onnx_tools
-    except ImportError as exc:  # pragma: no cover - installed together in this repository
-        raise RuntimeError("ONNX export and --engine need nudiff-diffusion: pip install nudiff-seg[onnx]") from exc
+    """nudiff-diffusion, imported on first use: ``nudiff-seg train`` never loads ONNX."""
+    import nudiff_diffusion as onnx_tools
+
     return onnx_tools
 
 

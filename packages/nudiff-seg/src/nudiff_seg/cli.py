@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _ratio(text: str) -> float | str:
@@ -15,6 +19,13 @@ def _ratio(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'pool', got {text!r}") from None
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``, checked before any work (an unknown or absent device fails here)."""
+    from nudiff_diffusion import resolve_device
+
+    return resolve_device(args.device)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -33,6 +44,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         encoder_weights=args.encoder_weights,
     )
+    from nudiff_diffusion import warn_if_emulated_precision
+
+    device = _device(args)
+    warn_if_emulated_precision(device, args.precision)
     size = PRESETS[args.preset].input_size
     names = read_name_list(args.subset) if args.subset else None
     real = load_tiles(args.real, names=names, min_size=size, what="--real")
@@ -41,7 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"training {args.preset} on {len(real)} real"
         + (f" + {len(synthetic)} synthetic" if synthetic else "")
-        + f" images ({'subset ' + args.subset if args.subset else 'all'}), {args.epochs} epochs -> {args.out}",
+        + f" images ({'subset ' + args.subset if args.subset else 'all'}), {args.epochs} epochs on {device} "
+        f"-> {args.out}",
         flush=True,
     )
     train_hovernet(
@@ -51,6 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         synthetic=synthetic,
         val=val,
         resume=args.resume,
+        device=device,
         progress=not args.quiet,
         max_batches=args.max_batches,
     )
@@ -67,7 +84,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if bool(args.checkpoint) == bool(args.engine):
         raise ValueError("give either --checkpoint RUN (PyTorch) or --engine model.onnx (ONNX Runtime)")
-    model = load_engine(args.engine or args.checkpoint)
+    model = load_engine(args.engine or args.checkpoint, device=_device(args))
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
     todo = [
         n
@@ -103,7 +120,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     from ._hovernet import load_hovernet
     from ._predict import score_pairs
 
-    model = load_hovernet(args.checkpoint)
+    model = load_hovernet(args.checkpoint, device=_device(args))
     sets = [("synthetic", args.pairs)] + ([("real", args.real)] if args.real else [])
     print(
         f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
@@ -134,7 +151,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     from ._features import load_backbone, patch_embeddings
 
-    model = load_backbone(args.weights, args.arch)
+    model = load_backbone(args.weights, args.arch).to(_device(args))
     pairs = dataset_pairs(args.data)
     images = [read_pair(i, m)[0] for _, i, m in pairs]
     sizes = {im.shape for im in images}
@@ -148,6 +165,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nudiff_diffusion import add_device_argument
+
     from ._hovernet import PRESETS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -185,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the window order and augmentation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (resumable; for time-boxed runs)")
+    add_device_argument(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="instance maps of images of any size (tiled)", formatter_class=fmt)
@@ -193,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of RGB images (PNG/TIFF/JPEG)")
     p.add_argument("--out", required=True, help="output folder: instance_maps/, mat/, geojson/, overlays/")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    add_device_argument(p)  # for --checkpoint; an --engine graph runs where ONNX Runtime's provider does
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="HoVer-Net checkpoint -> ONNX graph for predict --engine", formatter_class=fmt)
@@ -216,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", help="real dataset folder scored the same way, for reference")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out", help="JSON file of the mean scores per set")
+    add_device_argument(p)
     p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("features", help="ImageNet ResNet embeddings of a patch folder", formatter_class=fmt)
@@ -224,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=("resnet50", "resnet18"), default="resnet50", help="architecture of the weights")
     p.add_argument("--batch", type=int, default=32, help="patches per forward pass")
     p.add_argument("--out", required=True, help="output .npz (names, features) for `nudiff-postproc subset`")
+    add_device_argument(p)
     p.set_defaults(func=_cmd_features)
     return parser
 
