@@ -29,6 +29,8 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import warn_if_emulated_precision
+
     from ._data import load_tiles, read_name_list
     from ._hovernet import PRESETS
     from ._train import SegTrainConfig, train_hovernet
@@ -44,8 +46,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         encoder_weights=args.encoder_weights,
     )
-    from nudiff_diffusion import warn_if_emulated_precision
-
     device = _device(args)
     warn_if_emulated_precision(device, args.precision)
     size = PRESETS[args.preset].input_size
