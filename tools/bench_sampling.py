@@ -134,8 +134,8 @@ def cpu_peak_gflops() -> tuple[float, str]:
             seconds = min(seconds, time.perf_counter() - t0)
         best[name] = 2 * n**3 / seconds / 1e9
     gflops = max(best.values())
-    # float32 lanes of the widest vectors /proc/cpuinfo lists; two FMA pipes per core
-    bits = 512 if "AVX512F" in describe_cpu() else 256
+    # float32 lanes of the widest vectors PyTorch's kernels use here; two FMA pipes per core
+    bits = 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
     per_cycle = 2 * 2 * bits // 32
     return gflops, (
         f"best of 10 4096^2 float32 matmuls, {torch.get_num_threads()} threads: torch {best['torch']:.0f}, "
