@@ -22,11 +22,11 @@ SMALL = [
     "data.tile_size=256",
     "data.test_tiles=1",
     "prepare.fraction=0.3",
-    "structure.steps=30",
+    "structure.steps=20",
     "structure.save_every=10",
-    "histo.pretrain_steps=20",
-    "histo.finetune_steps=10",
-    "histo.save_every=10",
+    "histo.pretrain_steps=10",
+    "histo.finetune_steps=5",
+    "histo.save_every=5",
     "sample.num=8",
     "sample.steps=4",
     "sample.batch=4",
@@ -143,7 +143,7 @@ def test_end_to_end_killed_midway_resumes_and_writes_the_report(tmp_path):
     assert log.count("--out " + str(out / "histo-pretrain")) == 2
     with open(out / "histo-pretrain" / "log.csv", newline="") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh)]
-    assert steps[-1] == 20
+    assert steps[-1] == 10
     # nothing lost or duplicated
     assert len(list((out / "synthetic" / "images").glob("*.png"))) == 8
     assert len(list((out / "synthetic-structures" / "structures").glob("*.npy"))) == 8
