@@ -3,6 +3,7 @@ tools/bench_pair.py (alternating rounds, ratios within a round)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import sys
@@ -17,13 +18,55 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(scope="module")
-def ops():
-    sys.path.insert(0, str(TOOLS))  # the tool imports its sibling bench_sampling, as when run as a script
+def graph_cache(tmp_path_factory) -> Path:
+    """The --graph-cache folder the benchmark tools of this module share."""
+    return tmp_path_factory.mktemp("graphs")
+
+
+def _tool(name: str):
+    sys.path.insert(0, str(TOOLS))  # a tool imports its sibling bench_sampling, as when run as a script
     try:
-        import bench_engine_ops
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(TOOLS))
-    return bench_engine_ops
+
+
+def test_graph_cache_reuses_an_export_of_the_same_weights_and_settings(tmp_path):
+    import torch
+
+    bench_sampling = _tool("bench_sampling")
+    calls = []
+
+    def export(model, path, **settings):  # stands in for export_onnx: writes the graph's file
+        calls.append(settings)
+        path.parent.mkdir(parents=True)
+        path.write_text("graph")
+
+    model = bench_sampling.bench_model("structure", "tiny-64")
+    cache = tmp_path / "cache"
+    first = bench_sampling.export_graph(export, model, tmp_path / "a", cache, batch_max=2)
+    assert (
+        bench_sampling.export_graph(
+            export, bench_sampling.bench_model("structure", "tiny-64"), tmp_path / "b", cache, batch_max=2
+        )
+        == first
+    )
+    assert len(calls) == 1 and first.read_text() == "graph" and first.parent.parent == cache
+    assert bench_sampling.export_graph(export, model, tmp_path / "c", cache, batch_max=4) != first  # other settings
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert bench_sampling.export_graph(export, model, tmp_path / "d", cache, batch_max=2) != first  # other weights
+    assert len(calls) == 3 and not list(cache.glob("*.partial"))
+    # without a cache the export goes to the folder given, every time
+    assert (
+        bench_sampling.export_graph(export, model, tmp_path / "e", None, batch_max=2) == tmp_path / "e" / "model.onnx"
+    )
+    assert len(calls) == 4
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return _tool("bench_engine_ops")
 
 
 @pytest.mark.parametrize(
@@ -46,11 +89,14 @@ def test_operators_fall_into_their_kind(ops, op, engine, expected):
 
 
 @pytest.mark.parametrize("kind", ["structure", "histo"])
-def test_breakdowns_account_for_the_calls(ops, kind, tmp_path):
+def test_breakdowns_account_for_the_calls(ops, kind, tmp_path, graph_cache):
     import torch
 
+    # the batches bench_pair exports for (n = 2 pairs: the guided histology UNet sees 4), so
+    # that the pair benchmark below finds these graphs in the cache
+    batch = 2 if kind == "structure" else 4
     with torch.no_grad():
-        row = ops.case(kind, "tiny-64", batch=2, rounds=3, tmp=tmp_path)
+        row = ops.case(kind, "tiny-64", batch=batch, rounds=3, tmp=tmp_path, cache=graph_cache)
     assert len(row["eager_ms"]) == len(row["ort_ms"]) == 3
     ort_sum, eager_sum = sum(row["ort_ops_ms"].values()), sum(row["eager_ops_ms"].values())
     ort_call = statistics.mean(row["ort_ms"])
@@ -63,14 +109,11 @@ def test_breakdowns_account_for_the_calls(ops, kind, tmp_path):
     assert row["ceiling"] > row["speedup"] > 0
 
 
-def test_pair_benchmark_alternates_and_divides_within_rounds(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench_pair
-    finally:
-        sys.path.remove(str(TOOLS))
+def test_pair_benchmark_alternates_and_divides_within_rounds(tmp_path, monkeypatch, capsys, graph_cache):
+    bench_pair = _tool("bench_pair")
     out = tmp_path / "pair.json"
     args = ["--preset", "tiny-64", "--batch", "2", "--rounds", "2", "--steps", "2", "--paper-steps", "1"]
+    args += ["--graph-cache", str(graph_cache)]
     monkeypatch.setattr(sys, "argv", ["bench_pair.py", *args, "--json", str(out)])
     assert bench_pair.main() == 0
     result = json.loads(out.read_text())
@@ -80,3 +123,7 @@ def test_pair_benchmark_alternates_and_divides_within_rounds(tmp_path, monkeypat
         assert all(r > 1 for r in ratios)  # even 2 nudiff steps per model beat 1000 ancestral ones
         assert result["median_ratio"][engine] == pytest.approx(statistics.median(ratios))
     assert "| median ratio |" in capsys.readouterr().out
+    # one structure and one histology graph: the breakdowns' exports (same seeded weights,
+    # same settings) were reused, not exported again under another fingerprint
+    cached = sorted(json.loads((d / "config.json").read_text())["batch_max"] for d in graph_cache.iterdir())
+    assert cached == [2, 4]

@@ -37,9 +37,9 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
-from bench_sampling import perturbed
-from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, export_onnx, onnx_session
-from nudiff_histo import HistoDenoiser, OnnxModulatedDenoiser, build_histo_unet, export_histo_onnx
+from bench_sampling import add_graph_cache_argument, bench_model, export_graph
+from nudiff_diffusion import TorchDenoiser, UNetConfig, export_onnx, onnx_session
+from nudiff_histo import HistoDenoiser, OnnxModulatedDenoiser, export_histo_onnx
 from nudiff_postproc import describe_cpu, retain_freed_memory
 
 WARM_UP = 2  # untimed calls of each engine before the timed rounds
@@ -122,16 +122,17 @@ def measure(
     return eager_ms, ort_ms
 
 
-def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path) -> dict[str, Any]:
-    """One model's row set: wall times, both breakdowns and the ceiling."""
+def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
+    """One model's row set: wall times, both breakdowns and the ceiling (``cache``: the
+    ``--graph-cache`` folder of :func:`bench_sampling.export_graph`)."""
     g = torch.Generator().manual_seed(1)
     size = UNetConfig.preset(preset).image_size
     x = torch.randn(batch, 3, size, size, generator=g)
     t = torch.full((batch,), 500)
     folder = tmp / f"{kind}-{preset}"
     if kind == "structure":
-        model = perturbed(UNet(UNetConfig.preset(preset)))
-        export_onnx(model, folder / "model.onnx", batch_max=batch)
+        model = bench_model(kind, preset)
+        graph = export_graph(export_onnx, model, folder, cache, batch_max=batch)
         runtime = TorchDenoiser(model, channels_last=True)  # as the command lines load it
 
         def eager() -> Any:
@@ -139,8 +140,8 @@ def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path) -> dict[str
 
         feed = {"x": x.numpy(), "t": t.numpy()}
     else:
-        model = perturbed(build_histo_unet(preset))
-        export_histo_onnx(model, folder / "model.onnx", batch_max=batch)
+        model = bench_model(kind, preset)
+        graph = export_graph(export_histo_onnx, model, folder, cache, batch_max=batch)
         cond = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
         runtime = HistoDenoiser(model, channels_last=True)
         prepared = runtime.prepare(cond)  # its modulations are made on the first call
@@ -148,9 +149,10 @@ def case(kind: str, preset: str, batch: int, rounds: int, tmp: Path) -> dict[str
         def eager() -> Any:
             return runtime.eps(x, t, prepared)
 
-        arrays = OnnxModulatedDenoiser(folder / "model.onnx").prepare(cond).arrays
+        arrays = OnnxModulatedDenoiser(graph).prepare(cond).arrays
         feed = {"x": x.numpy(), "t": t.numpy(), **arrays}
-    session = onnx_session(folder / "model.onnx", profile_prefix=str(folder / "ort"))
+    folder.mkdir(parents=True, exist_ok=True)  # the profile's folder (the graph may be in the cache)
+    session = onnx_session(graph, profile_prefix=str(folder / "ort"))
     eager_ms, ort_ms = measure(eager, session, feed, rounds)
     ort_ops, runs = ort_breakdown(Path(session.end_profiling()), skip_runs=WARM_UP)
     assert runs == rounds, f"the ONNX Runtime profile holds {runs} timed runs, expected {rounds}"
@@ -197,6 +199,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8, help="images per call")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per engine (median)")
     parser.add_argument("--json", help="also write the header and rows as JSON")
+    add_graph_cache_argument(parser)
     args = parser.parse_args()
     if args.batch < 2 or args.rounds < 1:
         parser.error(f"--batch must be >= 2 and --rounds >= 1, got {args.batch} and {args.rounds}")
@@ -216,7 +219,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for preset in args.presets:
             for kind in args.models:
-                rows.append(case(kind, preset, args.batch, args.rounds, Path(tmp)))
+                rows.append(case(kind, preset, args.batch, args.rounds, Path(tmp), args.graph_cache))
                 print_case(rows[-1])
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1))

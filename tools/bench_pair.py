@@ -32,9 +32,17 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
-from bench_sampling import GUIDANCE, SCHEDULE, finish, paper_seconds_per_pair, perturbed
-from nudiff_diffusion import TorchDenoiser, UNet, UNetConfig, export_onnx, load_denoiser, sample
-from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
+from bench_sampling import (
+    GUIDANCE,
+    SCHEDULE,
+    add_graph_cache_argument,
+    bench_model,
+    export_graph,
+    finish,
+    paper_seconds_per_pair,
+)
+from nudiff_diffusion import TorchDenoiser, export_onnx, load_denoiser, sample
+from nudiff_histo import HistoDenoiser, export_histo_onnx, load_histo_denoiser
 from nudiff_postproc import describe_cpu, retain_freed_memory
 
 
@@ -58,6 +66,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="nudiff's sampler steps per model (its default: 20)")
     parser.add_argument("--paper-steps", type=int, default=2, help="ancestral steps timed for the paper's procedure")
     parser.add_argument("--json", help="also write the header and rounds as JSON")
+    add_graph_cache_argument(parser)
     args = parser.parse_args()
     if args.batch < 1 or args.rounds < 1 or args.steps < 1 or args.paper_steps < 1:
         parser.error("--batch, --rounds, --steps and --paper-steps must be positive")
@@ -75,18 +84,15 @@ def main() -> int:
         print(f"# {key}: {value}")
     print()
     n = args.batch
-    structure = perturbed(UNet(UNetConfig.preset(args.preset)))
-    histo = perturbed(build_histo_unet(args.preset))
+    structure = bench_model("structure", args.preset)
+    histo = bench_model("histo", args.preset)
     size = structure.config.image_size
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        export_onnx(structure, Path(tmp) / "s" / "model.onnx", batch_max=n)
-        export_histo_onnx(histo, Path(tmp) / "h" / "model.onnx", batch_max=2 * n)
+        s_graph = export_graph(export_onnx, structure, Path(tmp) / "s", args.graph_cache, batch_max=n)
+        h_graph = export_graph(export_histo_onnx, histo, Path(tmp) / "h", args.graph_cache, batch_max=2 * n)
         engines = {
-            "onnxruntime": (
-                load_denoiser(Path(tmp) / "s" / "model.onnx"),
-                load_histo_denoiser(Path(tmp) / "h" / "model.onnx"),
-            ),
+            "onnxruntime": (load_denoiser(s_graph), load_histo_denoiser(h_graph)),
             # copies: the paper's runtimes keep the NCHW originals
             "pytorch": (
                 TorchDenoiser(copy.deepcopy(structure), channels_last=True),

@@ -182,12 +182,70 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def perturbed(model: UNet) -> UNet:
+def add_graph_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """``--graph-cache DIR`` of the benchmark tools (:func:`export_graph`)."""
+    parser.add_argument(
+        "--graph-cache",
+        type=Path,
+        help="keep the ONNX exports in this folder and reuse them in later runs (keyed by weights, settings, versions)",
+    )
+
+
+def bench_model(kind: str, preset: str) -> UNet:
+    """The random model the benchmarks time, in eval mode: a plain (``structure``) or SPADE
+    (``histo``) UNet of ``preset``, built after seeding torch, so that every run and every
+    tool gets the same weights (which :func:`export_graph` relies on), every parameter then
+    perturbed by N(0, 0.02) noise (the zero-initialised output layers would make every
+    engine agree trivially)."""
     torch.manual_seed(0)
+    model = UNet(UNetConfig.preset(preset)) if kind == "structure" else build_histo_unet(preset)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+def export_graph(
+    export: Callable[..., Any], model: torch.nn.Module, folder: Path, cache: Path | None, **settings: Any
+) -> Path:
+    """``folder / "model.onnx"`` written by ``export(model, path, **settings)``
+    (:func:`nudiff_diffusion.export_onnx` or :func:`nudiff_histo.export_histo_onnx`).
+
+    With a ``cache`` folder (``--graph-cache``), the export goes to a subfolder named by a
+    fingerprint of the weights, the export function, ``settings`` and the versions of
+    torch and nudiff, and a later call with the same fingerprint (another run, or another
+    benchmark tool) reuses it: exporting a small-128 UNet takes minutes on a 2-core CPU.
+    A change to the model's code under the same version is not in the fingerprint: clear
+    the cache after one.
+    """
+    if cache is None:
+        export(model, folder / "model.onnx", **settings)
+        return folder / "model.onnx"
+    import hashlib
+
+    import nudiff_diffusion
+
+    digest = hashlib.sha256()
+    described = {
+        "export": f"{export.__module__}.{export.__qualname__}",
+        "settings": settings,
+        "config": model.config.to_dict(),
+        "versions": [torch.__version__, nudiff_diffusion.__version__],
+    }
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    cached = Path(cache) / digest.hexdigest()[:20]
+    if not (cached / "model.onnx").is_file():
+        partial = cached.with_name(cached.name + ".partial")  # an interrupted export is redone
+        if partial.exists():
+            import shutil
+
+            shutil.rmtree(partial)
+        export(model, partial / "model.onnx", **settings)
+        os.replace(partial, cached)
+    return cached / "model.onnx"
 
 
 def quantized_int8(graph: Path, out: Path, *, static: bool, batch: int) -> Path:
@@ -271,11 +329,12 @@ def engines(
     *,
     onnx: bool = True,
     compile: bool = False,
+    cache: Path | None = None,
 ) -> Iterator[tuple[str, str, Any]]:
     """(engine, precision, runtime) of one model: PyTorch (:func:`torch_variants`, on the
     model's device) and the ONNX exports of ``tools/export_onnx.py`` (exported here), made
     one at a time so that only one runtime (and its SPADE modulations: GBs at small-128) is
-    alive."""
+    alive. ``cache``: see :func:`export_graph`."""
     cuda = next(model.parameters()).device.type == "cuda"
     for engine, precision, options in torch_variants(cuda, compile):
         # a channels-last runtime converts its model: a copy, so the others keep NCHW
@@ -292,8 +351,9 @@ def engines(
         for precision, slimmed in (("float32", False), ("float32", True), ("float16", False)):
             if slimmed and not slim:
                 continue
-            path = tmp / f"s-{precision}-{slimmed}" / "model.onnx"
-            export_onnx(model, path, batch_max=batch_max, precision=precision, slim=slimmed)
+            folder = tmp / f"s-{precision}-{slimmed}"
+            settings = {"batch_max": batch_max, "precision": precision, "slim": slimmed}
+            path = export_graph(export_onnx, model, folder, cache, **settings)
             if (precision, slimmed) == ("float32", False):
                 float32_graph = path  # what the int8 rows quantize
             name = "onnxruntime" + (" slim" if slimmed else "")
@@ -312,13 +372,14 @@ def engines(
     if slim:
         exports.append(("cached-modulation slim", "float32"))
     for layout, precision in exports:
-        path = tmp / f"h-{layout}-{precision}".replace(" ", "-") / "model.onnx"
+        folder = tmp / f"h-{layout}-{precision}".replace(" ", "-")
         common: dict[str, Any] = {"batch_max": 2 * batch_max, "precision": precision, "settings": {"kind": "histo"}}
         if layout.startswith("cached-modulation"):
-            export_histo_onnx(model, path, slim=layout.endswith("slim"), **common)
+            path = export_graph(export_histo_onnx, model, folder, cache, slim=layout.endswith("slim"), **common)
         else:
             common["batch_max"] = batch_max if layout == "guided" else 2 * batch_max
-            export_onnx(model, path, cond_channels=3, layout="eps" if layout == "uncached" else "guided", **common)
+            layout_name = "eps" if layout == "uncached" else "guided"
+            path = export_graph(export_onnx, model, folder, cache, cond_channels=3, layout=layout_name, **common)
         yield (f"onnxruntime {layout}", "fp32" if precision == "float32" else "fp16", load_histo_denoiser(path))
 
 
@@ -417,6 +478,7 @@ def main() -> int:
         "--compile", action="store_true", help="also time torch.compile (about a minute per shape on this CPU)"
     )
     parser.add_argument("--no-onnx", action="store_true", help="PyTorch rows only (e.g. a GPU without onnxruntime-gpu)")
+    add_graph_cache_argument(parser)
     parser.add_argument(
         "--system-malloc",
         action="store_true",
@@ -454,8 +516,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             for kind in ("structure", "histo"):
-                model = perturbed(UNet(UNetConfig.preset(preset)) if kind == "structure" else build_histo_unet(preset))
-                model = model.to(device)
+                model = bench_model(kind, preset).to(device)
                 pair_models.setdefault(preset, {})[kind] = model
                 size, n = model.config.image_size, args.batch
                 unet_n = 2 * n if kind == "histo" else n
@@ -479,6 +540,7 @@ def main() -> int:
                     args.int8,
                     onnx=not args.no_onnx,
                     compile=args.compile,
+                    cache=args.graph_cache,
                 ):
                     r = time_row(kind, runtime, n, size, args)
                     flops = cached if ("cached" in engine and "uncached" not in engine) else uncached
