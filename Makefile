@@ -10,7 +10,7 @@ STAMP := $(VENV)/.nudiff-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 # pytest-xdist workers, each running whole test files with cores / workers threads (conftest.py):
-# on 2 cores 16.5 min against 25.6 min in one process (AVX2 host); `make test TEST_WORKERS=0` runs serially
+# on 2 cores 13.8 min of pytest against 25.3 min in one process (AVX2 host); TEST_WORKERS=0 runs serially
 TEST_WORKERS ?= 2
 # where `make wheels` puts the wheels and sdists (tests/test_wheels.py passes its own)
 DIST ?= dist
