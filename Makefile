@@ -9,7 +9,8 @@ STAMP := $(VENV)/.nudiff-installed
 # says so too, but CI may not pass the variable on)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
-# pytest-xdist workers, each running whole test files with cores / workers threads (conftest.py):
+# pytest-xdist workers, each running whole test files with cores / workers threads (conftest.py), in
+# collection order (tests/ first: the longest files start first; xdist would otherwise sort by test count);
 # on 2 cores 13.8 min of pytest against 25.3 min in one process (AVX2 host); TEST_WORKERS=0 runs serially
 TEST_WORKERS ?= 2
 # where `make wheels` puts the wheels and sdists (tests/test_wheels.py passes its own)
@@ -32,7 +33,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check packages tools tests conftest.py
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python packages/nudiff-postproc/benchmarks/benchmark_postproc.py

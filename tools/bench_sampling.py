@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -44,6 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nudiff_diffusion
 import torch
 from nudiff_diffusion import (
     NoiseSchedule,
@@ -221,10 +224,6 @@ def export_graph(
     if cache is None:
         export(model, folder / "model.onnx", **settings)
         return folder / "model.onnx"
-    import hashlib
-
-    import nudiff_diffusion
-
     digest = hashlib.sha256()
     described = {
         "export": f"{export.__module__}.{export.__qualname__}",
@@ -240,8 +239,6 @@ def export_graph(
     if not (cached / "model.onnx").is_file():
         partial = cached.with_name(cached.name + ".partial")  # an interrupted export is redone
         if partial.exists():
-            import shutil
-
             shutil.rmtree(partial)
         export(model, partial / "model.onnx", **settings)
         os.replace(partial, cached)
