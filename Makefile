@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 # pytest-xdist workers, each running whole test files with cores / workers threads (conftest.py), in
 # collection order (tests/ first: the longest files start first; xdist would otherwise sort by test count);
-# on 2 cores 13.8 min of pytest against 25.3 min in one process (AVX2 host); TEST_WORKERS=0 runs serially
+# on 2 cores 12.8 min of pytest against 25.3 min in one process (AVX2 host); TEST_WORKERS=0 runs serially
 TEST_WORKERS ?= 2
 # where `make wheels` puts the wheels and sdists (tests/test_wheels.py passes its own)
 DIST ?= dist

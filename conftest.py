@@ -52,8 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
     subprocesses the tests start all follow (ONNX Runtime sessions take torch's count).
     Measured on 2 cores: two workers with two threads each made OpenMP's barriers spin
     against each other (a 9 s test took 183 s; the suite 26.8 min against 25.6 min serial);
-    one thread each: 16.5 min (13.8 min once the benchmark tools' tests shared their
-    exports and the killed pipeline trained fewer steps)."""
+    one thread each: 16.5 min (12.8 min once the benchmark tools' tests shared their
+    exports, the killed pipeline trained fewer steps and the long files started first)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
