@@ -35,33 +35,39 @@ def test_graph_cache_reuses_an_export_of_the_same_weights_and_settings(tmp_path)
     import torch
 
     bench_sampling = _tool("bench_sampling")
-    calls = []
+    calls, killed = [], []
 
     def export(model, path, **settings):  # stands in for export_onnx: writes the graph's file
-        calls.append(settings)
         path.parent.mkdir(parents=True)
+        if killed:  # a kill midway through writing
+            killed.clear()
+            path.write_text("half a graph")
+            raise KeyboardInterrupt
+        calls.append(settings)
         path.write_text("graph")
 
+    export_graph, cache = bench_sampling.export_graph, tmp_path / "cache"
     model = bench_sampling.bench_model("structure", "tiny-64")
-    cache = tmp_path / "cache"
-    first = bench_sampling.export_graph(export, model, tmp_path / "a", cache, batch_max=2)
-    assert (
-        bench_sampling.export_graph(
-            export, bench_sampling.bench_model("structure", "tiny-64"), tmp_path / "b", cache, batch_max=2
-        )
-        == first
-    )
+    first = export_graph(export, model, tmp_path / "a", cache, batch_max=2)
+    rebuilt = bench_sampling.bench_model("structure", "tiny-64")  # seeded: the same weights again
+    assert export_graph(export, rebuilt, tmp_path / "b", cache, batch_max=2) == first
     assert len(calls) == 1 and first.read_text() == "graph" and first.parent.parent == cache
-    assert bench_sampling.export_graph(export, model, tmp_path / "c", cache, batch_max=4) != first  # other settings
+    assert export_graph(export, model, tmp_path / "c", cache, batch_max=4) != first  # other settings
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
-    assert bench_sampling.export_graph(export, model, tmp_path / "d", cache, batch_max=2) != first  # other weights
+    assert export_graph(export, model, tmp_path / "d", cache, batch_max=2) != first  # other weights
     assert len(calls) == 3 and not list(cache.glob("*.partial"))
+
+    # an export killed midway leaves only a .partial folder, which the next call replaces
+    killed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        export_graph(export, model, tmp_path / "f", cache, batch_max=8)
+    assert len(list(cache.glob("*.partial"))) == 1
+    redone = export_graph(export, model, tmp_path / "f", cache, batch_max=8)
+    assert redone.read_text() == "graph" and not list(cache.glob("*.partial")) and len(calls) == 4
     # without a cache the export goes to the folder given, every time
-    assert (
-        bench_sampling.export_graph(export, model, tmp_path / "e", None, batch_max=2) == tmp_path / "e" / "model.onnx"
-    )
-    assert len(calls) == 4
+    assert export_graph(export, model, tmp_path / "e", None, batch_max=2) == tmp_path / "e" / "model.onnx"
+    assert len(calls) == 5
 
 
 @pytest.fixture(scope="module")
