@@ -57,7 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+    from nudiff_postproc import usable_cores
+
+    threads = max(1, usable_cores() // int(workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)

@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "nudiff",
     "out": "pipeline_out",
     "parallel": 2,  # stages that may run at once (each gets cores / parallel threads)
-    "threads": 0,  # cores to use; 0: all
+    "threads": 0,  # cores to use; 0: every usable core (nudiff_postproc.usable_cores)
     "data": {
         "source": "procedural",  # "procedural" or a dataset folder (images/, instance_maps/)
         "tiles": 8,  # procedural: tiles generated

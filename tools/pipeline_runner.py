@@ -175,7 +175,9 @@ def run_pipeline(
             if s.python:
                 print(f"    (python: {getattr(s.python, 'func', s.python).__name__})")
         return 0
-    cores = config["threads"] or os.cpu_count() or 1
+    from nudiff_postproc import usable_cores
+
+    cores = config["threads"] or usable_cores()
     runner = Runner(out / "logs")
     _say(f"{config['name']}: {len(todo)} stage(s) to run, {len(done)} done, in '{out}' ({cores} cores)")
 

@@ -83,3 +83,73 @@ def test_describe_cpu_falls_back_without_proc_cpuinfo(tmp_path):
 
     line = describe_cpu(tmp_path / "missing")
     assert "cores" in line and "family" not in line
+
+
+@pytest.fixture
+def sixteen_core_machine_with_eight_allowed(monkeypatch):
+    """A machine of 16 cores whose affinity mask allows 8 (a Slurm job, taskset)."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+
+
+def _cgroup(tmp_path, v2=None, v1=None):
+    """Paths to cgroup files holding the given texts (None: the file does not exist)."""
+    v2_path, quota, period = tmp_path / "cpu.max", tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us"
+    if v2 is not None:
+        v2_path.write_text(v2 + "\n")
+    if v1 is not None:
+        quota.write_text(v1[0] + "\n")
+        period.write_text(v1[1] + "\n")
+    return {"cgroup_v2_max": v2_path, "cgroup_v1": (quota, period)}
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "expected"),
+    [
+        (None, None, 8),  # no control group files: the affinity mask decides
+        ("max 100000", None, 8),  # cgroup v2 without a quota
+        ("150000 100000", None, 2),  # docker --cpus=1.5: rounded up
+        ("1600000 100000", None, 8),  # a quota above the mask
+        (None, ("-1", "100000"), 8),  # cgroup v1 without a quota
+        (None, ("250000", "100000"), 3),
+        ("garbage", ("50000", "100000"), 1),  # an unreadable v2 file: v1 is read
+        (None, ("garbage", "100000"), 8),
+    ],
+)
+def test_usable_cores_is_the_smallest_of_machine_affinity_and_quota(
+    tmp_path, sixteen_core_machine_with_eight_allowed, v2, v1, expected
+):
+    from nudiff_postproc import usable_cores
+
+    assert usable_cores(**_cgroup(tmp_path, v2, v1)) == expected
+
+
+def test_describe_cpu_says_how_many_cores_are_usable(tmp_path, sixteen_core_machine_with_eight_allowed):
+    from nudiff_postproc import describe_cpu
+
+    assert "8 of 16 cores usable" in describe_cpu(_cpuinfo(tmp_path, "AMD EPYC", 25, 1, "avx2"))
+
+
+@pytest.mark.parametrize(("cores", "pool_workers"), [(1, None), (3, 3)])
+def test_the_batch_watershed_uses_the_usable_cores_by_default(monkeypatch, cores, pool_workers):
+    """instances_from_structures(workers=None) starts one thread per usable core, none on one."""
+    import numpy as np
+    from nudiff_postproc import _watershed, encode_structure, instances_from_structure, instances_from_structures
+
+    pools = []
+
+    class RecordingPool(_watershed.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(_watershed, "usable_cores", lambda: cores)
+    monkeypatch.setattr(_watershed, "ThreadPoolExecutor", RecordingPool)
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:25, 10:25], inst[30:50, 35:55] = 3, 7
+    preds = np.stack([encode_structure(inst)] * 4)
+    out = instances_from_structures(preds)
+    assert pools == ([] if pool_workers is None else [pool_workers])
+    assert all(np.array_equal(o, instances_from_structure(preds[0])) for o in out)

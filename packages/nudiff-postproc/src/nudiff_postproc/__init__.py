@@ -25,7 +25,7 @@ from ._patches import (
     stitch,
     upsample,
 )
-from ._process import describe_cpu, retain_freed_memory
+from ._process import describe_cpu, retain_freed_memory, usable_cores
 from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
 from ._structure import (
     DIHEDRAL,
@@ -73,6 +73,7 @@ __all__ = [
     "select_subset",
     "stitch",
     "upsample",
+    "usable_cores",
     "structure_grid",
     "structure_rgb",
     "synthetic_instance_map",

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import sys
 from pathlib import Path
 
-__all__ = ["describe_cpu", "retain_freed_memory"]
+__all__ = ["describe_cpu", "retain_freed_memory", "usable_cores"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -48,6 +49,64 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+#: CPU bandwidth limits of a container: cgroup v2's one file, cgroup v1's two
+_CGROUP_V2_MAX = "/sys/fs/cgroup/cpu.max"
+_CGROUP_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def _cgroup_cpu_limit(v2_max: str | Path, v1_files: tuple[str | Path, str | Path]) -> float | None:
+    """The CPU quota of this process's control group in cores, or None where none is set."""
+    try:
+        quota, period = Path(v2_max).read_text().split()[:2]  # "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:
+            quota, period = (Path(f).read_text().strip() for f in v1_files)  # "-1" when unlimited
+        except OSError:
+            return None
+    try:
+        q, per = float(quota), float(period)
+    except ValueError:  # "max"
+        return None
+    return q / per if q > 0 and per > 0 else None
+
+
+def usable_cores(
+    *, cgroup_v2_max: str | Path = _CGROUP_V2_MAX, cgroup_v1: tuple[str | Path, str | Path] = _CGROUP_V1
+) -> int:
+    """The number of cores this process may use: the default thread count of nudiff's pools.
+
+    ``os.cpu_count()`` counts the machine's cores, which overstates what a process gets in
+    the places this toolkit runs: a Slurm job, ``taskset`` or a cpuset restricts the CPU
+    affinity (16 of 128 cores, say), and a container started with ``--cpus=2`` gets a CFS
+    bandwidth quota while seeing every core of the host. Threads beyond either limit only
+    wait for each other (on this project's 2-core VM, two OpenMP threads per worker against
+    another worker made one test take 183 s instead of 9 s). This takes the smallest of the
+    machine's core count, the affinity mask (``os.sched_getaffinity``, where the platform
+    has it) and the control group's quota rounded up (cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``), as loky and joblib do. It is written here
+    rather than taken from joblib because nudiff-postproc depends on numpy, scipy and
+    scikit-image only.
+
+    Parameters
+    ----------
+    cgroup_v2_max, cgroup_v1 : str or Path, and a pair of them
+        Where the quota is read (the Linux defaults; for tests). Unreadable files mean no
+        quota.
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    limits = [os.cpu_count() or 1]
+    if hasattr(os, "sched_getaffinity"):
+        limits.append(len(os.sched_getaffinity(0)))
+    quota = _cgroup_cpu_limit(cgroup_v2_max, cgroup_v1)
+    if quota is not None:
+        limits.append(math.ceil(quota))
+    return max(1, min(limits))
+
+
 #: vector extensions that decide float32 and bfloat16 throughput, in the order printed
 _VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
 
@@ -83,7 +142,9 @@ def describe_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    cores = f"{os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    usable, machine = usable_cores(), os.cpu_count() or 1
+    cores = f"{usable} cores" if usable == machine else f"{usable} of {machine} cores usable"
+    cores += f", {platform.system()} {platform.release()}"
     if "model name" not in fields:
         return f"{platform.processor() or platform.machine()}, {cores}"
     flags = set(fields.get("flags", "").split())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Literal
@@ -14,6 +13,7 @@ from skimage.segmentation import watershed
 from ._labels import compact_labels
 from ._opencv_equiv import gaussian_blur_3x3, normalize_minmax, open_ellipse_5x5, sobel
 from ._patches import downscale_instance_map, upsample
+from ._process import usable_cores
 from ._validate import as_prediction, check_finite
 
 __all__ = ["instances_from_structure", "instances_from_structures"]
@@ -278,17 +278,20 @@ def _check_options(threshold: float, orientations: int) -> None:
 
 
 _HELPER: ThreadPoolExecutor | None = None
+_HELPER_DECIDED = False
 _HELPER_LOCK = threading.Lock()
 
 
 def _helper_thread() -> Executor | None:
-    """One shared background thread for single calls on machines with 2+ cores."""
-    global _HELPER
-    if (os.cpu_count() or 1) < 2:
-        return None
-    with _HELPER_LOCK:
-        if _HELPER is None:
-            _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nudiff-postproc")
+    """One shared background thread for single calls where the process may use 2+ cores
+    (decided on the first call: :func:`usable_cores` reads the control group's files)."""
+    global _HELPER, _HELPER_DECIDED
+    if not _HELPER_DECIDED:
+        with _HELPER_LOCK:
+            if not _HELPER_DECIDED:
+                if usable_cores() >= 2:
+                    _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nudiff-postproc")
+                _HELPER_DECIDED = True
     return _HELPER
 
 
@@ -390,7 +393,8 @@ def instances_from_structures(
     threshold, orientations, scale
         As in :func:`instances_from_structure`.
     workers : int, optional
-        Number of threads; default ``os.cpu_count()``. The heavy steps (filters,
+        Number of threads; default :func:`usable_cores` (the affinity mask and a
+        container's CPU quota, not every core of the machine). The heavy steps (filters,
         labelling, watershed) run in compiled code that releases the GIL. Each
         structure is processed by one thread (a single call of
         :func:`instances_from_structure` instead splits its filters over two).
@@ -403,7 +407,7 @@ def instances_from_structures(
     _check_options(threshold, orientations)
     _check_scale(scale)
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = usable_cores()
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"`workers` must be a positive integer, got {workers!r}")
     out = np.empty(preds.shape[:3], np.int32)
