@@ -18,6 +18,7 @@ from nudiff_diffusion import (
     sample,
     train,
 )
+from nudiff_diffusion.testing import perturbed_copy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,11 +30,7 @@ TINY = UNetConfig.preset("tiny-64", image_size=32)
 
 
 def _perturbed(model: UNet) -> UNet:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return perturbed_copy(model).eval()
 
 
 def _inputs(n: int, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

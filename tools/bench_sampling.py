@@ -56,9 +56,11 @@ from nudiff_diffusion import (
     export_onnx,
     load_denoiser,
     median_seconds,
+    onnx_session,
     resolve_device,
     sample,
 )
+from nudiff_diffusion.testing import perturbed_copy
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
 from nudiff_postproc import describe_cpu, retain_freed_memory
 from torch.utils.flop_counter import FlopCounterMode
@@ -112,20 +114,17 @@ def cpu_peak_gflops() -> tuple[float, str]:
     Runtime's 386-421 (MLAS, AVX-512) on this project's 2-core EPYC with AVX-512; on an
     AVX2-only EPYC host, 114 against 102."""
     import numpy as np
-    import onnxruntime as ort
+    import onnx
     from onnx import TensorProto, helper
 
     n = 4096
     a, b = torch.randn(n, n), torch.randn(n, n)
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "abc"]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-        options,
-        providers=["CPUExecutionProvider"],
-    )
+    with tempfile.TemporaryDirectory() as folder:  # the engines' own session settings (threads as torch's)
+        path = Path(folder) / "matmul.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+        session = onnx_session(path, providers=["CPUExecutionProvider"])
     feed = {"a": a.numpy(), "b": np.ascontiguousarray(b.numpy())}
     best = {}
     for name, product in (("torch", lambda: a @ b), ("onnxruntime", lambda: session.run(None, feed))):
@@ -202,10 +201,7 @@ def bench_model(kind: str, preset: str) -> UNet:
     engine agree trivially)."""
     torch.manual_seed(0)
     model = UNet(UNetConfig.preset(preset)) if kind == "structure" else build_histo_unet(preset)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return perturbed_copy(model).eval()
 
 
 def export_graph(

@@ -25,6 +25,7 @@ from nudiff_diffusion import (
     train_config_from_args,
     warn_if_emulated_precision,
 )
+from nudiff_diffusion.testing import perturbed_copy
 
 TINY = UNetConfig.preset("tiny-64", image_size=16)
 
@@ -72,10 +73,7 @@ def test_cuda_graphs_need_a_cuda_model():
 
 def _perturbed(model: UNet) -> UNet:
     """Random weights everywhere (the output layer starts at zero, which hides differences)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return perturbed_copy(model).eval()
 
 
 def test_precision_runs_autocast_and_returns_float32():
@@ -93,10 +91,7 @@ def test_precision_runs_autocast_and_returns_float32():
 
 def test_channels_last_runtime_gives_the_same_eps_and_leaves_other_models_alone(tmp_path):
     torch.manual_seed(0)
-    model = UNet(TINY)
-    with torch.no_grad():  # the zero-initialised output layer would hide every difference
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_copy(UNet(TINY), std=0.05)
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900])
     plain = TorchDenoiser(model)
     assert model.input_conv.weight.is_contiguous()  # the default keeps the caller's layout

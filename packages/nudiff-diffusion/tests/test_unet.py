@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from nudiff_diffusion import GroupNorm32, UNet, UNetConfig, load_model, save_model, timestep_embedding
+from nudiff_diffusion.testing import perturbed_copy
 from torch import nn
 
 TINY = UNetConfig.preset("tiny-64", image_size=32)
@@ -14,11 +15,7 @@ TINY = UNetConfig.preset("tiny-64", image_size=32)
 
 def _randomised(model: nn.Module) -> nn.Module:
     """Give the zero-initialised output layers non-zero weights, so outputs tell apart."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed_copy(model)
 
 
 def test_output_shape_and_zero_initialised_output():
