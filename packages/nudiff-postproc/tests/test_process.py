@@ -92,6 +92,8 @@ def sixteen_core_machine_with_eight_allowed(monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        monkeypatch.setattr(os, "process_cpu_count", lambda: 8)
 
 
 def _cgroup(tmp_path, v2=None, v1=None):

@@ -81,11 +81,11 @@ def usable_cores(
     bandwidth quota while seeing every core of the host. Threads beyond either limit only
     wait for each other (on this project's 2-core VM, two OpenMP threads per worker against
     another worker made one test take 183 s instead of 9 s). This takes the smallest of the
-    machine's core count, the affinity mask (``os.sched_getaffinity``, where the platform
-    has it) and the control group's quota rounded up (cgroup v2 ``cpu.max`` or v1
-    ``cpu.cfs_quota_us / cpu.cfs_period_us``), as loky and joblib do. It is written here
-    rather than taken from joblib because nudiff-postproc depends on numpy, scipy and
-    scikit-image only.
+    machine's core count, the affinity mask (``os.process_cpu_count`` on Python 3.13+,
+    else ``os.sched_getaffinity`` where the platform has it) and the control group's
+    quota rounded up (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``),
+    as loky and joblib do. It is written here rather than taken from joblib because
+    nudiff-postproc depends on numpy, scipy and scikit-image only.
 
     Parameters
     ----------
@@ -99,7 +99,9 @@ def usable_cores(
         At least 1.
     """
     limits = [os.cpu_count() or 1]
-    if hasattr(os, "sched_getaffinity"):
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+: the affinity mask, or -X cpu_count
+        limits.append(os.process_cpu_count() or limits[0])
+    elif hasattr(os, "sched_getaffinity"):
         limits.append(len(os.sched_getaffinity(0)))
     quota = _cgroup_cpu_limit(cgroup_v2_max, cgroup_v1)
     if quota is not None:
