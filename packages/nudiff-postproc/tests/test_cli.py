@@ -125,6 +125,62 @@ def test_xml2inst_and_patches_on_kumar(kumar, tmp_path):
     assert len(list((tmp_path / "patches" / "images").glob("*.png"))) == 49
 
 
+def _dataset(folder, shapes):
+    """A dataset folder with one synthetic pair per (image shape, map shape)."""
+    for i, (image_shape, map_shape) in enumerate(shapes):
+        write_image(folder / "images" / f"t{i}.png", np.zeros((*image_shape, 3), np.uint8))
+        write_instance_map(
+            folder / "instance_maps" / f"t{i}.png", synthetic_instance_map(map_shape, n_nuclei=6, seed=i)
+        )
+    return folder
+
+
+def test_patches_leave_no_partial_dataset_and_keep_a_finished_one(tmp_path, capsys):
+    out = tmp_path / "patches"
+    args = ["--quiet", "patches", "--out", str(out), "--size", "32", "--stride", "32"]
+    broken = _dataset(tmp_path / "broken", [((64, 64), (64, 64)), ((64, 64), (32, 64))])  # 2nd pair mismatched
+    assert main([*args, "--data", str(broken)]) == 2
+    assert "t1.png" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # neither the output nor its staging
+    good = _dataset(tmp_path / "good", [((64, 64), (64, 64))])
+    assert main([*args, "--data", str(good)]) == 0
+    assert len(list((out / "images").iterdir())) == 4 and (out / "patches.csv").is_file()
+    assert main([*args, "--data", str(good), "--size", "16", "--stride", "16"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert len(list((out / "images").iterdir())) == 4  # untouched
+    assert main([*args, "--data", str(good), "--size", "16", "--stride", "16", "--overwrite"]) == 0
+    assert len(list((out / "images").iterdir())) == 16  # replaced, not merged with the 32 px patches
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "good", "patches"]
+
+
+def test_xml2inst_checks_every_image_before_writing(tmp_path, capsys):
+    region = (
+        '<Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/></Vertices></Region>'
+    )
+    (tmp_path / "xml").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "xml" / f"{name}.xml").write_text(f"<Regions>{region}</Regions>")
+    write_image(tmp_path / "images" / "a.png", np.zeros((10, 10, 3), np.uint8))  # none for b
+    args = ["--quiet", "xml2inst", str(tmp_path / "xml"), "--out", str(tmp_path / "maps")]
+    assert main([*args, "--images", str(tmp_path / "images")]) == 2
+    assert "b.xml" in capsys.readouterr().err and not (tmp_path / "maps").exists()
+
+
+def test_unreadable_inputs_and_unwritable_outputs_exit_2(tmp_path, capsys):
+    inst = synthetic_instance_map((40, 40), n_nuclei=8, seed=0)
+    write_instance_map(tmp_path / "true" / "a.png", inst)
+    whole = write_instance_map(tmp_path / "a.mat", inst).read_bytes()
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "a.mat").write_bytes(whole[:100])  # truncated
+    assert _evaluate(tmp_path, "s.csv") == 2
+    assert "a.mat' could not be read as a MATLAB .mat file" in capsys.readouterr().err
+    (tmp_path / "pred" / "a.mat").write_bytes(whole)
+    (tmp_path / "taken").mkdir()
+    assert _evaluate(tmp_path, "taken") == 2  # --out names a folder
+    assert "taken" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mat", "pred", "taken", "true"]
+
+
 def test_installed_script_runs():
     exe = shutil.which("nudiff-postproc", path=str(__import__("pathlib").Path(sys.executable).parent))
     if exe is None:

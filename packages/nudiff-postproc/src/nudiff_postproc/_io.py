@@ -29,6 +29,12 @@ __all__ = [
 INSTANCE_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".mat", ".npy")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _PNG_MAX = 65535
+#: (suffixes, largest id, the format's name, what to write instead) for write_instance_map
+_ID_LIMITS = (
+    ((".png",), _PNG_MAX, "a 16-bit PNG", "a .tif"),
+    ((".tif", ".tiff"), int(np.iinfo(np.uint32).max), "a 32-bit TIFF", "a .npy"),
+    ((".mat",), int(np.iinfo(np.int32).max), "HoVer-Net's int32 .mat layout", "a .npy"),
+)
 
 
 @contextmanager
@@ -60,9 +66,14 @@ def _check_readable(path: Path, suffixes: tuple[str, ...], what: str) -> str:
 
 
 def _load(path: Path, loader: Callable[[], Any], what: str) -> Any:
+    """``loader()``, with any error of a corrupt file (the decoders raise many kinds:
+    scipy's .mat reader an IndexError or MatReadError on a truncated file) turned into a
+    ValueError that names the file."""
     try:
         return loader()
-    except (ValueError, OSError, KeyError, SyntaxError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is "this file is not readable"
         raise ValueError(f"'{path}' could not be read as {what} ({type(exc).__name__}: {exc})") from exc
 
 
@@ -124,6 +135,8 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
             "integer instance ids (0 = background)"
         )
     if suffix == ".mat" and np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.mod(arr, 1) == 0):
+        if np.abs(arr).max() >= 2.0**63:
+            raise ValueError(f"'{path}': inst_map holds {np.abs(arr).max():g}; instance ids must fit int64")
         arr = arr.astype(np.int64)  # HoVer-Net .mat files often hold whole numbers as double
     arr = as_instance_map(arr, f"instance map '{path}'")
     if int(arr.max()) <= np.iinfo(np.int32).max:
@@ -137,9 +150,10 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
     Parameters
     ----------
     path : str or PathLike
-        ``.png`` (uint16; at most 65,535 ids), ``.tif``/``.tiff`` (uint16 or uint32,
-        zlib-compressed; for more nuclei), ``.npy``, or ``.mat`` (HoVer-Net layout:
-        ``inst_map``, ``inst_uid``, ``inst_centroid`` as x, y).
+        ``.png`` (uint16; ids up to 65,535), ``.tif``/``.tiff`` (uint16 or uint32,
+        zlib-compressed; ids up to 4,294,967,295), ``.npy`` (int32 or int64: any id), or
+        ``.mat`` (HoVer-Net layout: ``inst_map``, ``inst_uid``, ``inst_centroid`` as x, y;
+        int32, ids up to 2,147,483,647).
     inst : (H, W) ndarray of int
         Instance map, 0 = background. Not modified.
 
@@ -147,6 +161,11 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
     -------
     Path
         The written path.
+
+    Raises
+    ------
+    ValueError
+        An unknown suffix, or an id the format cannot hold (ids are never wrapped).
     """
     path = Path(path)
     inst = as_instance_map(inst, "inst")
@@ -154,13 +173,14 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
     if suffix not in INSTANCE_MAP_SUFFIXES:
         raise ValueError(f"'{path}': cannot write instance maps as '{suffix}'; use {', '.join(INSTANCE_MAP_SUFFIXES)}")
     max_id = int(inst.max())
+    for suffixes, limit, what, instead in _ID_LIMITS:
+        if suffix in suffixes and max_id > limit:
+            raise ValueError(
+                f"'{path}': the largest id is {max_id}, more than {what} holds ({limit}); write {instead} instead "
+                "(or renumber the ids with compact_labels)"
+            )
     with atomic_path(path) as tmp:
         if suffix == ".png":
-            if max_id > _PNG_MAX:
-                raise ValueError(
-                    f"'{path}': the largest id is {max_id}, more than a 16-bit PNG holds ({_PNG_MAX}); "
-                    "write a .tif instead"
-                )
             import imageio.v3 as iio
 
             iio.imwrite(tmp, inst.astype(np.uint16), plugin="pillow", extension=".png")
@@ -243,7 +263,8 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
     Every ``<Region>`` is one nucleus, numbered in file order from 1. Vertex coordinates
     in these files are 1-based, so the polygon ``(X - 1, Y - 1)`` is filled (pixels whose
     centres lie inside it, ``skimage.draw.polygon``). Where outlines overlap, the later
-    region wins; regions with fewer than 3 vertices are skipped.
+    region wins; regions with fewer than 3 vertices are skipped (a file with no other
+    region, or with a non-finite vertex, raises ValueError).
 
     Parameters
     ----------
@@ -283,21 +304,51 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
             raise ValueError(
                 f"'{path}': region {region.attrib.get('Id', '?')} has a malformed <Vertex> ({exc})"
             ) from exc
+        if len(xy) and not np.isfinite(xy).all():
+            bad = xy[~np.isfinite(xy).all(axis=1)][0]
+            raise ValueError(
+                f"'{path}': region {region.attrib.get('Id', '?')} has a vertex at X={bad[0]}, Y={bad[1]}; "
+                "expected finite pixel coordinates"
+            )
         if len(xy) < 3:
             continue
         rr, cc = polygon(xy[:, 1] - 1, xy[:, 0] - 1, shape=inst.shape)
         label += 1
         inst[rr, cc] = label
+    if label == 0:
+        raise ValueError(
+            f"'{path}': none of its {len(regions)} <Region> elements has 3 or more vertices; expected nucleus outlines"
+        )
     return inst
+
+
+def _ring_area(contour: np.ndarray) -> float:
+    """Signed area of a closed (row, col) contour (shoelace formula)."""
+    y, x = contour[:, 0], contour[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _ring(contour: np.ndarray, r0: int, c0: int) -> list[list[float]]:
+    """A GeoJSON ring from a contour of a crop padded by one pixel whose corner is (r0, c0):
+    padded (row, col) -> image pixel centres -> QuPath corner coordinates, closed."""
+    xy = np.stack([contour[:, 1] - 1 + c0 + 0.5, contour[:, 0] - 1 + r0 + 0.5], axis=1)
+    ring = [[round(float(x), 2), round(float(y), 2)] for x, y in xy]
+    if ring[0] != ring[-1]:
+        ring.append(ring[0])
+    return ring
 
 
 def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | None = None) -> dict[str, Any]:
     """Nucleus outlines as a GeoJSON ``FeatureCollection`` that QuPath imports.
 
     Each nucleus becomes a ``Feature`` whose geometry is a ``Polygon`` (a
-    ``MultiPolygon`` when the nucleus has several parts) traced along pixel edges at
-    half-pixel precision (``skimage.measure.find_contours`` at level 0.5), in QuPath's
-    pixel coordinates (x to the right, y down, pixel corners at integers). Properties hold
+    ``MultiPolygon`` when the nucleus has several 4-connected parts; pixels touching only
+    at a corner are separate parts), with an inner ring for each hole, in QuPath's pixel
+    coordinates (x to the right, y down, pixel corners at integers). The rings are
+    ``skimage.measure.find_contours`` at level 0.5: they pass half-way between the pixel
+    centres inside and outside the nucleus, so they cut the pixels' corners (a one-pixel
+    nucleus is a diamond of area 0.5, a 4 x 4 square an outline of area 15.5; the pixels
+    whose centres lie inside the polygon are exactly the nucleus). Properties hold
     ``objectType`` and the instance id under ``measurements``.
 
     Parameters
@@ -331,18 +382,15 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
             rr, cc = np.nonzero(inst == inst_id)
             r0, c0 = rr.min(), cc.min()
             crop = inst[r0 : rr.max() + 1, c0 : cc.max() + 1] == inst_id
-        parts, n_parts = ndi.label(crop, structure=np.ones((3, 3)))
+        # find_contours (fully_connected="low") traces 4-connected foreground: label parts
+        # the same way, or two blocks touching at a corner would give one part, two rings
+        parts, n_parts = ndi.label(crop)
         polygons = []
         for part in range(1, n_parts + 1):
             padded = np.pad(parts == part, 1).astype(np.float32)
-            contours = find_contours(padded, 0.5)
-            outer = max(contours, key=len)
-            # padded (row, col) -> image pixel centres -> QuPath corner coordinates
-            xy = np.stack([outer[:, 1] - 1 + c0 + 0.5, outer[:, 0] - 1 + r0 + 0.5], axis=1)
-            ring = [[round(float(x), 2), round(float(y), 2)] for x, y in xy]
-            if ring[0] != ring[-1]:
-                ring.append(ring[0])
-            polygons.append([ring])
+            # the outer ring encloses the largest area; every other ring bounds a hole
+            contours = sorted(find_contours(padded, 0.5), key=lambda c: -abs(_ring_area(c)))
+            polygons.append([_ring(c, r0, c0) for c in contours])
         geometry = (
             {"type": "Polygon", "coordinates": polygons[0]}
             if len(polygons) == 1

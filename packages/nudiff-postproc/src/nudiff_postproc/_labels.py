@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._validate import as_instance_map
+
 __all__ = ["compact_labels", "InstanceStats", "instance_stats"]
 
 # Ids above this multiple of the pixel count are compacted with np.unique instead of a
@@ -25,7 +27,8 @@ def compact_labels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    inst : (...) ndarray of non-negative integers
+    inst : (...) ndarray of non-negative integers (or bool)
+        Not modified.
 
     Returns
     -------
@@ -33,7 +36,14 @@ def compact_labels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ``compact == k`` marks the pixels of the k-th smallest non-zero id.
     ids : (N,) ndarray of int64
         The original id of each compact label ``1..N`` (``ids[k - 1]``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        A float or object array, or a negative id (as every instance map is checked).
     """
+    if not (isinstance(inst, np.ndarray) and inst.size == 0):
+        inst = as_instance_map(inst, "inst", ndim=np.ndim(inst))
     max_id = int(inst.max()) if inst.size else 0
     if max_id <= _LUT_FACTOR * inst.size + 1024:
         present = np.bincount(inst.ravel(), minlength=max_id + 1) > 0

@@ -37,7 +37,8 @@ def as_instance_map(value: Any, name: str = "inst", *, ndim: int = 2) -> np.ndar
     TypeError
         If the dtype is not integer or bool.
     ValueError
-        If the number of dimensions is wrong, the map is empty, or an id is negative.
+        If the number of dimensions is wrong, the map is empty, or an id is negative or
+        beyond the int64 range (a uint64 map).
     """
     if not isinstance(value, np.ndarray):
         if isinstance(value, (list, tuple)):
@@ -58,6 +59,10 @@ def as_instance_map(value: Any, name: str = "inst", *, ndim: int = 2) -> np.ndar
         raise ValueError(f"`{name}` is empty ({_describe(value)}); expected a non-empty map")
     if np.issubdtype(value.dtype, np.signedinteger) and value.min() < 0:
         raise ValueError(f"`{name}` has negative instance id {int(value.min())}; ids must be >= 0 (0 = background)")
+    if value.dtype == np.uint64 and value.max() > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"`{name}` has instance id {int(value.max())}; ids must be at most {np.iinfo(np.int64).max} (int64)"
+        )
     return value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,13 +125,15 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
     images = list_files(args.images, IMAGE_SUFFIXES, "image") if args.images else {}
     if not images and args.shape is None:
         raise ValueError("give --images DIR (tiles whose sizes to use) or --shape H,W")
+    if images:  # before any map is written
+        missing = [name for name in xmls if name not in images]
+        if missing:
+            raise ValueError(
+                f"no image in '{args.images}' for {len(missing)} XML file(s), e.g. '{xmls[missing[0]]}' "
+                f"(expected an image named '{missing[0]}' with one of {', '.join(IMAGE_SUFFIXES)})"
+            )
     for name, path in _progress(xmls.items(), len(xmls), "xml2inst", args.quiet):
-        if images:
-            if name not in images:
-                raise ValueError(f"no image named '{name}' in '{args.images}' for '{path}'")
-            shape = read_image(images[name]).shape[:2]
-        else:
-            shape = args.shape
+        shape = read_image(images[name]).shape[:2] if images else args.shape
         write_instance_map(Path(args.out) / f"{name}{args.format}", read_monuseg_xml(path, shape))
     print(f"wrote {len(xmls)} instance map(s) to {args.out}")
     return 0
@@ -138,20 +142,33 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
 def _cmd_patches(args: argparse.Namespace) -> int:
     pairs = dataset_pairs(args.data)
     out = Path(args.out)
-    index = []
-    for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
-        image, inst = read_pair(image_path, map_path)
-        img_patches, origins = extract_patches(image, args.size, args.stride)
-        map_patches, _ = extract_patches(inst, args.size, args.stride)
-        for img, lab, (r, c) in zip(img_patches, map_patches, origins, strict=True):
-            stem = f"{name}_r{r:05d}_c{c:05d}"
-            write_image(out / "images" / f"{stem}.png", img)
-            write_instance_map(out / "instance_maps" / f"{stem}.png", lab)
-            index.append((stem, name, int(r), int(c), int(len(np.unique(lab)) - 1)))
-    with atomic_path(out / "patches.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["patch", "source", "row", "col", "nuclei"])
-        writer.writerows(index)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out '{out}' already exists and is not empty; give a new folder or --overwrite")
+    # built beside --out and renamed into place: a failed or killed run leaves no partial dataset
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        index = []
+        for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
+            image, inst = read_pair(image_path, map_path)
+            img_patches, origins = extract_patches(image, args.size, args.stride)
+            map_patches, _ = extract_patches(inst, args.size, args.stride)
+            for img, lab, (r, c) in zip(img_patches, map_patches, origins, strict=True):
+                stem = f"{name}_r{r:05d}_c{c:05d}"
+                write_image(staging / "images" / f"{stem}.png", img)
+                write_instance_map(staging / "instance_maps" / f"{stem}.png", lab)
+                index.append((stem, name, int(r), int(c), int(len(np.unique(lab)) - 1)))
+        with open(staging / "patches.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["patch", "source", "row", "col", "nuclei"])
+            writer.writerows(index)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {len(index)} patch pairs of {args.size}x{args.size} to {out}")
     return 0
 
@@ -243,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dataset folder (images/, instance_maps/, patches.csv)")
     p.add_argument("--size", type=int, default=256, help="patch size in pixels")
     p.add_argument("--stride", type=int, default=128, help="step between patches")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     p.set_defaults(func=_cmd_patches)
     p = sub.add_parser("subset", help="representative patches holding a fraction of the nuclei", formatter_class=fmt)
     p.add_argument("--data", required=True, help="dataset folder (images/, instance_maps/), usually patches")
@@ -264,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # bad input, or a path that cannot be written
         print(f"nudiff-postproc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
