@@ -178,3 +178,14 @@ def test_bad_options_are_rejected():
         evaluate(a, a, match_iou=0.3)
     with pytest.raises(TypeError, match="OverlapTable"):
         evaluate(a, a, table={"x": 1})
+
+
+def test_a_table_of_other_maps_is_refused():
+    ones = np.ones((6, 6), np.int32)
+    other = np.zeros((6, 6), np.int32)
+    other[1:4, 1:4] = 2
+    with pytest.raises(ValueError, match=r"`table` is not the overlap table of these maps: .* `pred` has 9 of 36"):
+        evaluate(ones, other, table=overlap_table(ones, ones))
+    with pytest.raises(ValueError, match=r"must have the same shape"):
+        evaluate(ones, other[:5], table=overlap_table(ones, other))
+    assert evaluate(ones, other, table=overlap_table(ones, other)) == evaluate(ones, other)

@@ -43,3 +43,9 @@ def test_errors():
         stitch(np.zeros((2, 8, 8)), np.zeros((3, 2), int), (16, 16))
     with pytest.raises(ValueError, match="outside"):
         stitch(np.zeros((1, 8, 8)), np.array([[10, 0]]), (16, 16))
+    with pytest.raises(ValueError, match=r"`stride` \(5, 5\) is larger than `size` \(2, 2\).*uncovered"):
+        extract_patches(np.zeros((10, 10)), 2, 5)
+    with pytest.raises(ValueError, match=r"`shape` must be the output's \(H, W\), two positive integers, got 16"):
+        stitch(np.zeros((1, 8, 8)), np.zeros((1, 2), int), 16)
+    with pytest.raises(TypeError, match=r"`origins` must hold integer pixel positions, got dtype float64"):
+        stitch(np.zeros((1, 8, 8)), np.zeros((1, 2)), (16, 16))

@@ -53,6 +53,10 @@ def test_full_fraction_and_errors():
         select_subset(empty, 0.5)
     with pytest.raises(ValueError, match="same height and width"):
         patch_features(np.zeros((8, 9, 3), np.uint8), np.zeros((8, 8), np.int32))
+    features = np.ones((5, 3))
+    features[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"`features` must be finite; rows \[3\] \(1 of 5\) hold NaN or inf"):
+        select_subset(patches, 0.5, features=features)
 
 
 def test_kumar_subsets_are_representative(kumar):

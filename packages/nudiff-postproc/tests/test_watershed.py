@@ -200,6 +200,8 @@ def test_inputs_are_not_modified():
         (np.full((8, 8, 3), np.nan, np.float32), {}, ValueError, "192 NaN or infinite"),
         (np.zeros((8, 8, 3), np.float32), {"threshold": 1.5}, ValueError, "threshold.*1.5"),
         (np.zeros((8, 8, 3), np.float32), {"orientations": 4}, ValueError, "orientations.*4"),
+        (np.zeros((8, 8, 3), np.float32), {"threshold": True}, ValueError, "threshold.*True"),
+        (np.zeros((8, 8, 3), np.float32), {"orientations": True}, ValueError, "orientations.*True"),
         ([[0.0]], {}, TypeError, "numpy array"),
     ],
 )
@@ -217,6 +219,8 @@ def test_bad_batches_are_rejected():
         instances_from_structures(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="workers"):
         instances_from_structures(np.zeros((1, 8, 8, 3), np.float32), workers=0)
+    with pytest.raises(ValueError, match="workers.*True"):
+        instances_from_structures(np.zeros((1, 8, 8, 3), np.float32), workers=True)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (3, 40), (12, 12)])

@@ -186,7 +186,8 @@ def evaluate(
         PQ matches pairs with IoU strictly above this value; must be >= 0.5 (matches are
         then unique).
     table : OverlapTable, optional
-        A precomputed :func:`overlap_table` of ``(true, pred)``.
+        A precomputed :func:`overlap_table` of ``(true, pred)`` (refused when its pixel
+        counts disagree with the maps).
 
     Returns
     -------
@@ -208,6 +209,17 @@ def evaluate(
         table = overlap_table(true, pred)
     elif not isinstance(table, OverlapTable):
         raise TypeError(f"`table` must be an OverlapTable from overlap_table(), got {type(table).__name__}")
+    else:  # a table of other maps would give their numbers: check what is cheap to check
+        true, pred = as_instance_map(true, "true"), as_instance_map(pred, "pred")
+        if true.shape != pred.shape:
+            raise ValueError(f"`true` (shape {true.shape}) and `pred` (shape {pred.shape}) must have the same shape")
+        for name, labels, area in (("true", true, table.true_area), ("pred", pred, table.pred_area)):
+            foreground = np.count_nonzero(labels)
+            if int(area.sum()) != labels.size or int(area[1:].sum()) != foreground:
+                raise ValueError(
+                    f"`table` is not the overlap table of these maps: it counts {int(area[1:].sum())} of "
+                    f"{int(area.sum())} pixels in {name} nuclei, `{name}` has {foreground} of {labels.size}"
+                )
     if table.n_true == 0 or table.n_pred == 0:
         return {key: float("nan") for key in METRIC_KEYS}
     # Dice of the foregrounds

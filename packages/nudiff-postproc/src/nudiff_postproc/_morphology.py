@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ._labels import compact_labels
 from ._structure import Centre, hv_maps
 from ._validate import as_instance_map, as_prediction
 
@@ -18,6 +19,9 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = ("area", "perimeter", "eccentricity", "so
 def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre, min_size: int) -> dict[str, np.ndarray]:
     from skimage.measure import regionprops_table
 
+    # ids 1..N (in the same order): regionprops and bincount size their tables by the
+    # largest id, which any non-negative integer may be
+    inst, _ = compact_labels(inst)
     props = regionprops_table(inst, properties=("label", "area", "perimeter", "eccentricity", "solidity"))
     out = {k: np.asarray(props[k], np.float64) for k in ("area", "perimeter", "eccentricity", "solidity")}
     labels = np.asarray(props["label"], np.int64)

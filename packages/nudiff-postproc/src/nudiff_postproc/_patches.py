@@ -102,7 +102,12 @@ def upsample(array: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if isinstance(value, (int, np.integer)):
+        pair: tuple = (value, value)
+    elif isinstance(value, (tuple, list, np.ndarray)):
+        pair = tuple(value)
+    else:
+        pair = ()
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"`{name}` must be a positive integer or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
@@ -125,6 +130,11 @@ def patch_origins(shape: tuple[int, ...], size: int | tuple[int, int], stride: i
     """
     sh, sw = _pair(size, "size")
     th, tw = _pair(stride, "stride")
+    if th > sh or tw > sw:
+        raise ValueError(
+            f"`stride` {(th, tw)} is larger than `size` {(sh, sw)}: the windows would leave pixels between them "
+            "uncovered; use a stride of at most the size"
+        )
     if len(shape) < 2 or shape[0] < sh or shape[1] < sw:
         raise ValueError(f"patch size {(sh, sw)} does not fit in an array of shape {tuple(shape)}")
     rows, cols = _starts(shape[0], sh, th), _starts(shape[1], sw, tw)
@@ -146,7 +156,7 @@ def extract_patches(
     size : int or (int, int)
         Window height and width.
     stride : int or (int, int)
-        Step between window origins.
+        Step between window origins, at most ``size`` (a larger step would leave gaps).
 
     Returns
     -------
@@ -203,7 +213,11 @@ def stitch(
         raise ValueError(f"`patches` must be (N, h, w) or (N, h, w, C), got shape {patches.shape}")
     if origins.shape != (patches.shape[0], 2):
         raise ValueError(f"`origins` must have shape ({patches.shape[0]}, 2), got {origins.shape}")
-    h, w = _pair(tuple(shape), "shape")
+    if not np.issubdtype(origins.dtype, np.integer):
+        raise TypeError(f"`origins` must hold integer pixel positions, got dtype {origins.dtype}")
+    if isinstance(shape, (int, np.integer)) or not isinstance(shape, (tuple, list)):
+        raise ValueError(f"`shape` must be the output's (H, W), two positive integers, got {shape!r}")
+    h, w = _pair(shape, "shape")
     ph, pw = patches.shape[1:3]
     if (origins < 0).any() or (origins[:, 0] + ph > h).any() or (origins[:, 1] + pw > w).any():
         raise ValueError(f"`origins` place {ph}x{pw} patches outside an output of shape {(h, w)}")

@@ -102,7 +102,7 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
     array([-1. , -0.5,  0. ,  0.5,  1. ], dtype=float32)
     """
     inst = as_instance_map(inst, "inst")
-    if not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    if not isinstance(min_size, (int, np.integer)) or isinstance(min_size, bool) or min_size < 0:
         raise ValueError(f"`min_size` must be a non-negative integer, got {min_size!r}")
     if centre not in ("hovernet", "nearest"):
         raise ValueError(f"`centre` must be 'hovernet' or 'nearest', got {centre!r}")

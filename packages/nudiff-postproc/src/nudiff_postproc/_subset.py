@@ -110,6 +110,12 @@ def select_subset(
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] != n:
         raise ValueError(f"`features` must have shape ({n}, F), got {features.shape}")
+    if not np.isfinite(features).all():
+        rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        raise ValueError(
+            f"`features` must be finite; rows {rows[:5].tolist()}{' ...' if rows.size > 5 else ''} "
+            f"({rows.size} of {n}) hold NaN or inf"
+        )
     std = features.std(axis=0)
     z = (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
     k = n_clusters or max(1, min(n, round(fraction * n)))

@@ -269,9 +269,9 @@ class _HoverNetWatershed:
 
 
 def _check_options(threshold: float, orientations: int) -> None:
-    if not np.isscalar(threshold) or not 0.0 <= float(threshold) <= 1.0:
+    if isinstance(threshold, (bool, np.bool_, str)) or not np.isscalar(threshold) or not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"`threshold` must be a probability in [0, 1], got {threshold!r}")
-    if orientations not in (1, 8):
+    if isinstance(orientations, (bool, np.bool_)) or orientations not in (1, 8):
         raise ValueError(
             f"`orientations` must be 1 (HoVer-Net, one pass) or 8 (Nudiff's try-all variant), got {orientations!r}"
         )
@@ -408,7 +408,7 @@ def instances_from_structures(
     _check_scale(scale)
     if workers is None:
         workers = usable_cores()
-    if not isinstance(workers, (int, np.integer)) or workers < 1:
+    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"`workers` must be a positive integer, got {workers!r}")
     out = np.empty(preds.shape[:3], np.int32)
 

@@ -187,7 +187,11 @@ def _read_features(path: str, names: list[str]) -> np.ndarray:
     missing = [n for n in names if n not in index]
     if missing:
         raise ValueError(f"'{path}' has no features for {len(missing)} patches of the data, e.g. {missing[:3]}")
-    return features[[index[n] for n in names]]
+    chosen = features[[index[n] for n in names]]
+    bad = [n for n, row in zip(names, chosen, strict=True) if not np.isfinite(row).all()]
+    if bad:
+        raise ValueError(f"'{path}': the features of {len(bad)} patches hold NaN or inf, e.g. {bad[:3]}")
+    return chosen
 
 
 def _cmd_subset(args: argparse.Namespace) -> int:
