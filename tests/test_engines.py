@@ -84,8 +84,8 @@ def test_engines_of_the_other_kind_and_too_large_batches_are_refused(runs, capsy
     assert histo_main([*h_args, "--engine", str(runs / "s_onnx" / "model.onnx")]) == 2
     assert "not of a histology model" in capsys.readouterr().err
     assert histo_main([*h_args, "--engine", str(runs / "h_onnx" / "model.onnx"), "--batch", "8"]) == 2
-    assert "at most 8, got 16" in capsys.readouterr().err  # guidance doubles the batch
-    assert not list((runs / "y" / "images").glob("*.png"))
+    assert "at most 8, got 16: guidance runs both halves" in capsys.readouterr().err
+    assert not (runs / "y").exists()  # refused before any folder is made
 
 
 def test_every_export_prints_its_parity_and_passes_the_checker(runs):
@@ -163,7 +163,7 @@ def test_a_graph_for_batch_n_refuses_n_plus_one(runs, capsys):
     assert "at most 4, got 5" in capsys.readouterr().err  # a guided graph counts images
     assert histo_main([*h_args, "--engine", str(runs / "h_cached" / "model.onnx"), "--batch", "5"]) == 2
     assert "at most 8, got 10" in capsys.readouterr().err  # guidance doubles the batch
-    assert not list(runs.glob("s9/structures/*.npy")) and not list(runs.glob("h5/images/*.png"))
+    assert not (runs / "s9").exists() and not (runs / "h5").exists()  # refused before any folder is made
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT and a GPU are here")

@@ -25,12 +25,29 @@ import sys
 import time
 
 
+def _opset(text: str) -> int:
+    """--opset, refused before any work when the dynamo exporter cannot write it."""
+    from nudiff_diffusion import MIN_OPSET
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"{value}: the dynamo exporter needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node)"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run or checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write (config.json goes beside it)")
     parser.add_argument("--batch-max", type=int, default=16, help="largest batch the graph accepts")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (17 breaks the dynamo exporter's Split)")
+    parser.add_argument(
+        "--opset", type=_opset, default=18, help="ONNX opset, 18 or newer (17 breaks the dynamo exporter's Split)"
+    )
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument("--guided", action="store_true", help="histology: guidance inside one graph")
     layout.add_argument("--cached-modulation", action="store_true", help="histology: modulation graph + step graph")
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 written = export_onnx(model, args.output, cond_channels=cond, layout=layout, **common)
         else:
             written = export_onnx(load_model(args.checkpoint), args.output, **common)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"export_onnx: error: {exc}", file=sys.stderr)
         return 2
     extra = f" (+ {written['modulation_graph']})" if written.get("modulation_graph") else ""

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except EngineUnavailableError as exc:
         print(f"export_trt: error: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"export_trt: error: {exc}", file=sys.stderr)
         return 2
     print(

@@ -19,6 +19,7 @@ from nudiff_diffusion import (
     TorchDenoiser,
     UNet,
     UNetConfig,
+    export_graph,
     export_onnx,
     load_denoiser,
     sample,
@@ -125,6 +126,63 @@ def test_a_corrupt_graph_is_named(exported, tmp_path):
     (tmp_path / "config.json").write_text((root / "graph" / "config.json").read_text())
     with pytest.raises(ValueError, match="model.onnx' could not be loaded as an ONNX graph"):
         load_denoiser(tmp_path / "model.onnx")
+
+
+def test_a_corrupt_or_incomplete_config_is_named(exported, tmp_path):
+    root, _, _ = exported
+    (tmp_path / "model.onnx").write_bytes((root / "graph" / "model.onnx").read_bytes())
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
+        load_denoiser(tmp_path / "model.onnx")
+    config = json.loads((root / "graph" / "config.json").read_text())
+    del config["batch_max"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json' lacks \['batch_max'\]; re-export"):
+        load_denoiser(tmp_path / "model.onnx")
+
+
+def test_sampling_batches_are_checked_before_any_work(exported):
+    root, _, _ = exported
+    runtime = load_denoiser(root / "graph" / "model.onnx")
+    runtime.check_sampling_batch(8)
+    runtime.check_sampling_batch(4, guided=True)
+    with pytest.raises(ValueError, match=r"at most 8, got 9; use a smaller --batch"):
+        runtime.check_sampling_batch(9)
+    with pytest.raises(ValueError, match=r"at most 8, got 10: guidance runs both halves of a batch of 5 .* at most 4"):
+        runtime.check_sampling_batch(5, guided=True)
+
+
+def test_a_cpu_device_keeps_onnx_runtime_on_the_cpu(exported):
+    root, _, _ = exported
+    runtime = load_denoiser(root / "graph" / "model.onnx", device="cpu")
+    assert runtime.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_failed_export_leaves_no_file_and_no_new_folder(tmp_path):
+    conv = torch.nn.Conv2d(3, 3, 1)
+
+    def feeds(n):
+        return {"x": torch.randn(n, 3, 8, 8)}
+
+    target = tmp_path / "new" / "deeper" / "model.onnx"
+    with pytest.raises(ValueError, match=r"`opset` must be an integer >= 18, got 17"):
+        export_graph(conv, target, feeds(2), batched=["x"], batch_max=4, feeds=feeds, opset=17)
+    with pytest.raises(RuntimeError, match=r"ONNX graph for '.*model\.onnx' differs from PyTorch"):
+        export_graph(conv, target, feeds(2), batched=["x"], batch_max=4, feeds=feeds, tolerance=-1.0)
+    assert list(tmp_path.iterdir()) == []  # neither the graph nor the folders made for it
+
+
+def test_an_all_zero_model_warns_that_parity_proves_nothing(tmp_path):
+    conv = torch.nn.Conv2d(3, 3, 1)
+    torch.nn.init.zeros_(conv.weight)
+    torch.nn.init.zeros_(conv.bias)
+
+    def feeds(n):
+        return {"x": torch.randn(n, 3, 8, 8)}
+
+    with pytest.warns(UserWarning, match="answers 0 for every parity input"):
+        export_graph(conv, tmp_path / "zero.onnx", feeds(2), batched=["x"], batch_max=4, feeds=feeds)
+    assert (tmp_path / "zero.onnx").is_file()
 
 
 def test_onnx_runtime_takes_the_thread_count_the_process_was_given(exported):

@@ -141,3 +141,25 @@ def test_guided_sampling_matches_the_closed_form():
     )
     assert abs(out.mean().item() - 0.9) < 0.02  # 0.1 + 2 * (0.5 - 0.1)
     assert np.isfinite(out.numpy()).all()
+
+
+def test_a_cached_modulation_export_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
+    """The modulation graph passes its check, the step graph fails: neither graph is left,
+    nor the folder the export made (a half export beside an old config.json would load)."""
+    from nudiff_histo import _export, export_histo_onnx
+
+    calls = []
+
+    def export_graph(module, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # as the real one: makes the folder, publishes the checked graph
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"a checked modulation graph")
+            return 0.0
+        raise RuntimeError("the step graph differs from PyTorch")
+
+    monkeypatch.setattr(_export, "export_graph", export_graph)
+    with pytest.raises(RuntimeError, match="step graph differs"):
+        export_histo_onnx(build_histo_unet("tiny-64"), tmp_path / "engine" / "model.onnx", batch_max=4)
+    assert [p.name for p in calls] == [".model.modulation.onnx.pending", ".model.onnx.pending"]
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from ._config import PRESETS, UNetConfig
 from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
 from ._onnx import (
+    MIN_OPSET,
     PARITY_TOLERANCE,
     GraphRuntime,
     OnnxDenoiser,
@@ -14,6 +15,7 @@ from ._onnx import (
     export_graph,
     export_onnx,
     onnx_session,
+    providers_for,
     read_graph_config,
     write_graph_config,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "median_seconds",
     "report_evaluation",
     "OnnxDenoiser",
+    "MIN_OPSET",
     "PARITY_TOLERANCE",
     "GraphRuntime",
     "GuidedRuntime",
@@ -66,6 +69,7 @@ __all__ = [
     "export_onnx",
     "mix_guidance",
     "onnx_session",
+    "providers_for",
     "require_tensorrt",
     "write_graph_config",
     "read_graph_config",

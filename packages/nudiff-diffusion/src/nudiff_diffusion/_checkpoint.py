@@ -50,6 +50,18 @@ def save_model(
     return directory
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a ``config.json``); a file that is not valid JSON, or
+    holds something other than an object, raises a ValueError that names it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"'{path}' holds a JSON {type(data).__name__}; expected an object of settings")
+    return data
+
+
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``config.json`` of a checkpoint directory, with clear errors."""
     directory = Path(directory)
@@ -58,11 +70,8 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"'{directory}' has no {CONFIG_NAME}; expected a checkpoint directory")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"'{path}' is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or config.get("format") != _FORMAT or "unet" not in config:
+    config = read_json_object(path)
+    if config.get("format") != _FORMAT or "unet" not in config:
         raise ValueError(f"'{path}' is not a nudiff UNet config (expected format '{_FORMAT}' and a 'unet' entry)")
     return config
 

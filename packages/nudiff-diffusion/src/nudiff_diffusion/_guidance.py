@@ -84,3 +84,8 @@ class GuidedRuntime:
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """An ``eps_fn(x, t)`` for conditions ``cond`` (see :func:`guided`)."""
         return guided(self.eps, cond, null_cond, scale, prepare=self.prepare, batched=batched)  # type: ignore[attr-defined]
+
+    def check_sampling_batch(self, n: int, *, guided: bool = False) -> None:
+        """Refuse, before any work, sampling batches of ``n`` that this runtime cannot run
+        (``guided``: under classifier-free guidance with both halves in one call). A
+        PyTorch model takes any batch; exported graphs override this with their limit."""

@@ -16,6 +16,7 @@ import copy
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checkpoint import CONFIG_NAME, _atomic_write
+from ._checkpoint import CONFIG_NAME, _atomic_write, read_json_object
 from ._guidance import GuidedRuntime, mix_guidance
 from ._unet import UNet
 
@@ -34,11 +35,13 @@ __all__ = [
     "check_export_folder",
     "write_graph_config",
     "onnx_session",
+    "providers_for",
     "check_batch",
     "OnnxDenoiser",
     "GraphRuntime",
     "read_graph_config",
     "ONNX_FORMAT",
+    "MIN_OPSET",
     "PARITY_TOLERANCE",
 ]
 
@@ -48,6 +51,8 @@ Precision = Literal["float32", "float16"]
 # largest max abs difference to float32 PyTorch on random inputs (the bar of the check);
 # float16 graphs: measured 3e-4 to 1.8e-3 on the tiny presets with perturbed random weights
 PARITY_TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 2e-2}
+#: the lowest opset exported: at 17 the dynamo exporter writes an invalid Split node
+MIN_OPSET = 18
 
 
 class _EpsGraph(nn.Module):
@@ -100,7 +105,7 @@ def check_export_folder(path: Path) -> Path:
     """``path``'s ``config.json``; refused when it belongs to a checkpoint or another graph."""
     config_path = path.parent / CONFIG_NAME
     if config_path.is_file():
-        existing = json.loads(config_path.read_text())
+        existing = read_json_object(config_path)
         if existing.get("format") != ONNX_FORMAT or existing.get("graph") != path.name:
             raise ValueError(f"'{config_path}' belongs to another checkpoint or graph; export into a folder of its own")
     return config_path
@@ -155,6 +160,16 @@ def export_graph(
         raise ValueError(f"`precision` must be one of {sorted(PARITY_TOLERANCE)}, got {precision!r}")
     if batch_max < 2:
         raise ValueError(f"`batch_max` must be >= 2, got {batch_max}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(
+            f"`opset` must be an integer >= {MIN_OPSET}, got {opset!r} (at opset 17 the dynamo exporter writes "
+            "a Split node that onnx.checker and ONNX Runtime reject)"
+        )
+    if slim:
+        try:
+            import onnxslim
+        except ImportError as exc:
+            raise RuntimeError("--slim needs onnxslim: pip install onnxslim") from exc
     tolerance = PARITY_TOLERANCE[precision] if tolerance is None else tolerance
     module = module.eval()
     graph = _Float16(module).eval() if precision == "float16" else module
@@ -164,8 +179,10 @@ def export_graph(
     star = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL]
     # torch.export wants the specs of a forward(*args) grouped as the arguments are
     shapes = (*specs[: star[0]], tuple(specs[star[0] :])) if star else tuple(specs)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again on failure
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.part"
+    published = False
     try:
         torch.onnx.export(
             graph,
@@ -180,14 +197,13 @@ def export_graph(
             verbose=False,
         )
         if slim:
-            try:
-                import onnxslim
-            except ImportError as exc:
-                raise RuntimeError("--slim needs onnxslim: pip install onnxslim") from exc
             onnx.save(onnxslim.slim(str(tmp)), str(tmp))
-        onnx.checker.check_model(str(tmp))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        worst = 0.0
+        try:
+            onnx.checker.check_model(str(tmp))
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - the checker's and ORT's own exception types
+            raise ValueError(f"the graph exported for '{path}' is invalid ({type(exc).__name__}: {exc})") from exc
+        worst, largest = 0.0, 0.0
         for n in (1, 3):  # batches other than the example's: the batch axis is dynamic
             feed = feeds(n)
             with torch.no_grad():
@@ -196,13 +212,25 @@ def export_graph(
             outs = session.run(None, {k: v.numpy() for k, v in feed.items()})
             for out, r in zip(outs, refs, strict=True):
                 worst = max(worst, float(np.abs(out - r.numpy()).max()))
+                largest = max(largest, float(r.abs().max()))
+        if largest == 0.0:
+            warnings.warn(
+                f"'{path}': the model answers 0 for every parity input (an untrained model: its output layers "
+                "start at zero), so the parity check compared zeros and proves nothing about the graph",
+                stacklevel=2,
+            )
         if not worst <= tolerance:
             raise RuntimeError(
-                f"the {precision} ONNX graph differs from PyTorch by {worst:.3g} (allowed {tolerance:g})"
+                f"the {precision} ONNX graph for '{path}' differs from PyTorch by {worst:.3g} (allowed {tolerance:g})"
             )
         os.replace(tmp, path)
+        published = True
     finally:
         tmp.unlink(missing_ok=True)
+        if not published:
+            for folder in made:  # innermost first; only folders this call created and left empty
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     return worst
 
 
@@ -316,6 +344,13 @@ def export_onnx(
     )
 
 
+def providers_for(device: str | torch.device) -> list[str] | None:
+    """ONNX Runtime providers for a ``device`` the user asked for: the CPU's alone for a
+    CPU device (``--device cpu`` on a GPU machine must stay on the CPU), else None, which
+    lets :func:`onnx_session` take the GPU providers that are present."""
+    return ["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None
+
+
 def onnx_session(
     path: str | os.PathLike[str], *, providers: list[str] | None = None, profile_prefix: str | None = None
 ) -> Any:
@@ -373,9 +408,14 @@ def read_graph_config(path: Path, *, fmt: str = ONNX_FORMAT) -> dict[str, Any]:
         )
     if not config_path.is_file():
         raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME} beside it (written by tools/export_onnx.py)")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path)
     if config.get("format") != fmt or config.get("graph") != path.name:
         raise ValueError(f"'{config_path}' does not describe the graph '{path.name}'")
+    missing = [key for key in ("batch_max", "unet") if key not in config]
+    if missing or not isinstance(config["unet"], dict) or "image_size" not in config["unet"]:
+        raise ValueError(
+            f"'{config_path}' lacks {missing or ['unet.image_size']}; re-export the graph with tools/export_onnx.py"
+        )
     return config
 
 
@@ -437,6 +477,20 @@ class GraphRuntime(GuidedRuntime):
         """The condition as is (the graph computes any modulation itself)."""
         return cond
 
+    def check_sampling_batch(self, n: int, *, guided: bool = False) -> None:
+        """Refuse a sampling batch of ``n`` whose UNet calls exceed the exported batch
+        limit: ``2 n`` under guidance over ``eps`` (both halves in one call), ``n`` for a
+        ``guided`` graph or without guidance."""
+        per_call = 2 * n if guided and self.layout != "guided" else n
+        if per_call == n:
+            check_batch(self.path, n, self.batch_max)
+        elif per_call > self.batch_max:
+            raise ValueError(
+                f"'{self.path}' was exported for batches of at most {self.batch_max}, got {per_call}: guidance runs "
+                f"both halves of a batch of {n} in one call; use a --batch of at most {self.batch_max // 2} or "
+                f"export again with --batch-max {per_call}"
+            )
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Model output (N, C or 2C, H, W) float32 on x's device for x (N, C, H, W), t (N,)."""
         return self._run(x, t, cond, 1.0 if self.layout == "guided" else None)
@@ -455,10 +509,12 @@ class GraphRuntime(GuidedRuntime):
         if torch.count_nonzero(null_cond):
             raise ValueError(f"'{self.path}' guides towards the zero structure; `null_cond` must be zeros")
 
+        prepared = self.prepare(cond)  # once per batch (TensorRT: onto its device)
+
         def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] != cond.shape[0]:
-                raise ValueError(f"batch of {x.shape[0]} samples but {cond.shape[0]} conditions")
-            return self._run(x, t, cond, float(scale))
+            if x.shape[0] != prepared.shape[0]:
+                raise ValueError(f"batch of {x.shape[0]} samples but {prepared.shape[0]} conditions")
+            return self._run(x, t, prepared, float(scale))
 
         return guided_eps
 

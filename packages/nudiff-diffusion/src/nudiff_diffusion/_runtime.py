@@ -282,7 +282,9 @@ def load_denoiser(
     cuda_graphs: bool = False,
 ) -> Any:
     """The runtime for ``path``: a checkpoint directory runs in PyTorch on ``device``,
-    ``*.onnx`` in ONNX Runtime (:class:`OnnxDenoiser`), ``*.plan`` / ``*.engine`` in TensorRT
+    ``*.onnx`` in ONNX Runtime (:class:`OnnxDenoiser`; a CPU ``device`` keeps it on the CPU
+    provider, any other lets it take the CUDA or TensorRT provider where present),
+    ``*.plan`` / ``*.engine`` in TensorRT
     (:class:`TensorRTDenoiser`, on ``device`` when it is a CUDA device, else ``cuda``).
 
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"`` autocast) and ``compile`` are options of
@@ -303,9 +305,9 @@ def load_denoiser(
     check_runtime_options(path, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from ._onnx import OnnxDenoiser
+        from ._onnx import OnnxDenoiser, providers_for
 
-        return OnnxDenoiser(path)
+        return OnnxDenoiser(path, providers=providers_for(device))
     if suffix in ENGINE_SUFFIXES:
         from ._tensorrt import TensorRTDenoiser
 

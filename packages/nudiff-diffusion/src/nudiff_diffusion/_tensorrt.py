@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ._checkpoint import CONFIG_NAME, _atomic_write
+from ._checkpoint import CONFIG_NAME, _atomic_write, read_json_object
 from ._onnx import ONNX_FORMAT, GraphRuntime, onnx_session, read_graph_config
 
 __all__ = [
@@ -98,7 +98,7 @@ def check_engine_args(
         raise ValueError(f"'{plan_path}': the engine's name must end in .plan or .engine")
     existing = plan_path.parent / CONFIG_NAME
     if existing.is_file():
-        other = json.loads(existing.read_text())
+        other = read_json_object(existing)
         if other.get("format") != TRT_FORMAT or other.get("graph") != plan_path.name:
             raise ValueError(
                 f"'{existing}' belongs to another graph or checkpoint; write the engine into a folder of its own"
@@ -177,6 +177,11 @@ def build_engine(
         workspace_gib=workspace_gib,
     )
     trt = require_tensorrt(plan_path)
+    if precision != "float32" and not hasattr(trt.BuilderFlag, "FP16" if precision == "float16" else "BF16"):
+        raise EngineUnavailableError(
+            f"TensorRT {trt.__version__} has no weakly typed {precision} builds (TensorRT 11 removed the precision "
+            "flags this builder sets); build a float32 engine, or install TensorRT 10: pip install 'tensorrt>=10,<11'"
+        )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
@@ -262,9 +267,11 @@ def _compare_with_onnxruntime(plan: Path, onnx_path: Path, config: dict[str, Any
 class TensorRTDenoiser(GraphRuntime):
     """A TensorRT engine (``*.plan`` / ``*.engine`` of ``tools/export_trt.py``) behind
     ``eps(x, t, cond)``: inputs and outputs are torch CUDA tensors handed to TensorRT by
-    address, run on torch's current stream (no host copies when the caller's tensors are
-    on the GPU). With ``cuda_graphs``, each run replays a CUDA graph of the engine's run,
-    captured anew when the input shapes change (a sampling run: once).
+    address, run on torch's current stream. The sampler runs on :attr:`device`, the
+    condition is moved there once per batch (:meth:`prepare`) and the guidance scale is
+    kept there, so a sampling step copies nothing from the host. With ``cuda_graphs``,
+    each run replays a CUDA graph of the engine's run, captured anew when the input
+    shapes change (a sampling run: once).
 
     Raises
     ------
@@ -306,10 +313,19 @@ class TensorRTDenoiser(GraphRuntime):
         self._output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
 
+    def prepare(self, cond: torch.Tensor) -> torch.Tensor:
+        """The condition on the engine's device, float32: once per batch, not every step."""
+        return cond.to(self.device, torch.float32).contiguous()
+
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         if x.shape[0] < self.batch_min:
             raise ValueError(f"'{self.path}' was built for batches of at least {self.batch_min}, got {x.shape[0]}")
         feed = self._inputs(x, t, cond, scale)
+        if scale is not None:  # one device tensor per scale, not a host copy per step
+            scales = self.__dict__.setdefault("_scales", {})
+            if scale not in scales:
+                scales[scale] = torch.tensor([scale], dtype=torch.float32, device=self.device)
+            feed["guidance_scale"] = scales[scale]
         missing = sorted(set(self._inputs_names) - set(feed))
         if missing:
             raise ValueError(f"'{self.path}' expects inputs {self._inputs_names}; missing {missing}")

@@ -253,12 +253,12 @@ def load_histo_denoiser(
     check_runtime_options(path, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
     if path.suffix.lower() == ".onnx" or path.suffix.lower() in ENGINE_SUFFIXES:
         if path.suffix.lower() == ".onnx" and path.is_file():
-            from nudiff_diffusion import read_graph_config
+            from nudiff_diffusion import providers_for, read_graph_config
 
             if read_graph_config(path).get("layout") == "modulated":
                 from ._export import OnnxModulatedDenoiser
 
-                return OnnxModulatedDenoiser(path)
+                return OnnxModulatedDenoiser(path, providers=providers_for(device))
         runtime = load_denoiser(path, device=device, cuda_graphs=cuda_graphs)
         kind = runtime.config.get("diffusion", {}).get("kind")
         if kind != "histo":

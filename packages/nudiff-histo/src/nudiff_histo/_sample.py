@@ -107,6 +107,8 @@ def sample_histology(
     preset = _preset_of(runtime)
     conditions = read_conditions(structures_dir, preset)
     names = sorted(conditions)[:num] if num is not None else sorted(conditions)
+    if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
+        runtime.check_sampling_batch(min(batch, max(1, len(names))), guided=True)
     out = Path(out_dir)
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)

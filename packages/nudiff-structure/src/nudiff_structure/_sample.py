@@ -59,6 +59,8 @@ def sample_structures(
     mine = shard_indices(num, rank, world_size)
     if num < 1 or batch < 1:
         raise ValueError(f"`num` and `batch` must be >= 1, got {num} and {batch}")
+    if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
+        runtime.check_sampling_batch(min(batch, max(1, len(mine))))
     out = Path(out_dir)
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
