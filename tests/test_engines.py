@@ -111,6 +111,12 @@ def test_export_flags_are_checked(runs, capsys):
     assert "--guided is for histology models" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: the two layouts exclude each other
         export([str(runs / "h"), "-o", out, "--guided", "--cached-modulation"])
+    with pytest.raises(SystemExit):  # refused before the export's 30 s, not after
+        export([str(runs / "s"), "-o", out, "--opset", "17"])
+    assert "the dynamo exporter needs opset 18 or newer" in capsys.readouterr().err
+    (runs / "a-file").write_text("")
+    assert export([str(runs / "s"), "-o", str(runs / "a-file" / "model.onnx")]) == 2  # no traceback
+    assert "a-file" in capsys.readouterr().err
     assert not (runs / "never").exists()
 
 
