@@ -293,6 +293,7 @@ class TensorRTDenoiser(GraphRuntime):
         self.cuda_graphs = cuda_graphs
         self._graph: Any = None
         self._graph_key: tuple[Any, ...] | None = None
+        self._scales: dict[float, torch.Tensor] = {}  # guidance scales as device tensors
         self.path, self.config = path, config
         self._check_layout()
         self.batch_max = int(config["batch_max"])
@@ -322,10 +323,9 @@ class TensorRTDenoiser(GraphRuntime):
             raise ValueError(f"'{self.path}' was built for batches of at least {self.batch_min}, got {x.shape[0]}")
         feed = self._inputs(x, t, cond, scale)
         if scale is not None:  # one device tensor per scale, not a host copy per step
-            scales = self.__dict__.setdefault("_scales", {})
-            if scale not in scales:
-                scales[scale] = torch.tensor([scale], dtype=torch.float32, device=self.device)
-            feed["guidance_scale"] = scales[scale]
+            if scale not in self._scales:
+                self._scales[scale] = torch.tensor([scale], dtype=torch.float32, device=self.device)
+            feed["guidance_scale"] = self._scales[scale]
         missing = sorted(set(self._inputs_names) - set(feed))
         if missing:
             raise ValueError(f"'{self.path}' expects inputs {self._inputs_names}; missing {missing}")

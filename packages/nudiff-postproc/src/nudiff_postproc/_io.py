@@ -199,9 +199,9 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
             ids = ids[ids != 0]
             centroids = np.zeros((ids.size, 2))
             if ids.size:
-                from ._labels import compact_labels, instance_stats
+                from ._labels import compact_checked, instance_stats
 
-                compact, _ = compact_labels(inst)
+                compact, _ = compact_checked(inst)
                 s = instance_stats(compact, ids.size)
                 centroids = np.stack([s.col_sum[1:] / s.area[1:], s.row_sum[1:] / s.area[1:]], axis=1)
             savemat(

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._validate import as_instance_map
 
-__all__ = ["compact_labels", "InstanceStats", "instance_stats"]
+__all__ = ["compact_labels", "compact_checked", "InstanceStats", "instance_stats"]
 
 # Ids above this multiple of the pixel count are compacted with np.unique instead of a
 # lookup table (the table would be larger than the image).
@@ -44,6 +44,12 @@ def compact_labels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if not (isinstance(inst, np.ndarray) and inst.size == 0):
         inst = as_instance_map(inst, "inst", ndim=np.ndim(inst))
+    return compact_checked(inst)
+
+
+def compact_checked(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`compact_labels` of a map already checked by ``as_instance_map`` (the package's
+    own hot paths: the metrics, h/v maps and the watershed check their inputs once)."""
     max_id = int(inst.max()) if inst.size else 0
     if max_id <= _LUT_FACTOR * inst.size + 1024:
         present = np.bincount(inst.ravel(), minlength=max_id + 1) > 0

@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ._labels import compact_labels
+from ._labels import compact_checked
 from ._validate import as_instance_map
 
 __all__ = ["OverlapTable", "overlap_table", "evaluate", "METRIC_KEYS"]
@@ -74,8 +74,8 @@ def overlap_table(true: np.ndarray, pred: np.ndarray) -> OverlapTable:
     pred = as_instance_map(pred, "pred")
     if true.shape != pred.shape:
         raise ValueError(f"`true` (shape {true.shape}) and `pred` (shape {pred.shape}) must have the same shape")
-    t, t_ids = compact_labels(true)
-    p, p_ids = compact_labels(pred)
+    t, t_ids = compact_checked(true)
+    p, p_ids = compact_checked(pred)
     nt, np_ = t_ids.size, p_ids.size
     true_area = np.bincount(t.ravel(), minlength=nt + 1).astype(np.int64)
     pred_area = np.bincount(p.ravel(), minlength=np_ + 1).astype(np.int64)

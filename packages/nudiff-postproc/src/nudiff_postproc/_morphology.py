@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._labels import compact_labels
+from ._labels import compact_checked
 from ._structure import Centre, hv_maps
 from ._validate import as_instance_map, as_prediction
 
@@ -21,7 +21,7 @@ def _one_map(inst: np.ndarray, structure: np.ndarray | None, centre: Centre, min
 
     # ids 1..N (in the same order): regionprops and bincount size their tables by the
     # largest id, which any non-negative integer may be
-    inst, _ = compact_labels(inst)
+    inst, _ = compact_checked(inst)
     props = regionprops_table(inst, properties=("label", "area", "perimeter", "eccentricity", "solidity"))
     out = {k: np.asarray(props[k], np.float64) for k in ("area", "perimeter", "eccentricity", "solidity")}
     labels = np.asarray(props["label"], np.int64)

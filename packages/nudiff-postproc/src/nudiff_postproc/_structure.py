@@ -6,7 +6,7 @@ from typing import Literal
 
 import numpy as np
 
-from ._labels import _LUT_FACTOR, compact_labels, instance_stats
+from ._labels import _LUT_FACTOR, compact_checked, instance_stats
 from ._validate import as_image, as_instance_map
 
 __all__ = [
@@ -111,7 +111,7 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
     if max_id <= _LUT_FACTOR * inst.size + 1024:
         labels, n = inst, max_id
     else:
-        labels, ids = compact_labels(inst)
+        labels, ids = compact_checked(inst)
         n = ids.size
     out = np.zeros((h, w, 2), np.float32)
     if n == 0:

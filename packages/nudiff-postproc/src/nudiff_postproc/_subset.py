@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._labels import compact_labels, instance_stats
+from ._labels import compact_checked, instance_stats
 from ._validate import as_instance_map
 
 __all__ = ["patch_features", "select_subset"]
@@ -33,7 +33,7 @@ def patch_features(image: np.ndarray, inst: np.ndarray) -> np.ndarray:
     if image.shape[:2] != inst.shape:
         raise ValueError(f"`image` {image.shape[:2]} and `inst` {inst.shape} must have the same height and width")
     pixels = image.reshape(-1, 3).astype(np.float64)
-    compact, ids = compact_labels(inst)
+    compact, ids = compact_checked(inst)
     n = ids.size
     feats = [*pixels.mean(0), *pixels.std(0), 1e4 * n / inst.size, float(np.count_nonzero(inst)) / inst.size]
     if n:
@@ -96,7 +96,7 @@ def select_subset(
         raise ValueError("`patches` is empty")
     counts = np.array(
         [
-            compact_labels(as_instance_map(inst, f"patches[{i}] instance map"))[1].size
+            compact_checked(as_instance_map(inst, f"patches[{i}] instance map"))[1].size
             for i, (_, inst) in enumerate(patches)
         ]
     )

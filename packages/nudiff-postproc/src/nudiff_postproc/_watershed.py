@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from ._labels import compact_labels
+from ._labels import compact_checked
 from ._opencv_equiv import gaussian_blur_3x3, normalize_minmax, open_ellipse_5x5, sobel
 from ._patches import downscale_instance_map, upsample
 from ._process import usable_cores
@@ -319,7 +319,7 @@ def _scaled(pred: np.ndarray, threshold: float, orientations: int, scale: int, h
     """Post-process ``pred`` upsampled ``scale`` times, then take the map back down."""
     up = upsample(pred, scale)
     inst = _instances(up, threshold, orientations, helper)
-    return compact_labels(downscale_instance_map(inst, scale))[0].astype(np.int32)
+    return compact_checked(downscale_instance_map(inst, scale))[0].astype(np.int32)
 
 
 def instances_from_structure(
