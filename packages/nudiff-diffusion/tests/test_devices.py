@@ -134,7 +134,7 @@ def test_cli_flags_reach_the_configs(monkeypatch):
     assert train_config_from_args(parser.parse_args([])).device == "auto"
     with pytest.raises(ValueError, match="sees none"):  # checked before any work
         train_config_from_args(parser.parse_args(["--device", "cuda"]))
-    with pytest.raises(ValueError, match="`weight_decay` must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="`weight_decay` must be a finite number >= 0, got -1.0"):
         TrainConfig(weight_decay=-1.0)
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser, batch=4, what="samples")

@@ -88,6 +88,12 @@ def test_ema_warmup_forgets_the_random_init(tmp_path):
 def test_bad_settings():
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    for name, value in (("lr", float("inf")), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", float("nan"))):
+        with pytest.raises(ValueError, match=f"`{name}` must be .*, got {value}"):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="`grad_clip` must be None or 0 .*, got -1.0"):
+        TrainConfig(grad_clip=-1.0)
+    assert TrainConfig(grad_clip=0.0).grad_clip == 0.0  # 0: no clipping
     with pytest.raises(ValueError, match=r"`data` must be \(M, 1, H, W\)"):
         train(_model(), torch.zeros(4, 3, 16, 16), SCHEDULE, "unused", TrainConfig(steps=1), progress=False)
 

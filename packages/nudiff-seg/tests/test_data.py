@@ -78,14 +78,51 @@ def test_folder_checks_name_the_file(tmp_path):
         load_tiles(tmp_path / "d", names=["a"], min_size=256)
 
 
+def _rgba(alpha):
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    pixels[..., 3] = alpha
+    return pixels
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize(
-    ("pixels", "kind"), [(np.zeros((64, 64), np.uint8), "grayscale"), (np.zeros((64, 64, 4), np.uint8), "4-channel")]
+    ("pixels", "message"),
+    [
+        (np.zeros((64, 64), np.uint8), "is a grayscale image of shape \\(64, 64\\)"),
+        (_rgba(200), "has an alpha channel that is not opaque at 4096 pixel"),
+    ],
 )
-def test_grayscale_and_rgba_images_are_refused(tmp_path, pixels, kind):
+def test_grayscale_and_translucent_images_are_refused_in_any_format(tmp_path, suffix, pixels, message):
     import imageio.v3 as iio
+    import tifffile
 
     (tmp_path / "images").mkdir()
-    iio.imwrite(tmp_path / "images" / "a.png", pixels)
+    path = tmp_path / "images" / f"a{suffix}"
+    iio.imwrite(path, pixels) if suffix == ".png" else tifffile.imwrite(path, pixels)
     write_instance_map(tmp_path / "instance_maps" / "a.png", synthetic_instance_map((64, 64), n_nuclei=5, seed=0))
-    with pytest.raises(ValueError, match=f"a.png' is a {kind} image"):
+    with pytest.raises(ValueError, match=f"a\\{suffix}' {message}"):
+        load_tiles(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_an_opaque_alpha_channel_is_dropped(tmp_path, suffix):
+    """CoNSeP's PNG images are RGBA with alpha 255 everywhere; HoVer-Net (cv2.imread) reads the RGB."""
+    import imageio.v3 as iio
+    import tifffile
+
+    pixels = _rgba(255)
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "images" / f"a{suffix}"
+    iio.imwrite(path, pixels) if suffix == ".png" else tifffile.imwrite(path, pixels)
+    write_instance_map(tmp_path / "instance_maps" / "a.png", synthetic_instance_map((64, 64), n_nuclei=5, seed=0))
+    np.testing.assert_array_equal(load_tiles(tmp_path).images[0], pixels[..., :3])
+
+
+def test_a_corrupt_image_is_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    write_image(tmp_path / "images" / "a.png", np.zeros((64, 64, 3), np.uint8))
+    data = (tmp_path / "images" / "a.png").read_bytes()
+    (tmp_path / "images" / "a.png").write_bytes(data[: len(data) // 2])
+    write_instance_map(tmp_path / "instance_maps" / "a.png", synthetic_instance_map((64, 64), n_nuclei=5, seed=0))
+    with pytest.raises(ValueError, match="a.png"):
         load_tiles(tmp_path)

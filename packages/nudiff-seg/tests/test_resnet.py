@@ -83,6 +83,8 @@ def test_embeddings_are_per_patch_and_batch_independent(weights):
     np.testing.assert_allclose(a[3], single[0], rtol=0, atol=1e-5 * scale)
     with pytest.raises(ValueError, match="uint8"):
         patch_embeddings(images.astype(np.float32), model)
+    with pytest.raises(ValueError, match="`batch` must be an integer >= 1, got 0"):
+        patch_embeddings(images, model, batch=0)
 
 
 def test_features_cli_feeds_the_subset_cli(weights, tmp_path, capsys):

@@ -6,6 +6,7 @@ import copy
 import csv
 import dataclasses
 import gc
+import math
 import os
 import shutil
 import time
@@ -59,8 +60,12 @@ class TrainConfig:
             raise ValueError(f"`ema_rate` must be in [0, 1), got {self.ema_rate}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"`cond_drop_prob` must be in [0, 1], got {self.cond_drop_prob}")
-        if self.weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"`lr` must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"`grad_clip` must be None or 0 (no clipping) or finite > 0, got {self.grad_clip}")
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int]:

@@ -216,8 +216,14 @@ def write_instance_map(path: str | os.PathLike[str], inst: np.ndarray) -> Path:
     return path
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an RGB image (PNG, TIFF or JPEG) as ``(H, W, 3)`` uint8; alpha is dropped."""
+def read_image(path: str | os.PathLike[str], *, strict: bool = False) -> np.ndarray:
+    """Read an RGB image (PNG, TIFF or JPEG) as ``(H, W, 3)`` uint8.
+
+    An alpha channel is dropped (as ``cv2.imread`` does in HoVer-Net; CoNSeP's PNGs carry
+    one) and a grayscale image is repeated into three channels. With ``strict=True``, for
+    models of stain colour, a grayscale image and an alpha channel that is not fully opaque
+    (whose colours would be ambiguous) are refused with a ``ValueError`` naming the file.
+    """
     path = Path(path)
     suffix = _check_readable(path, IMAGE_SUFFIXES, "image")
     if suffix in (".tif", ".tiff"):
@@ -227,12 +233,20 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
         arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "an image")
     arr = np.asarray(arr)
+    if arr.ndim == 2 and strict:
+        raise ValueError(f"'{path}' is a grayscale image of shape {arr.shape}; expected RGB (H, W, 3)")
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
         raise ValueError(f"'{path}' has shape {arr.shape}; expected an RGB image (H, W, 3)")
     if arr.dtype != np.uint8:
         raise TypeError(f"'{path}' has dtype {arr.dtype}; expected 8-bit RGB (uint8)")
+    if strict and arr.shape[-1] == 4 and (arr[..., 3] != 255).any():
+        translucent = int(np.count_nonzero(arr[..., 3] != 255))
+        raise ValueError(
+            f"'{path}' has an alpha channel that is not opaque at {translucent} pixel(s); "
+            "expected RGB (H, W, 3) or fully opaque RGBA"
+        )
     return np.ascontiguousarray(arr[..., :3])
 
 

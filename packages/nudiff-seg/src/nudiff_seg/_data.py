@@ -53,18 +53,10 @@ def read_name_list(path: str | os.PathLike[str]) -> list[str]:
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8; grayscale and RGBA files are refused by name
-    (a model of H&E colour must not be fed silently converted images)."""
-    import imageio.v3 as iio
-
-    path = Path(path)
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        props = iio.improps(path, plugin="pillow")
-        if len(props.shape) != 3 or props.shape[-1] != 3:
-            kind = "grayscale" if len(props.shape) == 2 else f"{props.shape[-1]}-channel"
-            raise ValueError(f"'{path}' is a {kind} image of shape {props.shape}; expected RGB (H, W, 3)")
-    image = read_image(path)
-    return image
+    """An RGB image as (H, W, 3) uint8, PNG, TIFF or JPEG alike. Grayscale images and
+    translucent alpha channels are refused by name (a model of H&E colour must not be fed
+    silently converted images); a fully opaque alpha channel (CoNSeP's PNGs) is dropped."""
+    return read_image(path, strict=True)
 
 
 def load_tiles(

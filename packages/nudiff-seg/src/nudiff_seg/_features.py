@@ -43,6 +43,8 @@ def patch_embeddings(images: np.ndarray, model: ResNet, *, batch: int = 32) -> n
     """
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"`images` must be (N, H, W, 3) uint8, got {getattr(images, 'shape', type(images))}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"`batch` must be an integer >= 1, got {batch!r}")
     if min(images.shape[1:3]) < 32:
         raise ValueError(f"patches must be at least 32 px, got {images.shape[1:3]}")
     device = next(model.parameters()).device  # the patches go where the model is

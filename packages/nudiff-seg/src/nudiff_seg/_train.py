@@ -10,18 +10,23 @@ validation AJI when validation data is given, else the latest), ``last/`` (the l
 weights), ``train_state.pt`` (weights, optimiser, epoch, batch; loaded with
 ``weights_only=True``) and ``log.csv``. Every random draw of an epoch comes from
 ``(seed, epoch, batch)``, so a killed run resumes at the batch it saved last with the
-same data it would have seen.
+same data it would have seen; the state also holds the epoch's running loss sums, so the
+resumed epoch's row of ``log.csv`` is the uninterrupted one. A resume must be given the
+settings the run was started with (all but ``save_every``) and the same real and
+synthetic images: anything else is refused, naming the flag.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -73,8 +78,10 @@ class SegTrainConfig:
             raise ValueError(f"`--frozen-epochs` must be in [0, epochs={self.epochs}], got {self.frozen_epochs}")
         if self.batch < 1:
             raise ValueError(f"`--batch` must be >= 1, got {self.batch}")
-        if not self.lr > 0:
-            raise ValueError(f"`--lr` must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"`--lr` must be a positive finite number, got {self.lr}")
+        if self.save_every < 1:
+            raise ValueError(f"`save_every` must be >= 1, got {self.save_every}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"`--precision` must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -104,6 +111,70 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+_RESUMABLE_CHANGES = ("save_every",)  # settings a resumed run may change
+_LOSS_KEYS = ("ce", "dice", "mse", "msge", "loss")
+_FLAG_NAMES = {"real_images": "the images of --real (and --subset)", "synthetic_images": "the images of --synthetic"}
+
+
+def _image_set(tiles: Tiles | None) -> str | None:
+    """The images a run trains on, as one comparable string (count and a digest of the names)."""
+    if tiles is None:
+        return None
+    digest = hashlib.sha256("\n".join(tiles.names).encode()).hexdigest()[:16]
+    return f"{len(tiles)} images, names sha256 {digest}"
+
+
+def _refuse_state(path: Path, why: str) -> NoReturn:
+    raise ValueError(f"'{path}' is not a usable training state ({why}); start a new run with another --out")
+
+
+def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """``train_state.pt``, checked: a ``ValueError`` naming the file for anything unreadable."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, empty, not a torch file, or holding non-tensor objects
+        _refuse_state(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}")
+    needed = ("model", "optimizer", "phase", "epoch", "batch", "best_aji", "settings")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        _refuse_state(path, f"expected the keys {list(needed)}")
+    try:
+        train = json.loads(state["settings"])["train"]
+    except (TypeError, ValueError, KeyError) as exc:
+        _refuse_state(path, f"its settings do not parse: {exc}")
+    if not isinstance(train, dict):
+        _refuse_state(path, "its settings hold no 'train' object")
+    state["train"] = train
+    return state
+
+
+def _check_resumable(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse a resume whose settings differ from the run's (keys the saved run lacks, from
+    older versions, are not compared)."""
+    for key, value in given.items():
+        if key in _RESUMABLE_CHANGES or key not in saved or saved[key] == value:
+            continue
+        flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+        raise ValueError(
+            f"'{path}' was started with {flag} {saved[key]!r}, this resume gives {value!r}; resume with the run's "
+            f"settings or start a new run with another --out"
+        )
+
+
+def _check_finite(model: HoVerNet, where: str) -> None:
+    """Refuse to save weights that are no longer finite (a diverged step)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} weight tensor(s) are NaN or inf {where} (e.g. {bad[0]}); they were not saved; "
+            "lower --lr or use fp32"
+        )
+
+
+def _running(sums: dict[str, float], seen: int, seconds: float) -> dict[str, Any]:
+    """The part of an epoch done so far, saved with a mid-epoch state."""
+    return {"epoch_sums": dict(sums), "epoch_seen": seen, "epoch_seconds": seconds}
 
 
 def _validate(model: HoVerNet, val: Tiles | None, batch: int) -> dict[str, float]:
@@ -136,9 +207,16 @@ def train_hovernet(
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_path = out / STATE_NAME
-    settings = {
-        "train": {**asdict(config), "real": str(real.folder), "synthetic": str(synthetic.folder) if synthetic else None}
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"`--max-batches` must be >= 1, got {max_batches}")
+    train_settings = {
+        **asdict(config),
+        "real": str(real.folder),
+        "synthetic": str(synthetic.folder) if synthetic else None,
+        "real_images": _image_set(real),
+        "synthetic_images": _image_set(synthetic),
     }
+    settings = {"train": train_settings}
     if state_path.exists() and not resume:
         raise FileExistsError(
             f"'{out}' already holds a training run; pass --resume to continue it or choose another --out"
@@ -159,20 +237,29 @@ def train_hovernet(
     )
     epoch, start_batch, best_aji = 0, 0, -1.0
     optimizer, optimizer_phase = None, 0
+    resumed_sums: dict[str, float] | None = None
+    resumed_seen, resumed_seconds = 0, 0.0
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        saved = json.loads(state["settings"])
-        if saved["train"]["preset"] != config.preset:
-            raise ValueError(f"'{out}' was trained with preset {saved['train']['preset']!r}, not {config.preset!r}")
-        model.load_state_dict(state["model"])
-        epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
-        optimizer_phase = int(state["phase"])
-        optimizer = _optimizer(model, optimizer_phase, config.lr)
-        optimizer.load_state_dict(state["optimizer"])
+        state = _read_state(state_path, device)
+        # the folders may move; what must not change is the images they hold
+        ignore = {"real", "synthetic"} if "real_images" in state["train"] else set()
+        _check_resumable(out, state["train"], {k: v for k, v in train_settings.items() if k not in ignore})
+        try:
+            model.load_state_dict(state["model"])
+            epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
+            optimizer_phase = int(state["phase"])
+            optimizer = _optimizer(model, optimizer_phase, config.lr)
+            optimizer.load_state_dict(state["optimizer"])
+            if start_batch > 0 and "epoch_sums" in state:
+                resumed_sums = {k: float(state["epoch_sums"][k]) for k in _LOSS_KEYS}
+                resumed_seen, resumed_seconds = int(state["epoch_seen"]), float(state["epoch_seconds"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            _refuse_state(state_path, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
     out.mkdir(parents=True, exist_ok=True)
     done = 0
 
-    def save_state(next_epoch: int, next_batch: int, phase: int) -> None:
+    def save_state(next_epoch: int, next_batch: int, phase: int, running: dict[str, Any] | None = None) -> None:
+        _check_finite(model, f"after {done} batch(es) of this call (epoch {epoch + 1})")
         _atomic_torch_save(
             {
                 "model": model.state_dict(),
@@ -182,6 +269,7 @@ def train_hovernet(
                 "batch": next_batch,
                 "best_aji": best_aji,
                 "settings": json.dumps(settings),
+                **(running or {}),
             },
             state_path,
         )
@@ -194,8 +282,10 @@ def train_hovernet(
             group["lr"] = lr
         plan = batches.epoch(np.random.default_rng([config.seed, epoch]))
         model.train()
-        sums = dict.fromkeys(("ce", "dice", "mse", "msge", "loss"), 0.0)
-        seen, t0 = 0, time.perf_counter()
+        sums, seen, earlier_seconds = dict.fromkeys(_LOSS_KEYS, 0.0), 0, 0.0
+        if resumed_sums is not None:  # the part of this epoch an earlier call did
+            sums, seen, earlier_seconds, resumed_sums = resumed_sums, resumed_seen, resumed_seconds, None
+        t0 = time.perf_counter()
         bar = tqdm(
             range(start_batch, len(plan)),
             desc=f"epoch {epoch + 1}/{config.epochs} (phase {phase})",
@@ -224,12 +314,14 @@ def train_hovernet(
             done += 1
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
             if (b + 1) % config.save_every == 0 and b + 1 < len(plan):
-                save_state(epoch, b + 1, phase)
+                save_state(epoch, b + 1, phase, _running(sums, seen, earlier_seconds + time.perf_counter() - t0))
             if max_batches is not None and done >= max_batches and b + 1 < len(plan):
-                save_state(epoch, b + 1, phase)
+                save_state(epoch, b + 1, phase, _running(sums, seen, earlier_seconds + time.perf_counter() - t0))
                 return out
+        _check_finite(model, f"at the end of epoch {epoch + 1}")
         metrics = _validate(model, val, config.batch)
-        row = {"epoch": epoch + 1, "phase": phase, "batches": seen, "seconds": round(time.perf_counter() - t0, 1)}
+        seconds = earlier_seconds + time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "phase": phase, "batches": seen, "seconds": round(seconds, 1)}
         row.update({k: round(v / max(seen, 1), 5) for k, v in sums.items()})
         row.update({k: round(v, 5) for k, v in metrics.items()})
         extra = {**settings, "epoch": epoch + 1, **({"validation": metrics} if metrics else {})}

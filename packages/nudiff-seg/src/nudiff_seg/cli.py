@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retain_freed_memory()  # PyTorch's large CPU tensors: no page faults on every reuse
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as exc:
         print(f"nudiff-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

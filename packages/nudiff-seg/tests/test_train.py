@@ -1,0 +1,117 @@
+"""``nudiff-seg train``: what a resume accepts, and the runs it refuses to start or save."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
+from nudiff_seg.cli import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two 300x300 pairs: a few tiny-preset batches of 2 per epoch."""
+    root = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        inst = synthetic_instance_map((300, 300), n_nuclei=40, seed=i)
+        image = np.where(inst[..., None] > 0, 90, 220).astype(np.uint8) + rng.integers(0, 30, (300, 300, 3), np.uint8)
+        write_image(root / "real" / "images" / f"t{i}.png", image)
+        write_instance_map(root / "real" / "instance_maps" / f"t{i}.png", inst)
+    (root / "one.txt").write_text("t0\n")
+    return root
+
+
+def _train(data, out, *extra):
+    return main(
+        ["--quiet", "train", "--real", str(data / "real"), "--preset", "tiny", "--batch", "2", "--out", str(out)]
+        + ["--device", "cpu", *extra]
+    )
+
+
+def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data, out, "--max-batches", "1") == 0
+    state = (out / "train_state.pt").read_bytes()
+    for extra, message in (
+        (["--lr", "0.0002"], "was started with --lr 0.0001, this resume gives 0.0002"),
+        (["--epochs", "30"], "was started with --epochs 20, this resume gives 30"),
+        (["--seed", "1"], "was started with --seed 0, this resume gives 1"),
+        (["--precision", "bf16"], "was started with --precision 'fp32', this resume gives 'bf16'"),
+        (["--subset", str(data / "one.txt")], "was started with the images of --real \\(and --subset\\) '2 images"),
+    ):
+        assert _train(data, out, "--resume", *extra) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        assert (out / "train_state.pt").read_bytes() == state  # nothing trained, nothing written
+    assert _train(data, out, "--resume", "--max-batches", "1") == 0  # the same settings resume
+
+
+def test_a_resumed_epoch_logs_the_uninterrupted_row(data, tmp_path):
+    import csv
+
+    assert _train(data, tmp_path / "whole", "--epochs", "1") == 0
+    assert _train(data, tmp_path / "split", "--epochs", "1", "--max-batches", "2") == 0
+    assert not (tmp_path / "split" / "log.csv").exists()
+    assert _train(data, tmp_path / "split", "--epochs", "1", "--resume") == 0
+    rows = {}
+    for run in ("whole", "split"):
+        with open(tmp_path / run / "log.csv") as fh:
+            rows[run] = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+    assert rows["split"] == rows["whole"] and int(rows["whole"][0]["batches"]) > 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04 truncated zip"])
+def test_an_unreadable_train_state_is_named(data, tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_state.pt").write_bytes(content)
+    assert _train(data, out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "train_state.pt' is not a usable training state" in err and "Traceback" not in err
+
+
+def test_a_train_state_without_its_keys_is_named(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}}, out / "train_state.pt")
+    assert _train(data, out, "--resume") == 2
+    assert "expected the keys ['model', 'optimizer'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr", "inf"], "`--lr` must be a positive finite number, got inf"),
+        (["--lr", "nan"], "`--lr` must be a positive finite number, got nan"),
+        (["--max-batches", "0"], "`--max-batches` must be >= 1, got 0"),
+        (["--batch", "0"], "`--batch` must be >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_fail_before_any_work(data, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert _train(data, out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_diverged_weights_are_never_saved(data, tmp_path, capsys, monkeypatch):
+    """A batch whose loss is finite but whose gradient is NaN (0 * d sqrt(0)) turns the
+    weights to NaN in Adam's step; only the check before saving can catch it."""
+    import nudiff_seg._train as train_module
+
+    real_loss = train_module.hovernet_loss
+
+    def nan_gradient_loss(pred, np_target, hv_target):
+        loss, parts = real_loss(pred, np_target, hv_target)
+        return loss + 0.0 * torch.sqrt(pred["np"].sum() * 0.0), parts
+
+    monkeypatch.setattr(train_module, "hovernet_loss", nan_gradient_loss)
+    out = tmp_path / "run"
+    assert _train(data, out, "--max-batches", "1") == 2
+    err = capsys.readouterr().err
+    assert "weight tensor(s) are NaN or inf after 1 batch(es)" in err and "they were not saved" in err, err
+    assert not (out / "train_state.pt").exists() and not (out / "model.safetensors").exists()
