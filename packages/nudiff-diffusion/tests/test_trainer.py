@@ -63,6 +63,46 @@ def test_resume_is_exact(tmp_path):
     assert steps == ["step_0000010", "step_0000020"]
 
 
+def test_a_resume_after_a_kill_logs_every_step_once(tmp_path):
+    """A kill after log rows 15 and 20 but before checkpoint 20 is written: the resume
+    redoes steps 11-20 and logs them once, with the losses of the uninterrupted run."""
+    config = TrainConfig(steps=20, batch_size=4, save_every=10, log_every=5)
+    train(_model(), _data(), SCHEDULE, tmp_path / "whole", config, progress=False)
+    train(_model(), _data(), SCHEDULE, tmp_path / "split", config, progress=False)
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step_0000020")
+    train(_model(), _data(), SCHEDULE, tmp_path / "split", config, resume=True, progress=False)
+    logs = {run: list(csv.DictReader(open(tmp_path / run / "log.csv"))) for run in ("whole", "split")}
+    assert [r["step"] for r in logs["split"]] == ["5", "10", "15", "20"]
+    assert [r["loss"] for r in logs["split"]] == [r["loss"] for r in logs["whole"]]
+
+
+def test_a_resume_with_other_settings_or_a_broken_state_is_refused(tmp_path):
+    config = TrainConfig(steps=4, batch_size=4, save_every=2)
+    train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False, diffusion={"schedule": "linear"})
+    for changes, message in (
+        ({"lr": 2e-4}, "was started with --lr 0.0001, this resume gives 0.0002"),
+        ({"batch_size": 8}, "was started with --batch 4, this resume gives 8"),
+        ({"precision": "bf16"}, "was started with --precision 'fp32', this resume gives 'bf16'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, **changes), resume=True)
+    with pytest.raises(ValueError, match="was started with --schedule 'linear', this resume gives 'cosine'"):
+        train(_model(), _data(), SCHEDULE, tmp_path, config, resume=True, diffusion={"schedule": "cosine"})
+    # more steps, other save/log cadence: a resume may change these
+    more = dataclass_replace(config, steps=6, save_every=3, log_every=1)
+    train(_model(), _data(), SCHEDULE, tmp_path, more, resume=True, progress=False, diffusion={"schedule": "linear"})
+    state = latest_checkpoint(tmp_path) / "train_state.pt"
+    assert state.parent.name == "step_0000006"
+    for content in (b"", state.read_bytes()[:100]):
+        state.write_bytes(content)
+        with pytest.raises(ValueError, match="train_state.pt' is not a usable training state"):
+            train(_model(), _data(), SCHEDULE, tmp_path, more, resume=True, diffusion={"schedule": "linear"})
+    other = UNet(UNetConfig.preset("tiny-64", image_size=16, in_channels=1, model_channels=64))
+    shutil.rmtree(state.parent)  # back to step 4: its weights do not fit another architecture
+    with pytest.raises(ValueError, match="step_0000004/train_state.pt' is not a usable training state \\(RuntimeError"):
+        train(other, _data(), SCHEDULE, tmp_path, more, resume=True, diffusion={"schedule": "linear"})
+
+
 def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:
     import dataclasses
 

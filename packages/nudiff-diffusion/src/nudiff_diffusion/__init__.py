@@ -19,6 +19,7 @@ from ._onnx import (
     read_graph_config,
     write_graph_config,
 )
+from ._resume import check_resume_settings, read_train_state, refuse_train_state
 from ._runs import (
     add_device_argument,
     add_evaluate_arguments,
@@ -50,6 +51,9 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "check_resume_settings",
+    "read_train_state",
+    "refuse_train_state",
     "add_evaluate_arguments",
     "median_seconds",
     "report_evaluation",

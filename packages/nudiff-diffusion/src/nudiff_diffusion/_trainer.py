@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._checkpoint import save_model
+from ._checkpoint import read_config, save_model
 from ._losses import training_losses
+from ._resume import check_resume_settings, read_train_state, refuse_train_state
 from ._runtime import resolve_device
 from ._schedule import NoiseSchedule
 from ._unet import UNet
@@ -136,6 +137,57 @@ def _save(
     return final
 
 
+_RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "log_every", "microbatch", "device")
+_TRAIN_FLAGS = {"batch_size": "--batch", "ema_rate": "--ema", "cond_drop_prob": "--drop-prob"}
+
+
+def _restore(
+    ckpt: Path,
+    model: UNet,
+    ema: UNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    config: TrainConfig,
+    settings: dict,
+    device: torch.device,
+) -> int:
+    """Load a checkpoint's weights, EMA and optimiser into the run (in place) after checking
+    it was trained with ``config`` and ``settings``; returns its step."""
+    from safetensors.torch import load_file
+
+    saved, run = read_config(ckpt), ckpt.parent.parent
+    given_train = dataclasses.asdict(config)
+    check_resume_settings(run, saved.get("train", {}), given_train, may_change=_RESUMABLE_CHANGES, flags=_TRAIN_FLAGS)
+    given = {k: v for k, v in settings.items() if k not in ("data", "init")}  # folders move; init only starts a run
+    check_resume_settings(run, saved.get("diffusion", {}), given)
+    path = ckpt / STATE_NAME
+    state = read_train_state(path, device=device, keys=("step", "model", "optimizer", "scaler"))
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        ema.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+        return int(state["step"])
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:
+        refuse_train_state(path, exc)
+
+
+def _drop_log_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``log.csv`` up to ``step`` (a resumed run logs the rest again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+    os.replace(tmp, path)
+
+
 def train(
     model: UNet,
     data: torch.Tensor,
@@ -171,7 +223,12 @@ def train(
         where they are and each batch is moved.
     resume : bool
         Continue from the newest checkpoint of ``out_dir``: on a CPU, 10 + 10 resumed steps
-        give the same weights, bit for bit, as 20 uninterrupted ones.
+        give the same weights, bit for bit, as 20 uninterrupted ones. A resume may raise
+        ``steps`` and change how often it saves, logs and keeps checkpoints, ``microbatch``
+        and ``device``; any other setting of ``config`` or of ``diffusion`` (but the data
+        folder and ``init``) must be the run's, else a ``ValueError`` names it. Rows of
+        ``log.csv`` after the checkpoint (written before a kill) are dropped, so none is
+        logged twice.
     augment : callable, optional
         ``augment(batch, generator)`` -> batch, e.g. random dihedral transforms.
     batch_fn : callable, optional
@@ -199,18 +256,13 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     start = 0
+    settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            from safetensors.torch import load_file
-
-            state = torch.load(ckpt / STATE_NAME, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            ema.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-            start = int(state["step"])
+            start = _restore(ckpt, model, ema, optimizer, scaler, config, settings, device)
+        if rank == 0:
+            _drop_log_rows_after(out / "log.csv", start)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -224,7 +276,7 @@ def train(
         try:  # TensorBoard when it is installed; the CSV log always
             from torch.utils.tensorboard import SummaryWriter
 
-            writer_tb = SummaryWriter(str(out / "tensorboard"))
+            writer_tb = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
         except ImportError:
             writer_tb = None
     bar = None
@@ -297,7 +349,6 @@ def train(
                     writer_tb.add_scalar("loss", sum(logged) / len(logged), done)
                 t_last, logged = now, []
             if done % config.save_every == 0 or done == config.steps:
-                settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
                 _save(out, done, model, ema, optimizer, scaler, schedule, config, settings)
                 if callback is not None:
                     callback(done, ema)

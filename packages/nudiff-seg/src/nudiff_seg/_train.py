@@ -26,10 +26,11 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
+from nudiff_diffusion import check_resume_settings, read_train_state, refuse_train_state
 
 from ._data import Augment, MixedBatches, Tiles
 from ._hovernet import HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
@@ -113,7 +114,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-_RESUMABLE_CHANGES = ("save_every",)  # settings a resumed run may change
+_STATE_KEYS = ("model", "optimizer", "phase", "epoch", "batch", "best_aji", "settings")
 _LOSS_KEYS = ("ce", "dice", "mse", "msge", "loss")
 _FLAG_NAMES = {"real_images": "the images of --real (and --subset)", "synthetic_images": "the images of --synthetic"}
 
@@ -124,42 +125,6 @@ def _image_set(tiles: Tiles | None) -> str | None:
         return None
     digest = hashlib.sha256("\n".join(tiles.names).encode()).hexdigest()[:16]
     return f"{len(tiles)} images, names sha256 {digest}"
-
-
-def _refuse_state(path: Path, why: str) -> NoReturn:
-    raise ValueError(f"'{path}' is not a usable training state ({why}); start a new run with another --out")
-
-
-def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
-    """``train_state.pt``, checked: a ``ValueError`` naming the file for anything unreadable."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, empty, not a torch file, or holding non-tensor objects
-        _refuse_state(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}")
-    needed = ("model", "optimizer", "phase", "epoch", "batch", "best_aji", "settings")
-    if not isinstance(state, dict) or any(k not in state for k in needed):
-        _refuse_state(path, f"expected the keys {list(needed)}")
-    try:
-        train = json.loads(state["settings"])["train"]
-    except (TypeError, ValueError, KeyError) as exc:
-        _refuse_state(path, f"its settings do not parse: {exc}")
-    if not isinstance(train, dict):
-        _refuse_state(path, "its settings hold no 'train' object")
-    state["train"] = train
-    return state
-
-
-def _check_resumable(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
-    """Refuse a resume whose settings differ from the run's (keys the saved run lacks, from
-    older versions, are not compared)."""
-    for key, value in given.items():
-        if key in _RESUMABLE_CHANGES or key not in saved or saved[key] == value:
-            continue
-        flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
-        raise ValueError(
-            f"'{path}' was started with {flag} {saved[key]!r}, this resume gives {value!r}; resume with the run's "
-            f"settings or start a new run with another --out"
-        )
 
 
 def _check_finite(model: HoVerNet, where: str) -> None:
@@ -240,10 +205,17 @@ def train_hovernet(
     resumed_sums: dict[str, float] | None = None
     resumed_seen, resumed_seconds = 0, 0.0
     if resume and state_path.exists():
-        state = _read_state(state_path, device)
+        state = read_train_state(state_path, device=device, keys=_STATE_KEYS)
+        try:
+            saved = json.loads(state["settings"])["train"]
+        except (TypeError, ValueError, KeyError) as exc:
+            refuse_train_state(state_path, exc)
+        if not isinstance(saved, dict):
+            refuse_train_state(state_path, TypeError(f"its settings hold a {type(saved).__name__}, not an object"))
         # the folders may move; what must not change is the images they hold
-        ignore = {"real", "synthetic"} if "real_images" in state["train"] else set()
-        _check_resumable(out, state["train"], {k: v for k, v in train_settings.items() if k not in ignore})
+        ignore = {"real", "synthetic"} if "real_images" in saved else set()
+        given = {k: v for k, v in train_settings.items() if k not in ignore}
+        check_resume_settings(out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES)
         try:
             model.load_state_dict(state["model"])
             epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
@@ -254,7 +226,7 @@ def train_hovernet(
                 resumed_sums = {k: float(state["epoch_sums"][k]) for k in _LOSS_KEYS}
                 resumed_seen, resumed_seconds = int(state["epoch_seen"]), float(state["epoch_seconds"])
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-            _refuse_state(state_path, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            refuse_train_state(state_path, exc)
     out.mkdir(parents=True, exist_ok=True)
     done = 0
 
