@@ -160,6 +160,6 @@ def test_a_cached_modulation_export_that_fails_midway_leaves_nothing(tmp_path, m
 
     monkeypatch.setattr(_export, "export_graph", export_graph)
     with pytest.raises(RuntimeError, match="step graph differs"):
-        export_histo_onnx(build_histo_unet("tiny-64"), tmp_path / "engine" / "model.onnx", batch_max=4)
+        export_histo_onnx(build_histo_unet("tiny-64"), tmp_path / "engine" / "deeper" / "model.onnx", batch_max=4)
     assert [p.name for p in calls] == [".model.modulation.onnx.pending", ".model.onnx.pending"]
     assert list(tmp_path.iterdir()) == []

@@ -12,12 +12,13 @@ imported only here, lazily. Graph layouts (``config.json``'s ``layout``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,25 @@ def check_export_folder(path: Path) -> Path:
     return config_path
 
 
+@contextlib.contextmanager
+def making_parents(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create the folders above ``path``; when the body raises, remove again those this
+    call created and the failure left empty (an export that fails leaves no trace).
+
+    Yields ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # innermost first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 def export_graph(
     module: nn.Module,
     path: str | os.PathLike[str],
@@ -179,58 +199,52 @@ def export_graph(
     star = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL]
     # torch.export wants the specs of a forward(*args) grouped as the arguments are
     shapes = (*specs[: star[0]], tuple(specs[star[0] :])) if star else tuple(specs)
-    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again on failure
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.part"
-    published = False
-    try:
-        torch.onnx.export(
-            graph,
-            tuple(example.values()),
-            str(tmp),
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(example),
-            output_names=list(output_names),
-            dynamic_shapes=shapes,
-            external_data=False,
-            verbose=False,
-        )
-        if slim:
-            onnx.save(onnxslim.slim(str(tmp)), str(tmp))
+    with making_parents(path):
         try:
-            onnx.checker.check_model(str(tmp))
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - the checker's and ORT's own exception types
-            raise ValueError(f"the graph exported for '{path}' is invalid ({type(exc).__name__}: {exc})") from exc
-        worst, largest = 0.0, 0.0
-        for n in (1, 3):  # batches other than the example's: the batch axis is dynamic
-            feed = feeds(n)
-            with torch.no_grad():
-                ref = module(*feed.values())
-            refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-            outs = session.run(None, {k: v.numpy() for k, v in feed.items()})
-            for out, r in zip(outs, refs, strict=True):
-                worst = max(worst, float(np.abs(out - r.numpy()).max()))
-                largest = max(largest, float(r.abs().max()))
-        if largest == 0.0:
-            warnings.warn(
-                f"'{path}': the model answers 0 for every parity input (an untrained model: its output layers "
-                "start at zero), so the parity check compared zeros and proves nothing about the graph",
-                stacklevel=2,
+            torch.onnx.export(
+                graph,
+                tuple(example.values()),
+                str(tmp),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(example),
+                output_names=list(output_names),
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
             )
-        if not worst <= tolerance:
-            raise RuntimeError(
-                f"the {precision} ONNX graph for '{path}' differs from PyTorch by {worst:.3g} (allowed {tolerance:g})"
-            )
-        os.replace(tmp, path)
-        published = True
-    finally:
-        tmp.unlink(missing_ok=True)
-        if not published:
-            for folder in made:  # innermost first; only folders this call created and left empty
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+            if slim:
+                onnx.save(onnxslim.slim(str(tmp)), str(tmp))
+            try:
+                onnx.checker.check_model(str(tmp))
+                session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - the checker's and ORT's own exception types
+                raise ValueError(f"the graph exported for '{path}' is invalid ({type(exc).__name__}: {exc})") from exc
+            worst, largest = 0.0, 0.0
+            for n in (1, 3):  # batches other than the example's: the batch axis is dynamic
+                feed = feeds(n)
+                with torch.no_grad():
+                    ref = module(*feed.values())
+                refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+                outs = session.run(None, {k: v.numpy() for k, v in feed.items()})
+                for out, r in zip(outs, refs, strict=True):
+                    worst = max(worst, float(np.abs(out - r.numpy()).max()))
+                    largest = max(largest, float(r.abs().max()))
+            if largest == 0.0:
+                warnings.warn(
+                    f"'{path}': the model answers 0 for every parity input (an untrained model: its output layers "
+                    "start at zero), so the parity check compared zeros and proves nothing about the graph",
+                    stacklevel=2,
+                )
+            if not worst <= tolerance:
+                raise RuntimeError(
+                    f"the {precision} ONNX graph for '{path}' differs from PyTorch by {worst:.3g} "
+                    f"(allowed {tolerance:g})"
+                )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return worst
 
 

@@ -20,6 +20,7 @@ from nudiff_diffusion import (
     check_batch,
     check_export_folder,
     export_graph,
+    making_parents,
     onnx_session,
     read_graph_config,
     write_graph_config,
@@ -145,27 +146,24 @@ def export_histo_onnx(
     # both graphs are exported and checked under hidden names and renamed together: a
     # failure of the second leaves neither (nor a modulation graph beside an old config)
     pending = {final: final.with_name(f".{final.name}.pending") for final in (modulation_path, path)}
-    fresh_folder, published = not path.parent.exists(), False
-    try:
-        worst_mod = export_graph(
-            mod_graph,
-            pending[modulation_path],
-            cond_feed(2),
-            batched=["cond"],
-            feeds=cond_feed,
-            output_names=names,
-            **common,
-        )
-        example = eps_feed(2)
-        worst_eps = export_graph(eps_graph, pending[path], example, batched=list(example), feeds=eps_feed, **common)
-        for final, tmp in pending.items():
-            os.replace(tmp, final)
-        published = True
-    finally:
-        for tmp in pending.values():
-            tmp.unlink(missing_ok=True)
-        if not published and fresh_folder and path.parent.is_dir() and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+    with making_parents(path):
+        try:
+            worst_mod = export_graph(
+                mod_graph,
+                pending[modulation_path],
+                cond_feed(2),
+                batched=["cond"],
+                feeds=cond_feed,
+                output_names=names,
+                **common,
+            )
+            example = eps_feed(2)
+            worst_eps = export_graph(eps_graph, pending[path], example, batched=list(example), feeds=eps_feed, **common)
+            for final, tmp in pending.items():
+                os.replace(tmp, final)
+        finally:
+            for tmp in pending.values():
+                tmp.unlink(missing_ok=True)
     return write_graph_config(
         path,
         {
