@@ -72,6 +72,33 @@ def test_missing_data_folder_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_settings_out_of_range_are_named_before_any_work(tmp_path):
+    for setting, message in (
+        ("sample.guidance=nan", "sample.guidance must be a finite number in [0, inf), got nan"),
+        ("seg.batch=0", "seg.batch must be >= 1, got 0"),
+        ("histo.drop_prob=1.5", "histo.drop_prob must be a finite number in [0, 1], got 1.5"),
+        ("structure.lr=0", "structure.lr must be a finite number in (0, inf), got 0.0"),
+        ("prepare.stride=300", "prepare.stride (300) must not exceed prepare.patch_size (256)"),
+        ("sample.num=3", "sample.num (3) must be >= 4"),
+        ('seg.runs=[{name="a", real="subset", synthetic=false, epochs=0}]', "seg.runs[0].epochs must be >= 1, got 0"),
+    ):
+        result = _run(tmp_path / "out", "--set", setting, "--dry-run")
+        assert result.returncode == 2 and message in result.stderr, (setting, result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlapping_or_repeated_splits_are_refused(tmp_path):
+    data = tmp_path / "tiles"
+    for sub in ("images", "instance_maps"):
+        (data / sub).mkdir(parents=True)
+    (data / "train.txt").write_text("a\nb\nc\n")
+    for test, message in (("c\nd\n", "names 'c' also in"), ("d\nd\n", "names 'd' twice in it"), ("", "names no tile")):
+        (data / "test.txt").write_text(test)
+        splits = ("--set", "data.train_split='train.txt'", "--set", "data.test_split=['test.txt']")
+        result = _run(tmp_path / "out", "--data", str(data), *splits, "--dry-run")
+        assert result.returncode == 2 and message in result.stderr and "test.txt" in result.stderr, result.stderr
+
+
 def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path):
     missing = tmp_path / "resnet50.pth"
     result = _run(tmp_path / "out", "--set", f"seg.encoder_weights='{missing}'", "--dry-run")

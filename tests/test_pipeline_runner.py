@@ -4,7 +4,11 @@ stages that run at once (the pipeline end to end is in test_pipeline.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,87 @@ def test_stages_share_the_usable_cores_unless_threads_is_set(
     for name, threads in expected.items():
         assert f"threads {threads}\n" in (tmp_path / "logs" / f"{name}.log").read_text()
         assert json.loads((tmp_path / "stages" / f"{name}.json").read_text())["threads"] == threads
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    from pipeline_config import ConfigError
+    from pipeline_runner import _hold_lock
+
+    config = {"name": "stand-in", "out": str(tmp_path), "threads": 1, "parallel": 1}
+    stages = [Stage("only", [], commands=[_PRINT_THREADS])]
+    held = _hold_lock(tmp_path)  # as another run would (flock: per open file, so even in this process)
+    try:
+        with pytest.raises(ConfigError, match=f"is in use by another pipeline run \\(pid {os.getpid()}, started"):
+            run_pipeline(config, stages, progress=False)
+        assert not (tmp_path / "stages").exists()
+    finally:
+        held.close()
+    assert run_pipeline(config, stages, progress=False) == 0  # released: the next run goes ahead
+
+
+_RUNNER = """
+import sys
+sys.path.insert(0, {tools!r})
+from pipeline_runner import Stage, run_pipeline
+stage = Stage("long", [], commands=[[sys.executable, "-c", {child!r}]])
+sys.exit(run_pipeline({{"name": "t", "out": {out!r}, "threads": 1, "parallel": 1}}, [stage], progress=False))
+"""
+_CHILD = "import os, time; open({pid!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; only its reaping is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+def test_a_stopped_or_killed_runner_leaves_no_stage_running(tmp_path, signum):
+    """SIGINT to the runner alone (not its process group) and even SIGKILL end the child
+    at once: a rerun must never race a stage left running."""
+    pid_file = tmp_path / "child.pid"
+    script = _RUNNER.format(
+        tools=str(Path(__file__).resolve().parents[1] / "tools"),
+        child=_CHILD.format(pid=str(pid_file)),
+        out=str(tmp_path / "out"),
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and runner.poll() is None, "the stage never started"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+        t0 = time.monotonic()
+        runner.send_signal(signum)
+        runner.wait(timeout=30)
+        while _alive(child) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not _alive(child), f"the stage outlived its runner by {time.monotonic() - t0:.0f} s"
+        assert time.monotonic() - t0 < 10  # not after the stage's 120 s
+        if signum == signal.SIGINT:
+            assert runner.returncode == 130
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+def test_a_dry_run_shows_what_redo_would_rerun(tmp_path, capsys):
+    stages = [
+        Stage("left", [], commands=[_PRINT_THREADS]),
+        Stage("right", [], commands=[_PRINT_THREADS]),
+        Stage("after", ["left"], commands=[_PRINT_THREADS]),
+    ]
+    config = {"name": "stand-in", "out": str(tmp_path), "threads": 1, "parallel": 1}
+    assert run_pipeline(config, stages, progress=False) == 0
+    capsys.readouterr()
+    assert run_pipeline(config, stages, redo=["left"], dry_run=True, progress=False) == 0
+    states = {
+        line.split()[0]: line.split("[")[1].rstrip("]") for line in capsys.readouterr().out.splitlines() if "[" in line
+    }
+    assert states == {"left": "to run", "right": "done", "after": "to run"}
+    assert (tmp_path / "stages" / "left.json").is_file()  # a dry run removes nothing

@@ -8,6 +8,7 @@ names it (``ConfigError``), raised before any stage starts.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -206,10 +207,92 @@ def load_config(
     return config
 
 
+# (section, key, smallest allowed value) of the counts and sizes
+_AT_LEAST = [
+    ("data", "tiles", 2),
+    ("data", "tile_size", 1),
+    ("data", "test_tiles", 1),
+    ("prepare", "patch_size", 1),
+    ("prepare", "stride", 1),
+    ("structure", "steps", 1),
+    ("structure", "batch", 1),
+    ("structure", "save_every", 1),
+    ("histo", "pretrain_steps", 1),
+    ("histo", "finetune_steps", 0),
+    ("histo", "batch", 1),
+    ("histo", "save_every", 1),
+    ("sample", "num", 1),
+    ("sample", "steps", 1),
+    ("sample", "batch", 1),
+    ("seg", "batch", 1),
+    ("report", "pictures", 0),
+    ("launch", "nproc_per_node", 1),
+]
+# (section, key, low, high, low included, high included) of the real-valued settings
+_WITHIN = [
+    ("structure", "lr", 0.0, math.inf, False, False),
+    ("structure", "ema", 0.0, 1.0, True, False),
+    ("histo", "lr", 0.0, math.inf, False, False),
+    ("histo", "finetune_lr", 0.0, math.inf, False, False),
+    ("histo", "drop_prob", 0.0, 1.0, True, True),
+    ("histo", "ema", 0.0, 1.0, True, False),
+    ("sample", "guidance", 0.0, math.inf, True, False),
+    ("seg", "lr", 0.0, math.inf, False, False),
+]
+
+
+def synthetic_grid(config: dict[str, Any]) -> int:
+    """Synthetic pairs side by side (per axis) in one segmentation tile: enough to cover a
+    HoVer-Net input window at the tiles' resolution."""
+    from nudiff_postproc import PATCH_GEOMETRY
+    from nudiff_seg import PRESETS as SEG_PRESETS
+
+    geometry = PATCH_GEOMETRY[config["histo"]["preset"]]
+    window = SEG_PRESETS[config["seg"]["preset"]].input_size
+    return -(-window // (geometry.image_size * geometry.downscale))
+
+
+def _check_ranges(config: dict[str, Any], source: str) -> None:
+    for section, key, least in _AT_LEAST:
+        value = config[section][key]
+        if value < least:
+            raise ConfigError(f"{source}: {section}.{key} must be >= {least}, got {value}")
+    for section, key, low, high, low_in, high_in in _WITHIN:
+        value = config[section][key]
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (math.isfinite(value) and above and below):
+            span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"{source}: {section}.{key} must be a finite number in {span}, got {value}")
+    if config["prepare"]["stride"] > config["prepare"]["patch_size"]:
+        raise ConfigError(
+            f"{source}: prepare.stride ({config['prepare']['stride']}) must not exceed prepare.patch_size "
+            f"({config['prepare']['patch_size']}): the patches would leave gaps"
+        )
+    for i, run in enumerate(config["seg"]["runs"]):
+        if run["epochs"] < 1:
+            raise ConfigError(f"{source}: seg.runs[{i}].epochs must be >= 1, got {run['epochs']}")
+
+
+def _check_splits(folder: Path, train_split: str, test_splits: list[str], source: str) -> None:
+    """Split files name each tile once, and no tile is in both the training and the test set."""
+    seen: dict[str, str] = {}
+    for split in [train_split, *test_splits]:
+        names = (folder / split).read_text().split()
+        if not names:
+            raise ConfigError(f"{source}: split file '{folder / split}' names no tile")
+        for name in names:
+            if name in seen:
+                where = "twice in it" if seen[name] == split else f"also in '{folder / seen[name]}'"
+                raise ConfigError(f"{source}: split file '{folder / split}' names {name!r} {where}")
+            seen[name] = split
+
+
 def _check(config: dict[str, Any], source: str) -> None:
     from nudiff_postproc import PATCH_GEOMETRY
     from nudiff_seg import PRESETS as SEG_PRESETS
 
+    _check_ranges(config, source)
     data = config["data"]
     if data["source"] != "procedural":
         folder = Path(data["source"])
@@ -224,10 +307,10 @@ def _check(config: dict[str, Any], source: str) -> None:
                 raise ConfigError(f"{source}: split file '{folder / split}' not found")
         if bool(data["train_split"]) != any(data["test_split"]):
             raise ConfigError(f"{source}: give both data.train_split and data.test_split, or neither")
-    elif data["tiles"] <= data["test_tiles"] or data["test_tiles"] < 1:
-        raise ConfigError(
-            f"{source}: data.tiles ({data['tiles']}) must exceed data.test_tiles ({data['test_tiles']}) >= 1"
-        )
+        if data["train_split"]:
+            _check_splits(folder, data["train_split"], data["test_split"], source)
+    elif data["tiles"] <= data["test_tiles"]:
+        raise ConfigError(f"{source}: data.tiles ({data['tiles']}) must exceed data.test_tiles ({data['test_tiles']})")
     for section in ("structure", "histo"):
         if config[section]["preset"] not in PATCH_GEOMETRY:
             raise ConfigError(
@@ -253,6 +336,14 @@ def _check(config: dict[str, Any], source: str) -> None:
     names = [r["name"] for r in config["seg"]["runs"]]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"{source}: seg.runs must be a non-empty list with distinct names, got {names}")
+    if any(r["synthetic"] for r in config["seg"]["runs"]):
+        grid = synthetic_grid(config)
+        if config["sample"]["num"] < grid * grid:
+            raise ConfigError(
+                f"{source}: sample.num ({config['sample']['num']}) must be >= {grid * grid}: a "
+                f"{config['seg']['preset']} HoVer-Net window holds {grid}x{grid} synthetic pairs of the "
+                f"{config['histo']['preset']} preset, and fewer pairs give no synthetic training tile"
+            )
     for key in ("parallel",):
         if config[key] < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {config[key]}")

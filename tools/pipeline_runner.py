@@ -1,5 +1,9 @@
 """The pipeline's machinery: stages, their fingerprints and markers, and a runner that
-executes them as child processes, ``parallel`` at a time, resuming what a killed run left."""
+executes them as child processes, ``parallel`` at a time, resuming what a killed run left.
+
+One run at a time holds an output folder (a lock file in it); SIGTERM and SIGINT end the
+running children before the runner stops, and on Linux a child is also ended when the
+runner itself is killed (even by SIGKILL), so a rerun never races a stage left behind."""
 
 from __future__ import annotations
 
@@ -39,6 +43,50 @@ def cli(package: str, *args: Any) -> list[str]:
     return [sys.executable, "-m", f"{package}.cli", "--quiet", *[str(a) for a in args]]
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel send the child SIGTERM when the thread that
+    started it (the runner's, which waits for it) dies: Linux's ``PR_SET_PDEATHSIG``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the runner died before the call: nobody would stop us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
+
+
+def _hold_lock(out: Path) -> Any:
+    """Take ``OUT/.pipeline.lock`` for this process (released when it ends, however it
+    ends); a second run on the same folder is refused, naming the holder."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".pipeline.lock", "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "pid unknown"
+        handle.close()
+        raise ConfigError(
+            f"'{out}' is in use by another pipeline run ({holder}); wait for it to end or give another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 class Runner:
     """Runs stage commands as child processes with a given thread count, logging to a file;
     ``stop()`` ends every child (a failed stage or a signal)."""
@@ -60,7 +108,9 @@ class Runner:
             with self.lock:
                 if self.stopping:
                     raise RuntimeError(f"stage {stage}: stopped")
-                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                child = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_parent_death_signal()
+                )
                 self.children.add(child)
             code = child.wait()
             with self.lock:
@@ -148,7 +198,26 @@ def run_pipeline(
             raise ConfigError(f"unknown stage {name!r}; the stages are {names}")
     prints = fingerprints(stages)
     wanted = _upstream(stages, until) if until else set(names)
-    for name in sorted(_downstream(stages, set(redo)) & wanted):
+    redone = _downstream(stages, set(redo)) & wanted
+    lock = None if dry_run else _hold_lock(out)
+    try:
+        return _run_stages(config, stages, out, wanted, redone, prints, dry_run, progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_stages(
+    config: dict[str, Any],
+    stages: list[Stage],
+    out: Path,
+    wanted: set[str],
+    redone: set[str],
+    prints: dict[str, str],
+    dry_run: bool,
+    progress: bool,
+) -> int:
+    for name in sorted(redone):
         for path in next(s for s in stages if s.name == name).outputs:
             if not dry_run:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -157,7 +226,7 @@ def run_pipeline(
     done: set[str] = set()
     for s in stages:
         marker = _marker(out, s.name)
-        if s.name in wanted and marker.is_file():
+        if s.name in wanted and s.name not in redone and marker.is_file():  # a dry run shows --redo as to run
             recorded = json.loads(marker.read_text())
             if recorded.get("fingerprint") != prints[s.name]:
                 raise ConfigError(
@@ -201,13 +270,14 @@ def run_pipeline(
         _write_json(_marker(out, stage.name), record)
         return seconds
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(signum: int, frame: Any) -> None:
-        runner.stop()
+        runner.stop()  # before the pool's exit waits for the stages' threads
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     bar = _bar(len(todo), progress)
     failed: BaseException | None = None
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pipeline_config import synthetic_grid
 from pipeline_runner import Stage, cli
 
 Run = Callable[[list[str]], None]
@@ -127,18 +128,20 @@ def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:
         write_instance_map,
     )
     from nudiff_postproc._folders import list_files, read_structure
-    from nudiff_seg import PRESETS
 
     out = Path(config["out"])
     geometry = PATCH_GEOMETRY[config["histo"]["preset"]]
-    window = PRESETS[config["seg"]["preset"]].input_size
     side = geometry.image_size * geometry.downscale
-    grid = -(-window // side)
+    grid = synthetic_grid(config)
     src = out / "synthetic"
     tmp = _fresh(out / "synthetic-seg")
     files = list_files(src / "structures", (".npy",), "synthetic structure")
     names = sorted(files)
     groups = [names[i : i + grid * grid] for i in range(0, len(names) - grid * grid + 1, grid * grid)]
+    if not groups:
+        raise ValueError(
+            f"'{src}' holds {len(names)} synthetic pair(s); a segmentation tile needs {grid * grid} ({grid}x{grid})"
+        )
     for k, group in enumerate(groups):
         image = np.zeros((grid * side, grid * side, 3), np.uint8)
         inst = np.zeros((grid * side, grid * side), np.int32)
