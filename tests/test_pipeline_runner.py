@@ -122,7 +122,9 @@ def test_a_dry_run_shows_what_redo_would_rerun(tmp_path, capsys):
     capsys.readouterr()
     assert run_pipeline(config, stages, redo=["left"], dry_run=True, progress=False) == 0
     states = {
-        line.split()[0]: line.split("[")[1].rstrip("]") for line in capsys.readouterr().out.splitlines() if "[" in line
+        line.split()[0]: line.split("[")[1].split("]")[0]
+        for line in capsys.readouterr().out.splitlines()
+        if "[" in line
     }
     assert states == {"left": "to run", "right": "done", "after": "to run"}
     assert (tmp_path / "stages" / "left.json").is_file()  # a dry run removes nothing
