@@ -121,10 +121,7 @@ def test_a_dry_run_shows_what_redo_would_rerun(tmp_path, capsys):
     assert run_pipeline(config, stages, progress=False) == 0
     capsys.readouterr()
     assert run_pipeline(config, stages, redo=["left"], dry_run=True, progress=False) == 0
-    states = {
-        line.split()[0]: line.split("[")[1].split("]")[0]
-        for line in capsys.readouterr().out.splitlines()
-        if "[" in line
-    }
+    listing = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")]
+    states = {line.split()[0]: line.split("[")[1].split("]")[0] for line in listing}
     assert states == {"left": "to run", "right": "done", "after": "to run"}
     assert (tmp_path / "stages" / "left.json").is_file()  # a dry run removes nothing
