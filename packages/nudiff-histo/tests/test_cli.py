@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from nudiff_diffusion import TrainConfig, structures_to_tensor
+from nudiff_diffusion import RUN_STAMP, TrainConfig, structures_to_tensor
 from nudiff_histo import _sample as sample_module
 from nudiff_histo import build_pairs, paired_batch, pairs_to_rows
 from nudiff_histo.cli import main
@@ -125,7 +125,7 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(run, monkeypatch):
         _sample(run, killed)
     monkeypatch.setattr(sample_module, "write_image", original)
     assert len(list((killed / "images").iterdir())) == 4
-    assert not [p for p in killed.rglob("*") if p.name.startswith(".")]  # no partial files
+    assert [p.name for p in killed.rglob("*") if p.name.startswith(".")] == [RUN_STAMP]  # no partial files
     assert _sample(run, killed) == 0
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["drawn_now"] == 8 and manifest["this_rank"] == 12
@@ -175,7 +175,7 @@ def test_cond_drop_prob_is_checked():
         ("unlabelled", "no instance map"),
         ("sizes", "instance map"),
         ("channels", "(H, W, 3)"),
-        ("guidance", "must be >= 0"),
+        ("guidance", "must be a finite number >= 0"),
         ("structure-checkpoint", "not a histology checkpoint"),
     ],
 )

@@ -156,7 +156,12 @@ def test_train_predict_evaluate_round_trip_on_real_tiles(kumar, tmp_path, capsys
     scores = json.loads((tmp_path / "fidelity.json").read_text())
     assert scores["synthetic"]["images"] == len(names)
     assert json.dumps(scores["synthetic"]) == json.dumps(scores["real"])  # NaN-safe: a tiny model may find none
-    assert [f"{scores['real'][k]:.4f}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")] == lines[2].split()[2:]
+    # strict JSON: a metric undefined on every image (NaN on screen) is null in the file
+    shown = [
+        "nan" if scores["real"][k] is None else f"{scores['real'][k]:.4f}"
+        for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")
+    ]
+    assert shown == lines[2].split()[2:]
 
 
 def test_predict_works_on_a_whole_tile_larger_than_any_window(kumar, model, tmp_path):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from nudiff_diffusion import load_model, save_model
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
 from nudiff_structure.cli import main
 
@@ -176,3 +179,64 @@ def test_device_and_precision_flags(run, tmp_path, capsys, monkeypatch):
         for n in names
     )
     assert 0 < diff < 0.5, diff
+
+
+def _sample_args(checkpoint, out, **flags):
+    flags = {"num": "6", "batch": "4", "sampler": "ddim", "steps": "3", **flags}
+    return ["--quiet", "sample", "--checkpoint", str(checkpoint), "--out", str(out)] + [
+        arg for key, value in flags.items() for arg in (f"--{key}", value)
+    ]
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(_sample_args(run / "run", out)) == 0
+    before = sorted(p.name for p in (out / "structures").iterdir())
+    for flags, message in (
+        ({"sampler": "dpmpp2m"}, "was started with --sampler 'ddim', this resume gives 'dpmpp2m'"),
+        ({"steps": "4"}, "was started with --steps 3, this resume gives 4"),
+        ({"clip": "0"}, "was started with --clip 1.0, this resume gives None"),
+        ({"seed": "1"}, "was started with --seed 0, this resume gives 1"),
+    ):
+        assert main(_sample_args(run / "run", out, num="8", **flags)) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in (out / "structures").iterdir()) == before  # nothing added
+    other = tmp_path / "other-run"  # the same architecture and settings, other weights
+    shutil.copytree(run / "run", other)
+    model = load_model(other)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_model(other, model, diffusion=json.loads((other / "config.json").read_text())["diffusion"])
+    assert main(_sample_args(other, out, num="8")) == 2
+    assert "was started with the model (the weights' sha256) of --checkpoint / --engine" in capsys.readouterr().err
+    assert main(_sample_args(run / "run", out, num="8", batch="2")) == 0  # more samples, another batch: fine
+    assert len(list((out / "structures").iterdir())) == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "`steps` (--steps) must be an integer in [1, 1000], got 0"),
+        (["--clip", "nan"], "`clip` (--clip) must be finite > 0"),
+        (["--clip", "-1"], "`clip` (--clip) must be finite > 0"),
+    ],
+)
+def test_bad_sampling_settings_are_named_before_any_folder_is_made(run, tmp_path, capsys, extra, message):
+    out = tmp_path / "samples"
+    assert _sample(run, out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_training_again_into_a_run_needs_resume(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run / "run", copy)
+    args = ["--quiet", "train", "--data", str(run / "data"), "--out", str(copy), "--preset", "tiny-64"]
+    assert main([*args, "--steps", "2", "--batch", "2"]) == 2
+    assert "already holds a training run (checkpoints up to step_0000004); pass --resume" in capsys.readouterr().err
+    subset = tmp_path / "subset.txt"
+    subset.write_text("t0_r00000_c00000\n")
+    common = [*args, "--steps", "6", "--batch", "2", "--save-every", "2", "--resume"]
+    assert main([*common, "--subset", str(subset)]) == 2
+    err = capsys.readouterr().err
+    assert "was started with the patches of the data '" in err and "this resume gives '1 patches, names sha256" in err

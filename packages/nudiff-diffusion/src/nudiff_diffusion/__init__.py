@@ -1,7 +1,7 @@
 """nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers, UNet)."""
 
 from ._arrays import images_to_tensor, structures_to_tensor, tensor_to_images, tensor_to_structures
-from ._checkpoint import load_model, read_config, save_model
+from ._checkpoint import evaluating, load_model, read_config, save_model, weights_digest
 from ._config import PRESETS, UNetConfig
 from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
@@ -20,7 +20,15 @@ from ._onnx import (
     read_graph_config,
     write_graph_config,
 )
-from ._resume import check_resume_settings, read_train_state, refuse_train_state
+from ._resume import (
+    MODEL_FLAG,
+    RUN_STAMP,
+    check_resume_settings,
+    claim_output_folder,
+    names_digest,
+    read_train_state,
+    refuse_train_state,
+)
 from ._runs import (
     add_device_argument,
     add_evaluate_arguments,
@@ -43,7 +51,7 @@ from ._runtime import (
     resolve_device,
     warn_if_emulated_precision,
 )
-from ._sampling import EpsFn, gaussian_eps_fn, sample, sampling_timesteps
+from ._sampling import EpsFn, check_sampler_settings, gaussian_eps_fn, sample, sampling_timesteps
 from ._schedule import NoiseSchedule, space_timesteps
 from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
 from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
@@ -52,6 +60,13 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "names_digest",
+    "check_sampler_settings",
+    "MODEL_FLAG",
+    "RUN_STAMP",
+    "claim_output_folder",
+    "evaluating",
+    "weights_digest",
     "check_resume_settings",
     "read_train_state",
     "refuse_train_state",

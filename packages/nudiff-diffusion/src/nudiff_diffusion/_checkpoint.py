@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import torch
 from ._config import UNetConfig
 from ._unet import NormFactory, UNet
 
-__all__ = ["save_model", "load_model", "read_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_model", "load_model", "read_config", "weights_digest", "evaluating", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -30,6 +33,33 @@ def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for the body of a ``with``; afterwards every submodule has
+    its own mode again (a function given a model in training mode leaves it so)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short SHA-256 of a state dict (names, dtypes, shapes and values, in name order):
+    what identifies a model's weights across its checkpoint and the graphs exported from it.
+
+    Returns 16 hex digits. Checkpoints record it as ``weights_sha256`` in ``config.json``.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def save_model(
     directory: str | os.PathLike[str],
     model: UNet,
@@ -43,8 +73,14 @@ def save_model(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": _FORMAT, "unet": model.config.to_dict(), "diffusion": diffusion or {}, **(extra or {})}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = {
+        "format": _FORMAT,
+        "unet": model.config.to_dict(),
+        "diffusion": diffusion or {},
+        "weights_sha256": weights_digest(state),
+        **(extra or {}),
+    }
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": _FORMAT}))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return directory

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checkpoint import CONFIG_NAME, _atomic_write, read_json_object
+from ._checkpoint import CONFIG_NAME, _atomic_write, evaluating, read_json_object, weights_digest
 from ._guidance import GuidedRuntime, mix_guidance
 from ._unet import UNet
 
@@ -191,8 +191,7 @@ def export_graph(
         except ImportError as exc:
             raise RuntimeError("--slim needs onnxslim: pip install onnxslim") from exc
     tolerance = PARITY_TOLERANCE[precision] if tolerance is None else tolerance
-    module = module.eval()
-    graph = _Float16(module).eval() if precision == "float16" else module
+    graph = _Float16(module) if precision == "float16" else module
     batch = torch.export.Dim("batch", min=1, max=batch_max)
     specs = [{0: batch} if name in batched else None for name in example]
     params = list(inspect.signature(graph.forward).parameters.values())
@@ -200,7 +199,7 @@ def export_graph(
     # torch.export wants the specs of a forward(*args) grouped as the arguments are
     shapes = (*specs[: star[0]], tuple(specs[star[0] :])) if star else tuple(specs)
     tmp = path.parent / f".{path.name}.part"
-    with making_parents(path):
+    with evaluating(module), evaluating(graph), making_parents(path):  # the caller's module keeps its mode
         try:
             torch.onnx.export(
                 graph,
@@ -314,48 +313,49 @@ def export_onnx(
             "a guided graph needs a conditional model (`cond_channels` > 0): guidance mixes two conditions"
         )
     check_export_folder(path)
-    model = model.eval()
-    cfg = model.config
-    size = cfg.image_size
-    g = torch.Generator().manual_seed(0)
+    with evaluating(model):  # the caller's model keeps its mode
+        cfg = model.config
+        size = cfg.image_size
+        g = torch.Generator().manual_seed(0)
 
-    def feeds(n: int) -> dict[str, torch.Tensor]:
-        feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
-        if cond_channels:
-            feed["cond"] = torch.rand(n, cond_channels, size, size, generator=g) * 2 - 1
-        if layout == "guided":
-            feed["guidance_scale"] = torch.tensor([2.0])
-        return feed
+        def feeds(n: int) -> dict[str, torch.Tensor]:
+            feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
+            if cond_channels:
+                feed["cond"] = torch.rand(n, cond_channels, size, size, generator=g) * 2 - 1
+            if layout == "guided":
+                feed["guidance_scale"] = torch.tensor([2.0])
+            return feed
 
-    example = feeds(2)
-    module = _GuidedGraph(model) if layout == "guided" else _EpsGraph(model, bool(cond_channels))
-    worst = export_graph(
-        module,
-        path,
-        example,
-        batched=[n for n in example if n != "guidance_scale"],
-        batch_max=batch_max,
-        feeds=feeds,
-        opset=opset,
-        precision=precision,
-        tolerance=tolerance,
-        slim=slim,
-    )
-    return write_graph_config(
-        path,
-        {
-            "layout": layout,
-            "precision": precision,
-            "unet": cfg.to_dict(),
-            "diffusion": settings or {},
-            "inputs": list(example),
-            "cond_channels": cond_channels,
-            "batch_max": batch_max,
-            "opset": opset,
-            "slim": slim,
-            "max_abs_diff": worst,
-        },
-    )
+        example = feeds(2)
+        module = _GuidedGraph(model) if layout == "guided" else _EpsGraph(model, bool(cond_channels))
+        worst = export_graph(
+            module,
+            path,
+            example,
+            batched=[n for n in example if n != "guidance_scale"],
+            batch_max=batch_max,
+            feeds=feeds,
+            opset=opset,
+            precision=precision,
+            tolerance=tolerance,
+            slim=slim,
+        )
+        return write_graph_config(
+            path,
+            {
+                "layout": layout,
+                "precision": precision,
+                "unet": cfg.to_dict(),
+                "diffusion": settings or {},
+                "weights_sha256": weights_digest(model.state_dict()),
+                "inputs": list(example),
+                "cond_channels": cond_channels,
+                "batch_max": batch_max,
+                "opset": opset,
+                "slim": slim,
+                "max_abs_diff": worst,
+            },
+        )
 
 
 def providers_for(device: str | torch.device) -> list[str] | None:

@@ -136,7 +136,7 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
     """Parse ``argv`` and run the chosen command (``args.func``); bad input (ValueError,
-    TypeError, FileNotFoundError, NotImplementedError, and an engine that this machine cannot
+    TypeError, OSError, NotImplementedError, and an engine that this machine cannot
     run: ``EngineUnavailableError``) prints ``prog command: error: ...``
     and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``."""
     args = parser.parse_args(argv)
@@ -147,7 +147,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: s
 
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, EngineUnavailableError) as exc:
+    except (ValueError, TypeError, OSError, NotImplementedError, EngineUnavailableError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

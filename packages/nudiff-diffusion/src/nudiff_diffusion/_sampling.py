@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -10,7 +11,7 @@ import torch
 
 from ._schedule import NoiseSchedule
 
-__all__ = ["sample", "sampling_timesteps", "gaussian_eps_fn", "EpsFn"]
+__all__ = ["sample", "sampling_timesteps", "check_sampler_settings", "gaussian_eps_fn", "EpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["ddpm", "ddim", "dpmpp2m"]
@@ -94,6 +95,24 @@ def _randn(
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
+def check_sampler_settings(
+    method: str, steps: int, clip: float | Literal["dynamic"] | None, *, num_timesteps: int = 1000
+) -> None:
+    """Refuse a sampler, step count or x0 clip that :func:`sample` cannot use, with the
+    argument named (``--sampler``, ``--steps``, ``--clip``); commands call it before they
+    create any folder.
+    """
+    if method not in ("ddpm", "ddim", "dpmpp2m"):
+        raise ValueError(f"`method` (--sampler) must be 'ddpm', 'ddim' or 'dpmpp2m', got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"`steps` (--steps) must be an integer in [1, {num_timesteps}], got {steps!r}")
+    number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
+    if clip is not None and clip != "dynamic" and not (number and math.isfinite(clip) and clip > 0):
+        raise ValueError(
+            f"`clip` (--clip) must be finite > 0, 'dynamic' or None (0 on the command line: no clipping), got {clip!r}"
+        )
+
+
 def sample(
     eps_fn: EpsFn,
     *,
@@ -155,10 +174,9 @@ def sample(
     tensor of ``shape``
         The samples (``x0``).
     """
-    if method not in ("ddpm", "ddim", "dpmpp2m"):
-        raise ValueError(f"`method` must be 'ddpm', 'ddim' or 'dpmpp2m', got {method!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"`schedule` must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_sampler_settings(method, steps, clip, num_timesteps=schedule.num_timesteps)
     spacing = spacing or _DEFAULT_SPACING[method]
     kept = sampling_timesteps(schedule, steps, spacing)
     sub = schedule.subset(kept)  # betas recomputed from the kept alphas-bar

@@ -159,7 +159,7 @@ def _restore(
     given_train = dataclasses.asdict(config)
     check_resume_settings(run, saved.get("train", {}), given_train, may_change=_RESUMABLE_CHANGES, flags=_TRAIN_FLAGS)
     given = {k: v for k, v in settings.items() if k not in ("data", "init")}  # folders move; init only starts a run
-    check_resume_settings(run, saved.get("diffusion", {}), given)
+    check_resume_settings(run, saved.get("diffusion", {}), given, flags={"patches": "the patches of the data"})
     path = ckpt / STATE_NAME
     state = read_train_state(path, device=device, keys=("step", "model", "optimizer", "scaler"))
     try:
@@ -238,7 +238,9 @@ def train(
         (drawn per sample) are replaced by zeros, the "no condition" of classifier-free
         guidance.
     callback : callable, optional
-        ``callback(step, ema_model)`` after every checkpoint (sample grids, metrics).
+        ``callback(step, ema_model)`` after every checkpoint (sample grids, metrics), and
+        again for the checkpoint a resume starts from (a kill may have come between the two),
+        so it must replace, not append, what it writes for a step.
     diffusion : dict, optional
         Diffusion settings written to ``config.json`` (e.g. ``{"schedule": "linear",
         "num_timesteps": 1000}``); the exact betas are kept in ``train_state.pt``.
@@ -257,8 +259,13 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     start = 0
     settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise FileExistsError(
+            f"'{out}' already holds a training run (checkpoints up to {ckpt.name}); pass --resume to continue it "
+            "or choose another --out"
+        )
     if resume:
-        ckpt = latest_checkpoint(out)
         if ckpt is not None:
             start = _restore(ckpt, model, ema, optimizer, scaler, config, settings, device)
         if rank == 0:
@@ -284,6 +291,10 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
+    if start > 0 and rank == 0 and callback is not None and start < config.steps:
+        # a kill between the checkpoint and its callback would lose the callback's output for
+        # good: it runs again for the resumed checkpoint (callbacks replace what they wrote)
+        callback(start, ema)
     t_last, logged = time.perf_counter(), []
     for step in range(start, config.steps):
         g = _step_generator(config.seed, rank, step)

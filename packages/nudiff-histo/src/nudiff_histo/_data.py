@@ -24,7 +24,7 @@ from nudiff_postproc import (
     transform_instance_map,
 )
 from nudiff_postproc._folders import dataset_pairs, read_pair
-from nudiff_postproc._io import atomic_path
+from nudiff_postproc._io import atomic_path, read_npz_cache
 
 from ._model import PRESETS, HistoPreset
 
@@ -79,9 +79,9 @@ def build_pairs(
     ]
     key = hashlib.sha256(json.dumps([stat, asdict(g), "pairs-v1"]).encode()).hexdigest()[:16]
     cache_file = _cache_dir(folder) / f"pairs-{key}.npz"
-    if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as data:
-            return data["images"], data["instance_maps"], [str(n) for n in data["names"]]
+    cached = read_npz_cache(cache_file, ("images", "instance_maps", "names"))
+    if cached is not None:
+        return cached["images"], cached["instance_maps"], [str(n) for n in cached["names"]]
     images, maps, names = [], [], []
     for name, image_path, map_path in pairs:
         image, inst = read_pair(image_path, map_path)

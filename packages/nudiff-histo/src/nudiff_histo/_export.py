@@ -19,10 +19,12 @@ from nudiff_diffusion import (
     UNet,
     check_batch,
     check_export_folder,
+    evaluating,
     export_graph,
     making_parents,
     onnx_session,
     read_graph_config,
+    weights_digest,
     write_graph_config,
 )
 from torch import nn
@@ -116,73 +118,76 @@ def export_histo_onnx(
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"'{path}': the exported graph's name must end in .onnx")
-    model = model.eval()
-    cfg = model.config
-    size = cfg.image_size
-    layers = spade_layers(model)
-    names = _modulation_names(len(layers))
-    mod_graph = _ModulationGraph(layers).eval()
-    eps_graph = _ModulatedEpsGraph(model, layers).eval()
-    g = torch.Generator().manual_seed(0)
+    with evaluating(model):  # the caller's model keeps its mode
+        cfg = model.config
+        size = cfg.image_size
+        layers = spade_layers(model)
+        names = _modulation_names(len(layers))
+        mod_graph = _ModulationGraph(layers).eval()
+        eps_graph = _ModulatedEpsGraph(model, layers).eval()
+        g = torch.Generator().manual_seed(0)
 
-    def cond_feed(n: int) -> dict[str, torch.Tensor]:
-        return {"cond": torch.rand(n, COND_CHANNELS, size, size, generator=g) * 2 - 1}
+        def cond_feed(n: int) -> dict[str, torch.Tensor]:
+            return {"cond": torch.rand(n, COND_CHANNELS, size, size, generator=g) * 2 - 1}
 
-    def eps_feed(n: int) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            mods = mod_graph(cond_feed(n)["cond"])
-        feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
-        return {**feed, **dict(zip(names, mods, strict=True))}
+        def eps_feed(n: int) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                mods = mod_graph(cond_feed(n)["cond"])
+            feed = {"x": torch.randn(n, cfg.in_channels, size, size, generator=g), "t": torch.randint(1000, (n,))}
+            return {**feed, **dict(zip(names, mods, strict=True))}
 
-    modulation_path = path.with_name(f"{path.stem}.modulation.onnx")
-    common: dict[str, Any] = {
-        "batch_max": batch_max,
-        "opset": opset,
-        "precision": precision,
-        "tolerance": tolerance,
-        "slim": slim,
-    }
-    check_export_folder(path)
-    # both graphs are exported and checked under hidden names and renamed together: a
-    # failure of the second leaves neither (nor a modulation graph beside an old config)
-    pending = {final: final.with_name(f".{final.name}.pending") for final in (modulation_path, path)}
-    with making_parents(path):
-        try:
-            worst_mod = export_graph(
-                mod_graph,
-                pending[modulation_path],
-                cond_feed(2),
-                batched=["cond"],
-                feeds=cond_feed,
-                output_names=names,
-                **common,
-            )
-            example = eps_feed(2)
-            worst_eps = export_graph(eps_graph, pending[path], example, batched=list(example), feeds=eps_feed, **common)
-            for final, tmp in pending.items():
-                os.replace(tmp, final)
-        finally:
-            for tmp in pending.values():
-                tmp.unlink(missing_ok=True)
-    return write_graph_config(
-        path,
-        {
-            "layout": "modulated",
-            "modulation_graph": modulation_path.name,
-            "modulations": names,
-            "precision": precision,
-            "unet": cfg.to_dict(),
-            "diffusion": settings or {},
-            "inputs": ["x", "t", "cond"],
-            "cond_channels": COND_CHANNELS,
+        modulation_path = path.with_name(f"{path.stem}.modulation.onnx")
+        common: dict[str, Any] = {
             "batch_max": batch_max,
             "opset": opset,
+            "precision": precision,
+            "tolerance": tolerance,
             "slim": slim,
-            "max_abs_diff": max(worst_mod, worst_eps),
-            "max_abs_diff_modulation": worst_mod,
-            "max_abs_diff_eps": worst_eps,
-        },
-    )
+        }
+        check_export_folder(path)
+        # both graphs are exported and checked under hidden names and renamed together: a
+        # failure of the second leaves neither (nor a modulation graph beside an old config)
+        pending = {final: final.with_name(f".{final.name}.pending") for final in (modulation_path, path)}
+        with making_parents(path):
+            try:
+                worst_mod = export_graph(
+                    mod_graph,
+                    pending[modulation_path],
+                    cond_feed(2),
+                    batched=["cond"],
+                    feeds=cond_feed,
+                    output_names=names,
+                    **common,
+                )
+                example = eps_feed(2)
+                worst_eps = export_graph(
+                    eps_graph, pending[path], example, batched=list(example), feeds=eps_feed, **common
+                )
+                for final, tmp in pending.items():
+                    os.replace(tmp, final)
+            finally:
+                for tmp in pending.values():
+                    tmp.unlink(missing_ok=True)
+        return write_graph_config(
+            path,
+            {
+                "layout": "modulated",
+                "modulation_graph": modulation_path.name,
+                "modulations": names,
+                "precision": precision,
+                "unet": cfg.to_dict(),
+                "diffusion": settings or {},
+                "weights_sha256": weights_digest(model.state_dict()),
+                "inputs": ["x", "t", "cond"],
+                "cond_channels": COND_CHANNELS,
+                "batch_max": batch_max,
+                "opset": opset,
+                "slim": slim,
+                "max_abs_diff": max(worst_mod, worst_eps),
+                "max_abs_diff_modulation": worst_mod,
+                "max_abs_diff_eps": worst_eps,
+            },
+        )
 
 
 class _Modulations:

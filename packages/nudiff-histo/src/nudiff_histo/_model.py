@@ -185,7 +185,12 @@ def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.d
             f"'{directory}' is not a histology checkpoint (its config.json has diffusion.kind="
             f"{settings.get('kind')!r}, expected 'histo'); a structure model cannot paint images"
         )
-    hidden = int(settings["spade_hidden"])
+    hidden = settings.get("spade_hidden")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(
+            f"'{Path(directory) / 'config.json'}': diffusion.spade_hidden must be a positive integer (the SPADE "
+            f"layers' width), got {hidden!r}"
+        )
     return load_model(directory, norm_factory=lambda ch: SpadeNorm(ch, hidden), device=device)
 
 

@@ -3,10 +3,22 @@ step, with the SPADE modulation computed once per batch."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from nudiff_diffusion import NoiseSchedule, sample
 
 __all__ = ["paint_images"]
+
+
+def check_guidance(guidance: float) -> None:
+    """Refuse a classifier-free guidance scale that is not a finite number >= 0 (``--guidance``)."""
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not (math.isfinite(guidance) and guidance >= 0)
+    ):
+        raise ValueError(f"`guidance` (--guidance) must be a finite number >= 0, got {guidance!r}")
 
 
 def paint_images(
@@ -47,8 +59,13 @@ def paint_images(
     -------
     (N, 3, s, s) float32 tensor in [-clip, clip]
     """
-    if not guidance >= 0:
-        raise ValueError(f"`guidance` must be >= 0, got {guidance}")
+    check_guidance(guidance)
+    size = runtime.image_size
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or tuple(cond.shape[1:]) != (3, size, size):
+        got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+        raise ValueError(f"`cond` must be (N, 3, {size}, {size}) structures for this {size} px model, got {got}")
+    if not torch.isfinite(cond).all():
+        raise ValueError(f"`cond` holds {int((~torch.isfinite(cond)).sum())} NaN or inf value(s); expected [-1, 1]")
     n = cond.shape[0]
     null = torch.zeros_like(cond)
     eps_fn = runtime.guided(cond, null, guidance, batched=batched_guidance)

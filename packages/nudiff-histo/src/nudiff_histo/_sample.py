@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import initial_noise, shard_indices, tensor_to_images, tensor_to_structures
+from nudiff_diffusion import (
+    MODEL_FLAG,
+    check_sampler_settings,
+    claim_output_folder,
+    initial_noise,
+    shard_indices,
+    tensor_to_images,
+    tensor_to_structures,
+)
 from nudiff_postproc import (
     outline_overlay,
     picture_grid,
@@ -22,7 +30,7 @@ from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path
 
 from ._data import cut_patches, encode_condition
 from ._model import PRESETS, HistoPreset
-from ._paint import paint_images
+from ._paint import check_guidance, paint_images
 
 __all__ = ["sample_histology", "read_conditions"]
 
@@ -97,19 +105,36 @@ def sample_histology(
     and ``preview.png`` (images with the instance outlines). Rank ``r`` of ``k`` paints the
     names at sorted positions ``i % k == r``; each image starts from its own noise (seed,
     position) and is written last, so a rerun skips finished names and a killed run resumes
-    without loss or duplicates.
+    without loss or duplicates. The folder remembers the model (its weights' digest), the
+    structures folder and the sampling settings it was started with (``.nudiff-run.json``):
+    a rerun with others is refused, naming the flag, rather than mixing two runs' images.
     """
     shard_indices(0, rank, world_size)  # checks the shard before any work
     if batch < 1:
         raise ValueError(f"`batch` must be >= 1, got {batch}")
-    if not guidance >= 0:
-        raise ValueError(f"`guidance` must be >= 0, got {guidance}")
+    check_guidance(guidance)
+    check_sampler_settings(sampler, steps, 1.0)
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        raise ValueError(f"`num` (--num) must be an integer >= 1 or None (every structure), got {num!r}")
     preset = _preset_of(runtime)
     conditions = read_conditions(structures_dir, preset)
     names = sorted(conditions)[:num] if num is not None else sorted(conditions)
     if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
         runtime.check_sampling_batch(min(batch, max(1, len(names))), guided=True)
-    out = Path(out_dir)
+    if Path(out_dir).resolve() == Path(structures_dir).resolve():
+        raise ValueError(
+            f"`--out` '{out_dir}' is the --structures folder: painting there would overwrite its structures; "
+            "give another --out"
+        )
+    settings = {
+        "model": getattr(runtime, "config", {}).get("weights_sha256"),
+        "structures": str(Path(structures_dir).resolve()),
+        "guidance": guidance,
+        "sampler": sampler,
+        "steps": steps,
+        "seed": seed,
+    }
+    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     mine = shard_indices(len(names), rank, world_size)

@@ -12,6 +12,7 @@ from nudiff_diffusion import (
     NoiseSchedule,
     TrainConfig,
     UNet,
+    names_digest,
     read_config,
     tensor_to_images,
     tensor_to_structures,
@@ -91,11 +92,9 @@ def train_histo_model(
     rows = pairs_to_rows(images[keep], maps[keep])
     torch.manual_seed(config.seed)
     if init is not None:
-        init_config = read_config(init)
-        if init_config["diffusion"].get("histo_preset") != preset:
-            raise ValueError(
-                f"--init '{init}' is a {init_config['diffusion'].get('histo_preset')!r} model, not {preset!r}"
-            )
+        init_preset = read_config(init).get("diffusion", {}).get("histo_preset")
+        if init_preset != preset:
+            raise ValueError(f"--init '{init}' is a {init_preset!r} histology model, not {preset!r}")
         model = load_histo_model(init).train()
     else:
         model = build_histo_unet(preset, **(model_overrides or {}))
@@ -117,6 +116,7 @@ def train_histo_model(
         cond_drop_prob=config.cond_drop_prob,
         init=None if init is None else str(init),
         holdout=[names[i] for i in held],
+        patches=names_digest(names, "patches"),  # what a resume must train on, wherever the folder moves
     )
     return train(
         model,

@@ -58,10 +58,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(value: str) -> float:
-    v = float(value)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+def _guidance(value: str) -> float:
+    from ._paint import check_guidance
+
+    try:
+        v = float(value)
+        check_guidance(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}") from None
     return v
 
 
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder of `nudiff-structure sample`, or a dataset folder of real instance maps",
     )
     add_sampling_arguments(p, batch=8, what="images (the UNet sees twice as many)")
-    p.add_argument("--guidance", type=_non_negative, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=_guidance, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--num", type=int, help="paint only the first NUM structures (default: all)")
     p.set_defaults(func=_cmd_sample)
 

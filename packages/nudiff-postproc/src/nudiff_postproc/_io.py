@@ -37,6 +37,22 @@ _ID_LIMITS = (
 )
 
 
+def read_npz_cache(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays ``keys`` of a cache file written with ``np.savez``, or None when the file
+    is absent or unreadable (truncated, corrupt, missing a key): the caller then rebuilds
+    it, and its atomic write replaces the broken one."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in keys}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` when

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nudiff_diffusion import evaluating
 
 from ._resnet import ResNet, load_resnet_weights, resnet18, resnet50
 
@@ -51,7 +52,7 @@ def patch_embeddings(images: np.ndarray, model: ResNet, *, batch: int = 32) -> n
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):  # batch statistics must not move: the caller's model keeps its mode
         for start in range(0, len(images), batch):
             x = torch.from_numpy(images[start : start + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
             out.append(model.features((x - mean) / std).cpu().numpy())

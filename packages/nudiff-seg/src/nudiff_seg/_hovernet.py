@@ -370,7 +370,14 @@ def save_hovernet(directory: str | os.PathLike[str], model: HoVerNet, *, extra: 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
-    config = {"format": FORMAT, "hovernet": model.config.to_dict(), **(extra or {})}
+    from nudiff_diffusion import weights_digest
+
+    config = {
+        "format": FORMAT,
+        "hovernet": model.config.to_dict(),
+        "weights_sha256": weights_digest(state),
+        **(extra or {}),
+    }
     with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._hovernet import HoVerNet, HoVerNetConfig, load_hovernet
 
-__all__ = ["export_hovernet_onnx", "OnnxHoVerNet", "load_engine"]
+__all__ = ["export_hovernet_onnx", "OnnxHoVerNet", "load_engine", "model_digest"]
 
 GRAPH_KIND = "hovernet"
 
@@ -77,7 +77,13 @@ def export_hovernet_onnx(
     )
     onnx_tools.write_graph_config(
         path,
-        {"kind": GRAPH_KIND, "hovernet": model.config.to_dict(), "batch_max": batch_max, "checkpoint": str(checkpoint)},
+        {
+            "kind": GRAPH_KIND,
+            "hovernet": model.config.to_dict(),
+            "batch_max": batch_max,
+            "checkpoint": str(checkpoint),
+            "weights_sha256": onnx_tools.weights_digest(model.state_dict()),
+        },
     )
     return worst
 
@@ -92,15 +98,34 @@ class OnnxHoVerNet:
         config = onnx_tools.read_graph_config(self.path)
         if config.get("kind") != GRAPH_KIND:
             raise ValueError(f"'{self.path}' is a {config.get('kind', config.get('layout'))!r} graph, not a HoVer-Net")
-        self.config = HoVerNetConfig.from_dict(config["hovernet"])
-        self.batch_max = int(config["batch_max"])
+        try:
+            self.config = HoVerNetConfig.from_dict(config["hovernet"])
+            self.batch_max = int(config["batch_max"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"'{self.path.with_name('config.json')}' is not a HoVer-Net graph config ({exc})") from exc
+        self.weights_sha256 = config.get("weights_sha256")
         self._check_batch = onnx_tools.check_batch
         self.session = onnx_tools.onnx_session(self.path)
+        size = self.config.input_size
+        shape = self.session.get_inputs()[0].shape  # [batch, 3, S, S]; the batch axis is named
+        if list(shape[1:]) != [3, size, size]:
+            raise ValueError(
+                f"'{self.path}' takes images of shape {shape[1:]}, but its config.json describes a {size} px "
+                f"{self.config.mode!r} HoVer-Net; export the graph and its config together again"
+            )
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_batch(self.path, images.shape[0], self.batch_max)
         np_logits, hv = self.session.run(None, {"images": np.ascontiguousarray(images.cpu().numpy(), np.float32)})
         return {"np": torch.from_numpy(np_logits), "hv": torch.from_numpy(hv)}
+
+
+def model_digest(model: HoVerNet | OnnxHoVerNet) -> str | None:
+    """The weights' digest (``nudiff_diffusion.weights_digest``) of a model or of the
+    checkpoint a graph was exported from (None for graphs exported before it was recorded)."""
+    if isinstance(model, OnnxHoVerNet):
+        return model.weights_sha256
+    return _onnx_tools().weights_digest(model.state_dict())
 
 
 def load_engine(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> HoVerNet | OnnxHoVerNet:

@@ -9,6 +9,7 @@ stitched, and cropped back. The stitched ``[probability, h, v]`` map goes throug
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nudiff_diffusion import evaluating
 from nudiff_postproc import (
     evaluate,
     instances_from_structure,
@@ -64,11 +66,8 @@ def predict_structure(model: HoVerNet | OnnxHoVerNet, image: np.ndarray, *, batc
     origins = [(i * small, j * small) for i in range(rows) for j in range(cols)]
     canvas = np.empty((rows * small, cols * small, 3), np.float32)
     is_torch = isinstance(model, torch.nn.Module)
-    was_training = is_torch and model.training
     device = next(model.parameters()).device if is_torch else torch.device("cpu")
-    if is_torch:
-        model.eval()
-    try:
+    with evaluating(model) if is_torch else contextlib.nullcontext():
         for start in range(0, len(origins), batch):
             chunk = origins[start : start + batch]
             x = np.stack([padded[r : r + big, c : c + big] for r, c in chunk])
@@ -78,9 +77,6 @@ def predict_structure(model: HoVerNet | OnnxHoVerNet, image: np.ndarray, *, batc
             pred = torch.cat([prob, out["hv"].float()], dim=1).permute(0, 2, 3, 1).cpu().numpy()
             for (r, c), p in zip(chunk, pred, strict=True):
                 canvas[r : r + small, c : c + small] = p
-    finally:
-        if is_torch:
-            model.train(was_training)
     return canvas[:h, :w].copy()
 
 
@@ -109,6 +105,17 @@ def write_prediction(out: str | os.PathLike[str], name: str, image: np.ndarray, 
     outline overlay PNG, each atomically; returns the paths."""
     import json
 
+    from nudiff_postproc._validate import as_instance_map
+
+    # every check before the first file: a bad call leaves nothing behind
+    inst = as_instance_map(inst, "inst")
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        got = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}"
+        raise ValueError(f"`image` must be an (H, W, 3) uint8 RGB array, got {got}")
+    if image.shape[:2] != inst.shape:
+        raise ValueError(f"`image` is {image.shape[:2]} but `inst` is {inst.shape}; they must be the same size")
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"`name` must be a plain file stem (no folders, not hidden), got {name!r}")
     fmt = ".png" if int(inst.max(initial=0)) <= 65535 else ".tif"
     paths = prediction_paths(out, name, fmt)
     for p in paths.values():

@@ -19,7 +19,6 @@ synthetic images: anything else is refused, naming the flag.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from nudiff_diffusion import check_resume_settings, read_train_state, refuse_train_state
+from nudiff_diffusion import check_resume_settings, names_digest, read_train_state, refuse_train_state
 
 from ._data import Augment, MixedBatches, Tiles
 from ._hovernet import HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
@@ -121,10 +120,7 @@ _FLAG_NAMES = {"real_images": "the images of --real (and --subset)", "synthetic_
 
 def _image_set(tiles: Tiles | None) -> str | None:
     """The images a run trains on, as one comparable string (count and a digest of the names)."""
-    if tiles is None:
-        return None
-    digest = hashlib.sha256("\n".join(tiles.names).encode()).hexdigest()[:16]
-    return f"{len(tiles)} images, names sha256 {digest}"
+    return None if tiles is None else names_digest(tiles.names, "images")
 
 
 def _check_finite(model: HoVerNet, where: str) -> None:

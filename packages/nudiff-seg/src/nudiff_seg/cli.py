@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -75,17 +75,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from nudiff_diffusion import MODEL_FLAG, claim_output_folder
     from nudiff_postproc._folders import IMAGE_SUFFIXES, list_files
     from tqdm.auto import tqdm
 
     from ._data import read_rgb
-    from ._onnx import load_engine
+    from ._onnx import load_engine, model_digest
     from ._predict import predict_instances, prediction_paths, write_prediction
 
     if bool(args.checkpoint) == bool(args.engine):
         raise ValueError("give either --checkpoint RUN (PyTorch) or --engine model.onnx (ONNX Runtime)")
     model = load_engine(args.engine or args.checkpoint, device=_device(args))
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
+    # the maps already in --out are skipped: only if this model made them
+    claim_output_folder(args.out, {"model": model_digest(model)}, flags=MODEL_FLAG)
     todo = [
         n
         for n in images
@@ -140,8 +143,17 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
         from nudiff_postproc._io import atomic_path
 
         with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(scores, indent=2, allow_nan=True) + "\n")
+            tmp.write_text(json.dumps(_nan_to_null(scores), indent=2, allow_nan=False) + "\n")
     return 0
+
+
+def _nan_to_null(value: Any) -> Any:
+    """NaN (a metric undefined on every image) as JSON's null: strict parsers refuse NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    return value
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -259,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retain_freed_memory()  # PyTorch's large CPU tensors: no page faults on every reuse
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as exc:
         print(f"nudiff-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from nudiff_postproc import (
     transform_structure,
 )
 from nudiff_postproc._folders import list_files
-from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path
+from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path, read_npz_cache
 
 __all__ = [
     "StructurePreset",
@@ -99,9 +99,9 @@ def build_structures(
     else:  # read-only data (a shared folder): the user's cache directory
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nudiff" / "structures"
     cache_file = cache / f"structures-{key}.npz"
-    if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as data:
-            structures, names = data["structures"], [str(n) for n in data["names"]]
+    cached = read_npz_cache(cache_file, ("structures", "names"))
+    if cached is not None:
+        structures, names = cached["structures"], [str(n) for n in cached["names"]]
     else:
         chunks, names = [], []
         for tile, path in files.items():
@@ -119,6 +119,8 @@ def build_structures(
             np.savez(fh, structures=structures, names=np.array(names))
     if subset is not None:
         wanted = [line.strip() for line in Path(subset).read_text().splitlines() if line.strip()]
+        if not wanted:
+            raise ValueError(f"subset '{subset}' names no patch; expected one name per line")
         index = {n: i for i, n in enumerate(names)}
         missing = [n for n in wanted if n not in index]
         if missing:

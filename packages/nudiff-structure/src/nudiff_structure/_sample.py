@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import NoiseSchedule, initial_noise, sample, shard_indices
+from nudiff_diffusion import (
+    MODEL_FLAG,
+    NoiseSchedule,
+    check_sampler_settings,
+    claim_output_folder,
+    initial_noise,
+    sample,
+    shard_indices,
+)
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
 from nudiff_postproc._io import atomic_path
 
@@ -45,11 +53,14 @@ def sample_structures(
     ``manifest.json`` (rank 0; ``manifest-rankR.json`` on other ranks). Names come from the
     seed and the index, and rank ``r`` of ``k`` takes the indices ``i`` with ``i % k == r``:
     a rerun skips what exists, so a killed run resumes without losing or duplicating
-    anything, and shards need no coordination. Each sample starts from its own noise, so a
-    deterministic sampler (``ddim``, ``dpmpp2m``) gives the same structure for an index
-    whatever the batch size or the number of ranks (up to float rounding: batched kernels
-    round differently for other batch sizes, by about 1e-7). ``clip`` bounds the predicted x0 (the
-    structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
+    anything, and shards need no coordination. The folder remembers the model (its weights'
+    digest) and the sampling settings it was started with (``.nudiff-run.json``): a rerun
+    with others is refused, naming the flag, rather than mixing two runs' samples. Each
+    sample starts from its own noise, so a deterministic sampler (``ddim``, ``dpmpp2m``)
+    gives the same structure for an index whatever the batch size or the number of ranks (up
+    to float rounding: batched kernels round differently for other batch sizes, by about
+    1e-7). ``clip`` bounds the predicted x0 (the structures live in [-1, 1]; without it an
+    imperfect model's samples drift far outside).
     ``scale``: post-process at this many times the structures' size (default: the
     checkpoint preset's downscale factor, so that HoVer-Net's pixel-sized filters see
     nuclei of the size they were made for; see ``nudiff_postproc.instances_from_structure``).
@@ -59,9 +70,18 @@ def sample_structures(
     mine = shard_indices(num, rank, world_size)
     if num < 1 or batch < 1:
         raise ValueError(f"`num` and `batch` must be >= 1, got {num} and {batch}")
+    check_sampler_settings(sampler, steps, clip)
     if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
         runtime.check_sampling_batch(min(batch, max(1, len(mine))))
-    out = Path(out_dir)
+    settings = {
+        "model": getattr(runtime, "config", {}).get("weights_sha256"),
+        "sampler": sampler,
+        "steps": steps,
+        "clip": clip,
+        "seed": seed,
+        "postprocess_scale": scale,
+    }
+    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
     todo = [

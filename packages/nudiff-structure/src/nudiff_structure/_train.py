@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, sample, train
+from nudiff_diffusion import NoiseSchedule, TrainConfig, UNet, UNetConfig, names_digest, sample, train
 from nudiff_postproc import (
     instances_from_structures,
     morphology_distance,
@@ -18,6 +18,7 @@ from nudiff_postproc import (
     structure_grid,
     write_image,
 )
+from nudiff_postproc._io import atomic_path
 
 from ._data import PRESETS, build_structures, dihedral_augment, from_model_output, to_model_input
 
@@ -75,7 +76,7 @@ def train_structure_model(
     if preset not in PRESETS:
         raise ValueError(f"unknown structure preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    structures, _ = build_structures(data_dir, preset, subset=subset)
+    structures, names = build_structures(data_dir, preset, subset=subset)
     data = to_model_input(structures)
     rng = np.random.default_rng(config.seed)
     reference = structures[rng.choice(len(structures), size=min(len(structures), 256), replace=False)]
@@ -89,12 +90,14 @@ def train_structure_model(
         write_image(out / "previews" / f"step_{step:07d}.png", structure_grid(s, inst))
         distance = morphology_distance(real_stats, morphology_stats(inst, s, centre="nearest", min_size=p.min_size))
         path = out / "morphology.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow(["step", *distance])
-            writer.writerow([step, *(f"{v:.4f}" for v in distance.values())])
+        rows = [["step", *distance]]
+        if path.exists():
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+        rows = [r for r in rows if r and r[0] != str(step)]  # a resume redoes its checkpoint's row
+        rows.append([str(step), *(f"{v:.4f}" for v in distance.values())])
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
 
     return train(
         model,
@@ -113,5 +116,6 @@ def train_structure_model(
             "structure_preset": preset,
             "preset": dataclasses.asdict(p),
             "data": str(data_dir),
+            "patches": names_digest(names, "patches"),  # what a resume must train on, wherever the folder moves
         },
     )
