@@ -24,6 +24,7 @@ from nudiff_diffusion import (
     load_denoiser,
     sample,
     save_model,
+    weights_digest,
 )
 from nudiff_diffusion.testing import perturbed_copy
 
@@ -31,10 +32,12 @@ from nudiff_diffusion.testing import perturbed_copy
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    model = perturbed_copy(UNet(UNetConfig.preset("tiny-64", image_size=32))).eval()
+    model = perturbed_copy(UNet(UNetConfig.preset("tiny-64", image_size=32))).train()
     root = tmp_path_factory.mktemp("onnx")
     config = export_onnx(model, root / "graph" / "model.onnx", batch_max=8, settings={"kind": "structure"})
-    return root, model, config
+    assert all(m.training for m in model.modules())  # exported in eval mode; the caller's model keeps its own
+    assert config["weights_sha256"] == weights_digest(model.state_dict())  # the identity of the weights
+    return root, model.eval(), config
 
 
 def test_export_matches_pytorch(exported):
@@ -77,7 +80,9 @@ def test_larger_batches_than_exported_are_refused(exported):
 
 def test_float16_graph_stays_within_its_bar_and_says_so(exported, tmp_path):
     _, model, _ = exported
-    config = export_onnx(model, tmp_path / "model.onnx", batch_max=4, precision="float16")
+    config = export_onnx(model.train(), tmp_path / "model.onnx", batch_max=4, precision="float16")
+    assert all(m.training for m in model.modules())  # the caller's model keeps its mode
+    model.eval()
     assert config["precision"] == "float16" and 0 < config["max_abs_diff"] <= PARITY_TOLERANCE["float16"]
     graph = onnx.load(str(tmp_path / "model.onnx"))
     types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -243,3 +244,38 @@ def test_conditional_training_resumes_exactly(tmp_path):
     resumed = run(tmp_path / "parts", 6, True)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_resume_reruns_the_callback_of_its_checkpoint_and_a_fresh_run_needs_resume(tmp_path):
+    """A kill between checkpoint 2 and its callback (a preview, a metrics row) would lose
+    that output for good: the resume calls back for step 2 first."""
+    config = TrainConfig(steps=4, batch_size=2, save_every=2)
+    calls = []
+    train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, steps=2), progress=False)
+    train(
+        _model(),
+        _data(),
+        SCHEDULE,
+        tmp_path,
+        config,
+        resume=True,
+        progress=False,
+        callback=lambda s, m: calls.append(s),
+    )
+    assert calls == [2, 4]
+    with pytest.raises(FileExistsError, match="already holds a training run \\(checkpoints up to step_0000004\\)"):
+        train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
+
+
+def test_an_output_folder_remembers_its_settings(tmp_path):
+    from nudiff_diffusion import RUN_STAMP, claim_output_folder
+
+    settings = {"sampler": "ddim", "steps": 3, "clip": None, "scale": (1, 2)}
+    assert claim_output_folder(tmp_path / "out", settings) == tmp_path / "out"
+    assert json.loads((tmp_path / "out" / RUN_STAMP).read_text())["scale"] == [1, 2]
+    claim_output_folder(tmp_path / "out", dict(settings))  # the same settings: a resume
+    with pytest.raises(ValueError, match="was started with --steps 3, this resume gives 4"):
+        claim_output_folder(tmp_path / "out", {**settings, "steps": 4})
+    claim_output_folder(tmp_path / "out", {**settings, "steps": 4}, may_change=("steps",))
+    with pytest.raises(ValueError, match="was started with the sampler 'ddim'"):
+        claim_output_folder(tmp_path / "out", {**settings, "sampler": "ddpm"}, flags={"sampler": "the sampler"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -247,3 +248,80 @@ def test_cuda_only_options_are_refused_on_the_cpu(run, tmp_path, capsys, monkeyp
     assert _sample(run, tmp_path / "o", "--device", "cuda") == 2
     assert "asks for a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys):
+    out = tmp_path / "painted"
+    assert _sample(run, out, "--num", "3") == 0
+    before = sorted(p.name for p in (out / "images").iterdir())
+    for extra, message in (
+        (["--guidance", "3"], "was started with --guidance 2.0, this resume gives 3.0"),
+        (["--steps", "4"], "was started with --steps 3, this resume gives 4"),
+        (["--seed", "2"], "was started with --seed 0, this resume gives 2"),
+    ):
+        assert _sample(run, out, "--num", "6", *extra) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in (out / "images").iterdir()) == before  # nothing added
+    assert _sample(run, out, "--num", "6", "--batch", "2") == 0  # more images, another batch: fine
+    assert len(list((out / "images").iterdir())) == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num", "0"], "`num` (--num) must be an integer >= 1 or None (every structure), got 0"),
+        (["--num", "-1"], "`num` (--num) must be an integer >= 1"),
+        (["--steps", "0"], "`steps` (--steps) must be an integer in [1, 1000], got 0"),
+        (["--sampler", "euler"], "`method` (--sampler) must be 'ddpm', 'ddim' or 'dpmpp2m', got 'euler'"),
+    ],
+)
+def test_bad_sampling_settings_are_named_before_any_folder_is_made(run, tmp_path, capsys, extra, message):
+    if extra[0] == "--sampler":  # argparse knows the samplers
+        with pytest.raises(SystemExit):
+            _sample(run, tmp_path / "o", *extra)
+        return
+    assert _sample(run, tmp_path / "o", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_guidance_must_be_finite(run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _sample(run, tmp_path / "o", "--guidance", "inf")
+    assert "must be a finite number >= 0, got 'inf'" in capsys.readouterr().err
+
+
+def test_painting_into_the_structures_folder_is_refused(run, tmp_path, capsys):
+    structures = tmp_path / "structures-run"
+    shutil.copytree(run / "pairs", structures)
+    before = {p: p.read_bytes() for p in structures.rglob("*") if p.is_file()}
+    assert _sample(run, structures, "--structures", str(structures)) == 2
+    assert "is the --structures folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in structures.rglob("*") if p.is_file()} == before
+
+
+def test_paint_images_checks_its_conditions(run):
+    from nudiff_histo import load_histo_denoiser, paint_images
+
+    runtime = load_histo_denoiser(run / "run")
+    with pytest.raises(ValueError, match=r"`cond` must be \(N, 3, 64, 64\) structures for this 64 px model"):
+        paint_images(runtime, torch.zeros(1, 3, 32, 32), steps=2)
+    with pytest.raises(ValueError, match="`cond` holds 1 NaN or inf value"):
+        bad = torch.zeros(1, 3, 64, 64)
+        bad[0, 0, 0, 0] = float("nan")
+        paint_images(runtime, bad, steps=2)
+    with pytest.raises(ValueError, match="`guidance` \\(--guidance\\) must be a finite number >= 0, got inf"):
+        paint_images(runtime, torch.zeros(1, 3, 64, 64), guidance=float("inf"), steps=2)
+
+
+def test_a_corrupt_pair_cache_is_rebuilt(run, tmp_path):
+    pairs = tmp_path / "pairs"
+    shutil.copytree(run / "pairs", pairs)
+    images, maps, names = build_pairs(pairs, "tiny-64")
+    (cache,) = (pairs / ".nudiff-cache").glob("pairs-*.npz")
+    cache.write_bytes(cache.read_bytes()[:1000])  # truncated by a full disk or a kill
+    again = build_pairs(pairs, "tiny-64")
+    np.testing.assert_array_equal(again[0], images)
+    np.testing.assert_array_equal(again[1], maps)
+    assert again[2] == names
+    assert build_pairs(pairs, "tiny-64")[2] == names  # and the rebuilt cache reads back

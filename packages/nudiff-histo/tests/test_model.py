@@ -159,7 +159,9 @@ def test_a_cached_modulation_export_that_fails_midway_leaves_nothing(tmp_path, m
         raise RuntimeError("the step graph differs from PyTorch")
 
     monkeypatch.setattr(_export, "export_graph", export_graph)
+    model = build_histo_unet("tiny-64").train()
     with pytest.raises(RuntimeError, match="step graph differs"):
-        export_histo_onnx(build_histo_unet("tiny-64"), tmp_path / "engine" / "deeper" / "model.onnx", batch_max=4)
+        export_histo_onnx(model, tmp_path / "engine" / "deeper" / "model.onnx", batch_max=4)
+    assert all(m.training for m in model.modules())  # the caller's model keeps its mode
     assert [p.name for p in calls] == [".model.modulation.onnx.pending", ".model.onnx.pending"]
     assert list(tmp_path.iterdir()) == []

@@ -254,6 +254,49 @@ def test_onnx_engine_predicts_like_pytorch(model, tmp_path, capsys):
     ]
     assert main([*args, "--out", str(tmp_path / "pred"), "--batch", "4"]) == 0
     assert read_instance_map(tmp_path / "pred" / "instance_maps" / "a.png").shape == (200, 330)
+    # the graph and its checkpoint are one model (the same weights' digest): a rerun may switch
+    common = ["--quiet", "predict", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pred")]
+    assert main([*common, "--checkpoint", str(tmp_path / "run")]) == 0
+    assert "(1 already done)" in capsys.readouterr().out
+    # another model must not skip the maps this one wrote
+    other = load_hovernet(tmp_path / "run")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_hovernet(tmp_path / "other", other)
+    assert main([*common, "--checkpoint", str(tmp_path / "other")]) == 2
+    assert "was started with the model (the weights' sha256) of --checkpoint / --engine" in capsys.readouterr().err
+    # a graph whose config.json describes another network is refused when loaded
+    import shutil
+
+    shutil.copytree(tmp_path / "g", tmp_path / "g2")
+    config = json.loads((tmp_path / "g2" / "config.json").read_text())
+    for hovernet, message in (
+        ({**config["hovernet"], "mode": "original"}, "takes images of shape"),
+        (5, "not a HoVer-Net graph config"),
+    ):
+        (tmp_path / "g2" / "config.json").write_text(json.dumps({**config, "hovernet": hovernet}))
+        with pytest.raises(ValueError, match=message):
+            load_engine(tmp_path / "g2" / "hovernet.onnx")
     (tmp_path / "g" / "hovernet.onnx").write_bytes(b"not a graph")
     assert main([*args, "--out", str(tmp_path / "pred2")]) == 2
     assert "hovernet.onnx' could not be loaded as an ONNX graph" in capsys.readouterr().err
+
+
+def test_write_prediction_checks_everything_before_writing(tmp_path):
+    from nudiff_seg import write_prediction
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:20, 10:20] = 1
+    for args, message in (
+        ((image, inst[:32]), "`image` is \\(64, 64\\) but `inst` is \\(32, 64\\)"),
+        ((image.astype(np.float64), inst), "`image` must be an \\(H, W, 3\\) uint8 RGB array"),
+        ((image, np.where(inst > 0, np.nan, 0.0)), "inst"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=message):
+            write_prediction(tmp_path / "out", "x", *args)
+    with pytest.raises(ValueError, match="`name` must be a plain file stem"):
+        write_prediction(tmp_path / "out", "../x", image, inst)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    paths = write_prediction(tmp_path / "out", "x", image, inst)
+    assert all(p.is_file() for p in paths.values())

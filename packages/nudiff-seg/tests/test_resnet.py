@@ -85,6 +85,15 @@ def test_embeddings_are_per_patch_and_batch_independent(weights):
         patch_embeddings(images.astype(np.float32), model)
     with pytest.raises(ValueError, match="`batch` must be an integer >= 1, got 0"):
         patch_embeddings(images, model, batch=0)
+    # a model in training mode: embedded in eval mode (batch statistics would make each patch's
+    # features depend on its batch and move the running means), and left in training mode
+    model.train()
+    try:
+        means = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        np.testing.assert_allclose(patch_embeddings(images, model, batch=2), a, rtol=0, atol=1e-5 * scale)
+        assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in means.items())
+    finally:
+        model.eval()
 
 
 def test_features_cli_feeds_the_subset_cli(weights, tmp_path, capsys):
