@@ -279,3 +279,12 @@ def test_an_output_folder_remembers_its_settings(tmp_path):
     claim_output_folder(tmp_path / "out", {**settings, "steps": 4}, may_change=("steps",))
     with pytest.raises(ValueError, match="was started with the sampler 'ddim'"):
         claim_output_folder(tmp_path / "out", {**settings, "sampler": "ddpm"}, flags={"sampler": "the sampler"})
+
+
+def test_any_seed_trains_and_seeds_torch_accepts_keep_their_streams(tmp_path):
+    from nudiff_diffusion import seeded_generator
+
+    g = seeded_generator(123456789)  # within 64 bits: the plain torch seed, as before
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(123456789)))
+    # a large seed mixed with the step (here 2e22) overflowed torch's 64-bit seed
+    train(_model(), _data(), SCHEDULE, tmp_path, TrainConfig(steps=1, batch_size=2, seed=2_000_000), progress=False)

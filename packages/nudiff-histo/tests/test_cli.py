@@ -325,3 +325,14 @@ def test_a_corrupt_pair_cache_is_rebuilt(run, tmp_path):
     np.testing.assert_array_equal(again[1], maps)
     assert again[2] == names
     assert build_pairs(pairs, "tiny-64")[2] == names  # and the rebuilt cache reads back
+
+
+def test_pairs_to_rows_refuses_ids_that_are_not_instance_ids():
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="negative instance id -1"):
+        pairs_to_rows(images, np.full((2, 8, 8), -1))
+    for bad in (np.full((2, 8, 8), np.nan), np.full((2, 8, 8), 1.5)):
+        with pytest.raises(TypeError, match="`instance_maps` must hold integer instance ids"):
+            pairs_to_rows(images, bad)
+    with pytest.raises(ValueError, match="`images` must be \\(N, s, s, 3\\) uint8"):
+        pairs_to_rows(images.astype(np.float32), np.zeros((2, 8, 8), np.int32))

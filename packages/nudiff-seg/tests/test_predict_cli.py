@@ -50,6 +50,18 @@ def test_a_tile_of_one_output_window_equals_untiled_inference(model):
     np.testing.assert_allclose(predict_structure(model, image), untiled, atol=1e-5)
     with pytest.raises(ValueError, match="must be an \\(H, W, 3\\) uint8 RGB array"):
         predict_structure(model, image[..., 0])
+    for bad, message in ((True, "`batch` must be an integer >= 1, got True"), (2.5, "got 2.5"), (0, "got 0")):
+        with pytest.raises(ValueError, match=message):
+            predict_structure(model, image, batch=bad)
+    with pytest.raises(ValueError, match="`image` is empty"):
+        predict_structure(model, image[:0])
+    with pytest.raises(TypeError, match="`model` must be a HoVerNet or an OnnxHoVerNet"):
+        predict_structure("runs/seg", image)
+    from nudiff_seg import HoVerNetConfig
+
+    for config in ({"blocks": (1.9, 1, 1, 1)}, {"width_divisor": 8.0}, {"width_divisor": True}):
+        with pytest.raises(ValueError, match="`blocks`|`width_divisor`"):
+            HoVerNetConfig(**config)
 
 
 def _crop_folder(kumar, folder, names, size):

@@ -34,6 +34,7 @@ from ._runs import (
     add_evaluate_arguments,
     add_sampling_arguments,
     add_train_arguments,
+    finite_or_null,
     initial_noise,
     median_seconds,
     report_evaluation,
@@ -51,7 +52,7 @@ from ._runtime import (
     resolve_device,
     warn_if_emulated_precision,
 )
-from ._sampling import EpsFn, check_sampler_settings, gaussian_eps_fn, sample, sampling_timesteps
+from ._sampling import EpsFn, check_sampler_settings, gaussian_eps_fn, sample, sampling_timesteps, seeded_generator
 from ._schedule import NoiseSchedule, space_timesteps
 from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
 from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
@@ -60,6 +61,8 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "seeded_generator",
+    "finite_or_null",
     "names_digest",
     "check_sampler_settings",
     "MODEL_FLAG",

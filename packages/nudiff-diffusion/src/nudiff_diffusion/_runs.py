@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -15,9 +16,11 @@ from typing import Any
 import torch
 
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
+from ._sampling import seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
+    "finite_or_null",
     "run_cli",
     "add_evaluate_arguments",
     "report_evaluation",
@@ -129,7 +132,7 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
     structure's noise)."""
 
     def generator(i: int) -> torch.Generator:
-        return torch.Generator().manual_seed((stream * 1_000_000_007 + seed) * 1_000_003 + i)
+        return seeded_generator((stream * 1_000_000_007 + seed) * 1_000_003 + i)
 
     return torch.stack([torch.randn(shape, generator=generator(i)) for i in indices])
 
@@ -160,6 +163,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, samples: str, rea
     parser.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` (numbers, dicts, lists) with every NaN or infinite float replaced by None,
+    for strict JSON (``json.dumps(..., allow_nan=False)``: null, where Python would write
+    the non-standard NaN / Infinity that strict parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def report_evaluation(result: dict[str, Any], samples: str | Path, out: str | Path | None) -> Path:
     """Print the numbers of an evaluation as a table (floats to 4 decimals; lists and dicts,
     e.g. histograms, only in the JSON) and write all of it to ``out`` (default
@@ -171,7 +187,8 @@ def report_evaluation(result: dict[str, Any], samples: str | Path, out: str | Pa
     for key, value in scalars.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     path = Path(out) if out else Path(samples) / "evaluation.json"
-    _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    strict = finite_or_null(result)  # strict JSON: NaN and inf (undefined numbers) as null
+    _atomic_write(path, lambda p: p.write_text(json.dumps(strict, indent=2, allow_nan=False) + "\n"))
     return path
 
 

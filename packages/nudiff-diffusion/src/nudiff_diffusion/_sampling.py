@@ -11,7 +11,7 @@ import torch
 
 from ._schedule import NoiseSchedule
 
-__all__ = ["sample", "sampling_timesteps", "check_sampler_settings", "gaussian_eps_fn", "EpsFn"]
+__all__ = ["sample", "sampling_timesteps", "check_sampler_settings", "seeded_generator", "gaussian_eps_fn", "EpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["ddpm", "ddim", "dpmpp2m"]
@@ -93,6 +93,13 @@ def _randn(
     generator gives the same noise whether the sampler runs on the CPU or a GPU."""
     where = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def seeded_generator(value: int) -> torch.Generator:
+    """A CPU generator seeded with ``value``, any integer: values torch accepts (64 bits)
+    are used as they are, larger ones (a large ``--seed`` mixed with an index) reduced
+    modulo 2^63 instead of failing with an overflow."""
+    return torch.Generator().manual_seed(value if -(2**63) <= value < 2**64 else value % 2**63)
 
 
 def check_sampler_settings(

@@ -23,6 +23,7 @@ from ._checkpoint import read_config, save_model
 from ._losses import training_losses
 from ._resume import check_resume_settings, read_train_state, refuse_train_state
 from ._runtime import resolve_device
+from ._sampling import seeded_generator
 from ._schedule import NoiseSchedule
 from ._unet import UNet
 
@@ -94,7 +95,7 @@ def _rank_world() -> tuple[int, int]:
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The randomness of one step (batch, timesteps, noise) depends only on (seed, rank,
     step): a resumed run draws exactly what the uninterrupted run drew."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return seeded_generator((seed * 1_000_003 + rank) * 10_000_019 + step)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:

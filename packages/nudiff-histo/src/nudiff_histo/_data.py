@@ -25,6 +25,7 @@ from nudiff_postproc import (
 )
 from nudiff_postproc._folders import dataset_pairs, read_pair
 from nudiff_postproc._io import atomic_path, read_npz_cache
+from nudiff_postproc._validate import as_instance_map
 
 from ._model import PRESETS, HistoPreset
 
@@ -84,7 +85,7 @@ def build_pairs(
         return cached["images"], cached["instance_maps"], [str(n) for n in cached["names"]]
     images, maps, names = [], [], []
     for name, image_path, map_path in pairs:
-        image, inst = read_pair(image_path, map_path)
+        image, inst = read_pair(image_path, map_path, strict=True)  # a model of stain colour: no grey tiles
         patch_names, patch_images, patch_maps = cut_patches(name, inst, g, image=image, path=image_path)
         names += patch_names
         images += patch_images
@@ -138,6 +139,9 @@ def pairs_to_rows(images: np.ndarray, instance_maps: np.ndarray) -> torch.Tensor
     """(N, s, s, 3) uint8 images and (N, s, s) instance maps -> (N, 4, s, s) float32 rows:
     the image in [-1, 1] and the instance ids (exact in float32 below 2^24), the training
     data that :func:`paired_batch` turns into (image, structure) batches."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"`images` must be (N, s, s, 3) uint8, got {getattr(images, 'shape', type(images).__name__)}")
+    instance_maps = as_instance_map(instance_maps, "instance_maps", ndim=3)  # integers >= 0
     if instance_maps.shape != images.shape[:3]:
         raise ValueError(f"{images.shape[:3]} images but {instance_maps.shape} instance maps")
     if instance_maps.max(initial=0) >= 2**24:

@@ -102,6 +102,13 @@ def evaluate_histology(
         if not matches:
             raise ValueError(f"no histology preset has image size {size}; pass `preset`")
         preset = matches[0]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if PRESETS[preset].image_size != size:
+        raise ValueError(
+            f"--preset {preset} cuts {PRESETS[preset].image_size} px patches, but the samples in "
+            f"'{samples_dir}' are {size} px: the real patches must be cut at the samples' size"
+        )
     real_images, real_maps, _ = build_pairs(real_dir, preset)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(real_images), size=min(len(real_images), max_real), replace=False))

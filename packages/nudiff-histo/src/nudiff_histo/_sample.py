@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from nudiff_diffusion import (
     MODEL_FLAG,
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
+    seeded_generator,
     shard_indices,
     tensor_to_images,
     tensor_to_structures,
@@ -159,7 +159,7 @@ def sample_histology(
             sampler=sampler,
             steps=steps,
             x_T=x_T,
-            generator=torch.Generator().manual_seed((HISTO_NOISE_STREAM * 1_000_000_007 + seed) * 1_000_003 + chunk[0]),
+            generator=seeded_generator((HISTO_NOISE_STREAM * 1_000_000_007 + seed) * 1_000_003 + chunk[0]),
         )
         images, structures = tensor_to_images(painted), tensor_to_structures(cond)
         for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):

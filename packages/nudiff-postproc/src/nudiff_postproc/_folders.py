@@ -47,9 +47,12 @@ def dataset_pairs(folder: str | os.PathLike[str]) -> list[tuple[str, Path, Path]
     return [(name, images[name], maps[name]) for name in images]
 
 
-def read_pair(image_path: str | os.PathLike[str], map_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB image and its instance map, checked to have the same height and width."""
-    image, inst = read_image(image_path), read_instance_map(map_path)
+def read_pair(
+    image_path: str | os.PathLike[str], map_path: str | os.PathLike[str], *, strict: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image and its instance map, checked to have the same height and width;
+    ``strict`` as in :func:`read_image` (for models of stain colour)."""
+    image, inst = read_image(image_path, strict=strict), read_instance_map(map_path)
     if image.shape[:2] != inst.shape:
         raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
     return image, inst

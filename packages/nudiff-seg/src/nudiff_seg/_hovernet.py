@@ -61,11 +61,16 @@ class HoVerNetConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("original", "fast"):
             raise ValueError(f"`mode` must be 'original' or 'fast', got {self.mode!r}")
-        if self.width_divisor not in (1, 2, 4, 8):
+        if (
+            isinstance(self.width_divisor, bool)
+            or not isinstance(self.width_divisor, int)
+            or self.width_divisor not in (1, 2, 4, 8)
+        ):
             raise ValueError(
                 f"`width_divisor` must be 1, 2, 4 or 8 (dense blocks use 4 groups), got {self.width_divisor!r}"
             )
-        if len(self.blocks) != 4 or any(int(b) < 1 for b in self.blocks):
+        whole = all(isinstance(b, int) and not isinstance(b, bool) for b in self.blocks)
+        if len(self.blocks) != 4 or not whole or any(b < 1 for b in self.blocks):
             raise ValueError(f"`blocks` must be 4 positive unit counts, got {self.blocks!r}")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
 

@@ -55,8 +55,12 @@ def predict_structure(model: HoVerNet | OnnxHoVerNet, image: np.ndarray, *, batc
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         got = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', None)}"
         raise ValueError(f"`image` must be an (H, W, 3) uint8 RGB array, got {got}")
-    if batch < 1:
-        raise ValueError(f"`batch` must be >= 1, got {batch}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"`image` is empty: shape {image.shape}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"`batch` must be an integer >= 1, got {batch!r}")
+    if not isinstance(model, (HoVerNet, OnnxHoVerNet)):
+        raise TypeError(f"`model` must be a HoVerNet or an OnnxHoVerNet (load_engine), got {type(model).__name__}")
     big, small = model.config.input_size, model.config.output_size
     margin = (big - small) // 2
     h, w = image.shape[:2]

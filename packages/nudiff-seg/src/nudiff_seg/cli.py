@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -140,20 +140,12 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     if args.out:
         import json
 
+        from nudiff_diffusion import finite_or_null
         from nudiff_postproc._io import atomic_path
 
         with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(_nan_to_null(scores), indent=2, allow_nan=False) + "\n")
+            tmp.write_text(json.dumps(finite_or_null(scores), indent=2, allow_nan=False) + "\n")
     return 0
-
-
-def _nan_to_null(value: Any) -> Any:
-    """NaN (a metric undefined on every image) as JSON's null: strict parsers refuse NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_null(v) for k, v in value.items()}
-    return value
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -165,7 +157,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     model = load_backbone(args.weights, args.arch).to(_device(args))
     pairs = dataset_pairs(args.data)
-    images = [read_pair(i, m)[0] for _, i, m in pairs]
+    images = [read_pair(i, m, strict=True)[0] for _, i, m in pairs]
     sizes = {im.shape for im in images}
     if len(sizes) != 1:
         raise ValueError(f"'{args.data}': the images differ in size {sorted(sizes)}; cut patches first")

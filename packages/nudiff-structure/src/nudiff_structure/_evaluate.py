@@ -43,15 +43,32 @@ def evaluate_structures(
         instances: low for samples whose distance maps contradict their nuclei), ``samples``.
     """
     files = list_files(Path(samples_dir) / "structures", (".npy",), "sampled structure")
-    structures = np.stack([read_structure(p) for p in files.values()])
     map_dir = Path(samples_dir) / "instance_maps"
-    maps = np.stack([read_instance_map(map_dir / f"{name}.png") for name in files])
+    structures, maps = [], []
+    for name, path in files.items():
+        structure, inst = read_structure(path), read_instance_map(map_dir / f"{name}.png")
+        first = structures[0] if structures else structure
+        if structure.shape != first.shape or inst.shape != structure.shape[:2]:
+            raise ValueError(
+                f"'{path}' is {structure.shape} and its instance map {inst.shape}; every sample of "
+                f"'{samples_dir}' must be {first.shape} with a map of {first.shape[:2]}"
+            )
+        structures.append(structure)
+        maps.append(inst)
+    structures, maps = np.stack(structures), np.stack(maps)
     size = structures.shape[1]
     if preset is None:
         matches = [name for name, p in PRESETS.items() if p.image_size == size]
         if not matches:
             raise ValueError(f"no structure preset has image size {size}; pass `preset`")
         preset = matches[0]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown structure preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if PRESETS[preset].image_size != size:
+        raise ValueError(
+            f"--preset {preset} encodes {PRESETS[preset].image_size} px structures, but the samples in "
+            f"'{samples_dir}' are {size} px: the real structures must be cut at the samples' size"
+        )
     real, _ = build_structures(real_dir, preset)
     rng = np.random.default_rng(seed)
     real = real[rng.choice(len(real), size=min(len(real), max_real), replace=False)]

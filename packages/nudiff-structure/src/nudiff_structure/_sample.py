@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from nudiff_diffusion import (
     MODEL_FLAG,
     NoiseSchedule,
@@ -16,6 +15,7 @@ from nudiff_diffusion import (
     claim_output_folder,
     initial_noise,
     sample,
+    seeded_generator,
     shard_indices,
 )
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
@@ -112,7 +112,7 @@ def sample_structures(
             steps=steps,
             clip=clip,
             x_T=x_T,
-            generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk[0]),
+            generator=seeded_generator(seed * 1_000_003 + chunk[0]),
             device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
         )
         structures = from_model_output(x)
