@@ -92,6 +92,9 @@ def test_sample_then_evaluate(run, capsys):
     result = json.loads((out / "evaluation.json").read_text())
     assert {"morphology_distance", "nuclei_per_patch", "self_consistency", "samples"} <= set(result)
     assert "morphology_distance" in capsys.readouterr().out
+    # real structures of another size would compare nuclei of another scale
+    assert main(["evaluate", "--samples", str(out), "--real", str(run / "data"), "--preset", "small-128"]) == 2
+    assert "--preset small-128 encodes 128 px structures, but the samples" in capsys.readouterr().err
 
 
 def test_a_killed_sampling_run_resumes_without_loss_or_duplicates(run):
