@@ -94,7 +94,7 @@ def test_sample_then_evaluate(run, capsys):
     assert "morphology_distance" in capsys.readouterr().out
     # real structures of another size would compare nuclei of another scale
     assert main(["evaluate", "--samples", str(out), "--real", str(run / "data"), "--preset", "small-128"]) == 2
-    assert "--preset small-128 encodes 128 px structures, but the samples" in capsys.readouterr().err
+    assert "--preset small-128 makes 128 px structure patches, but the samples" in capsys.readouterr().err
 
 
 def test_a_killed_sampling_run_resumes_without_loss_or_duplicates(run):

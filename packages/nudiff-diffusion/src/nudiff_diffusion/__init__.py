@@ -34,6 +34,7 @@ from ._runs import (
     add_evaluate_arguments,
     add_sampling_arguments,
     add_train_arguments,
+    evaluation_preset,
     finite_or_null,
     initial_noise,
     median_seconds,
@@ -61,6 +62,7 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "evaluation_preset",
     "seeded_generator",
     "finite_or_null",
     "names_digest",

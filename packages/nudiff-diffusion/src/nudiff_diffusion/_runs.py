@@ -9,7 +9,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from ._sampling import seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
+    "evaluation_preset",
     "finite_or_null",
     "run_cli",
     "add_evaluate_arguments",
@@ -161,6 +162,27 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, samples: str, rea
     parser.add_argument("--real", required=True, help=real)
     parser.add_argument("--preset", help=preset)
     parser.add_argument("--out", help="JSON file (default: SAMPLES/evaluation.json)")
+
+
+def evaluation_preset(presets: Mapping[str, Any], preset: str | None, size: int, *, kind: str, samples: Any) -> str:
+    """The preset an ``evaluate`` command cuts the real data with: ``preset`` (``--preset``)
+    when given, checked to make samples of ``size`` px (real data of another size would be
+    compared at another scale), else the first of ``presets`` whose ``image_size`` is
+    ``size``. ``kind`` ("structure", "histology") and ``samples`` (the folder) name them in
+    errors."""
+    if preset is None:
+        matches = [name for name, p in presets.items() if p.image_size == size]
+        if not matches:
+            raise ValueError(f"no {kind} preset has image size {size} (the samples in '{samples}'); pass --preset")
+        return matches[0]
+    if preset not in presets:
+        raise ValueError(f"unknown {kind} preset {preset!r}; choose one of {sorted(presets)}")
+    if presets[preset].image_size != size:
+        raise ValueError(
+            f"--preset {preset} makes {presets[preset].image_size} px {kind} patches, but the samples in "
+            f"'{samples}' are {size} px: the real data must be cut at the samples' size"
+        )
+    return preset
 
 
 def finite_or_null(value: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from nudiff_diffusion import evaluation_preset
 from nudiff_postproc import read_image, read_instance_map
 from nudiff_postproc._folders import dataset_pairs
 from scipy.stats import wasserstein_distance
@@ -97,18 +98,7 @@ def evaluate_histology(
     if len(shapes) != 1:
         raise ValueError(f"'{samples_dir}': images and instance maps must all have one size, got {sorted(shapes)}")
     size = images[0].shape[0]
-    if preset is None:
-        matches = [name for name, p in PRESETS.items() if p.image_size == size]
-        if not matches:
-            raise ValueError(f"no histology preset has image size {size}; pass `preset`")
-        preset = matches[0]
-    if preset not in PRESETS:
-        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if PRESETS[preset].image_size != size:
-        raise ValueError(
-            f"--preset {preset} cuts {PRESETS[preset].image_size} px patches, but the samples in "
-            f"'{samples_dir}' are {size} px: the real patches must be cut at the samples' size"
-        )
+    preset = evaluation_preset(PRESETS, preset, size, kind="histology", samples=samples_dir)
     real_images, real_maps, _ = build_pairs(real_dir, preset)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(real_images), size=min(len(real_images), max_real), replace=False))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from nudiff_diffusion import evaluation_preset
 from nudiff_postproc import instances_from_structures, morphology_distance, morphology_stats, read_instance_map
 from nudiff_postproc._folders import list_files, read_structure
 
@@ -57,18 +58,7 @@ def evaluate_structures(
         maps.append(inst)
     structures, maps = np.stack(structures), np.stack(maps)
     size = structures.shape[1]
-    if preset is None:
-        matches = [name for name, p in PRESETS.items() if p.image_size == size]
-        if not matches:
-            raise ValueError(f"no structure preset has image size {size}; pass `preset`")
-        preset = matches[0]
-    if preset not in PRESETS:
-        raise ValueError(f"unknown structure preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if PRESETS[preset].image_size != size:
-        raise ValueError(
-            f"--preset {preset} encodes {PRESETS[preset].image_size} px structures, but the samples in "
-            f"'{samples_dir}' are {size} px: the real structures must be cut at the samples' size"
-        )
+    preset = evaluation_preset(PRESETS, preset, size, kind="structure", samples=samples_dir)
     real, _ = build_structures(real_dir, preset)
     rng = np.random.default_rng(seed)
     real = real[rng.choice(len(real), size=min(len(real), max_real), replace=False)]
