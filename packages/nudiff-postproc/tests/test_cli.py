@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from nudiff_postproc import (
     write_image,
     write_instance_map,
 )
+from nudiff_postproc._runs import RUN_STAMP
 from nudiff_postproc.cli import main
 
 
@@ -64,6 +66,22 @@ def test_instances_resumes_and_skips_finished_maps(tmp_path, capsys):
     assert (out / "s1.png").is_file() and (out / "s0.png").stat().st_mtime_ns == before
 
 
+def test_instances_refuses_to_mix_maps_made_another_way(tmp_path, capsys):
+    _structures(tmp_path / "structures")
+    out = tmp_path / "pred"
+    args = ["--quiet", "instances", str(tmp_path / "structures"), str(out)]
+    assert main(args) == 0
+    (out / "s1.png").unlink()
+    assert main([*args, "--threshold", "0.6"]) == 2
+    assert "was started with --threshold 0.5, this resume gives 0.6" in capsys.readouterr().err
+    assert not (out / "s1.png").exists()  # nothing made the other way
+    assert main([*args, "--threshold", "nan"]) == 2  # checked before anything is read or written
+    assert "`threshold` must be a probability in [0, 1], got nan" in capsys.readouterr().err
+    assert main([*args, "--threshold", "0.6", "--overwrite"]) == 0  # every map redone: the new settings hold
+    assert main([*args, "--threshold", "0.6"]) == 0
+    assert json.loads((out / RUN_STAMP).read_text())["threshold"] == 0.6
+
+
 def test_png_structures_in_the_paper_code_convention(tmp_path):
     inst = synthetic_instance_map((64, 64), n_nuclei=12, seed=9)
     s = encode_structure(inst)
@@ -83,7 +101,8 @@ def test_bad_input_exits_nonzero_and_leaves_no_partial_output(tmp_path, capsys):
     assert main(["--quiet", "instances", str(folder), str(out), "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "bad.npy" in err and "NaN" in err
-    assert not out.exists() or not list(out.iterdir())  # 'bad' sorts first: nothing written, no temporaries
+    # 'bad' sorts first: no map written, no temporaries; only the record of the settings
+    assert sorted(p.name for p in out.iterdir()) == [RUN_STAMP]
     assert main(["--quiet", "evaluate", "--true", str(tmp_path / "nope"), "--pred", str(out)]) == 2
     assert "true instance map folder not found" in capsys.readouterr().err
 

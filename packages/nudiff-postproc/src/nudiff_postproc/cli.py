@@ -26,7 +26,8 @@ from ._io import (
 )
 from ._metrics import METRIC_KEYS, evaluate
 from ._patches import extract_patches
-from ._watershed import instances_from_structures
+from ._runs import claim_output_folder
+from ._watershed import _check_options, _check_scale, instances_from_structures
 
 
 def _progress(iterable, total: int, desc: str, quiet: bool):  # type: ignore[no-untyped-def]
@@ -37,7 +38,11 @@ def _progress(iterable, total: int, desc: str, quiet: bool):  # type: ignore[no-
 
 def _cmd_instances(args: argparse.Namespace) -> int:
     files = list_files(args.structures, STRUCTURE_SUFFIXES, "structure")
-    out_dir = Path(args.out)
+    # the maps already in --out are skipped: only if they were made the same way
+    _check_options(args.threshold, args.orientations)  # before --out is made
+    _check_scale(args.scale)
+    settings = {"threshold": args.threshold, "orientations": args.orientations, "scale": args.scale}
+    out_dir = claim_output_folder(args.out, settings, replace=args.overwrite)
     todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
     if len(todo) < len(files):
         print(
