@@ -93,7 +93,8 @@ def test_settings_out_of_range_are_named_before_any_work():
         ("structure.lr=0", "structure.lr must be a finite number in (0, inf), got 0.0"),
         ("prepare.stride=300", "prepare.stride (300) must not exceed prepare.patch_size (256)"),
         ("sample.num=3", "sample.num (3) must be >= 4"),
-        ('seg.runs=[{name="a", real="subset", synthetic=false, epochs=0}]', "seg.runs[0].epochs must be >= 1, got 0"),
+        ("sample.steps=5000", "sample.steps must be at most 1000"),
+        ('seg.runs=[{name="a|b", real="subset", synthetic=false, epochs=1}]', "seg.runs[0].name must be a non-empty"),
     ):
         assert message in _config_error(setting), setting
 

@@ -38,7 +38,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 from bench_sampling import add_graph_cache_argument, bench_model, export_graph
-from nudiff_diffusion import TorchDenoiser, UNetConfig, export_onnx, onnx_session
+from nudiff_diffusion import TorchDenoiser, UNetConfig, export_onnx, int_at_least, onnx_session
 from nudiff_histo import HistoDenoiser, OnnxModulatedDenoiser, export_histo_onnx
 from nudiff_postproc import describe_cpu, retain_freed_memory
 
@@ -196,8 +196,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small-128"], help="UNet presets")
     parser.add_argument("--models", nargs="+", default=["structure", "histo"], choices=["structure", "histo"])
-    parser.add_argument("--batch", type=int, default=8, help="images per call")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per engine (median)")
+    parser.add_argument("--batch", type=int_at_least(2), default=8, help="images per call")
+    parser.add_argument("--rounds", type=int_at_least(1), default=5, help="timed calls per engine (median)")
     parser.add_argument("--json", help="also write the header and rows as JSON")
     add_graph_cache_argument(parser)
     args = parser.parse_args()

@@ -41,7 +41,7 @@ from bench_sampling import (
     finish,
     paper_seconds_per_pair,
 )
-from nudiff_diffusion import TorchDenoiser, export_onnx, load_denoiser, sample
+from nudiff_diffusion import TorchDenoiser, export_onnx, int_at_least, load_denoiser, sample
 from nudiff_histo import HistoDenoiser, export_histo_onnx, load_histo_denoiser
 from nudiff_postproc import describe_cpu, retain_freed_memory
 
@@ -61,10 +61,14 @@ def nudiff_seconds_per_pair(structure: Any, histo: Any, n: int, size: int, steps
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small-128", help="UNet preset of both models")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
-    parser.add_argument("--steps", type=int, default=20, help="nudiff's sampler steps per model (its default: 20)")
-    parser.add_argument("--paper-steps", type=int, default=2, help="ancestral steps timed for the paper's procedure")
+    parser.add_argument("--batch", type=int_at_least(2), default=8, help="pairs per run")
+    parser.add_argument("--rounds", type=int_at_least(1), default=3, help="alternating rounds (median)")
+    parser.add_argument(
+        "--steps", type=int_at_least(1), default=20, help="nudiff's sampler steps per model (its default: 20)"
+    )
+    parser.add_argument(
+        "--paper-steps", type=int_at_least(1), default=2, help="ancestral steps timed for the paper's procedure"
+    )
     parser.add_argument("--json", help="also write the header and rounds as JSON")
     add_graph_cache_argument(parser)
     args = parser.parse_args()

@@ -54,6 +54,7 @@ from nudiff_diffusion import (
     UNet,
     UNetConfig,
     export_onnx,
+    int_at_least,
     load_denoiser,
     median_seconds,
     onnx_session,
@@ -458,11 +459,19 @@ def finish(header: dict[str, Any], json_path: str | None, results: dict[str, Any
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny-64", "small-128"], help="UNet presets")
-    parser.add_argument("--batch", type=int, default=8, help="images per call (guided histology: 2x in the UNet)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed UNet calls per row (median, after a warm-up)")
-    parser.add_argument("--steps", type=int, default=4, help="sampler steps of the per-step / images/s run")
-    parser.add_argument("--default-steps", type=int, default=20, help="nudiff's default sampler steps (dpmpp2m)")
-    parser.add_argument("--paper-steps", type=int, default=3, help="ancestral steps timed for the paper's procedure")
+    parser.add_argument(
+        "--batch", type=int_at_least(2), default=8, help="images per call (guided histology: 2x in the UNet)"
+    )
+    parser.add_argument(
+        "--repeat", type=int_at_least(1), default=3, help="timed UNet calls per row (median, after a warm-up)"
+    )
+    parser.add_argument("--steps", type=int_at_least(1), default=4, help="sampler steps of the per-step / images/s run")
+    parser.add_argument(
+        "--default-steps", type=int_at_least(1), default=20, help="nudiff's default sampler steps (dpmpp2m)"
+    )
+    parser.add_argument(
+        "--paper-steps", type=int_at_least(1), default=3, help="ancestral steps timed for the paper's procedure"
+    )
     parser.add_argument("--slim", action="store_true", help="also time onnxslim-simplified graphs")
     parser.add_argument("--int8", action="store_true", help="also time int8 quantized plain UNet graphs (ORT)")
     parser.add_argument("--json", help="also write header and rows as JSON")

@@ -137,8 +137,11 @@ def _seg_run(run: Any, name: str, source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: {name}.{key} must be a {kind.__name__}, got {run[key]!r}")
     if run["real"] not in ("subset", "full"):
         raise ConfigError(f"{source}: {name}.real must be 'subset' or 'full', got {run['real']!r}")
-    if not run["name"] or any(c in run["name"] for c in "/\\ "):
-        raise ConfigError(f"{source}: {name}.name must be a non-empty folder name, got {run['name']!r}")
+    if not run["name"] or any(c in run["name"] for c in "/\\ |") or run["name"].startswith("."):
+        raise ConfigError(
+            f"{source}: {name}.name must be a non-empty folder name without '/', '\\', spaces or '|' (the "
+            f"report's tables), not hidden, got {run['name']!r}"
+        )
     if run["epochs"] < 1:
         raise ConfigError(f"{source}: {name}.epochs must be >= 1, got {run['epochs']}")
     return dict(run)
@@ -269,9 +272,10 @@ def _check_ranges(config: dict[str, Any], source: str) -> None:
             f"{source}: prepare.stride ({config['prepare']['stride']}) must not exceed prepare.patch_size "
             f"({config['prepare']['patch_size']}): the patches would leave gaps"
         )
-    for i, run in enumerate(config["seg"]["runs"]):
-        if run["epochs"] < 1:
-            raise ConfigError(f"{source}: seg.runs[{i}].epochs must be >= 1, got {run['epochs']}")
+    if config["sample"]["steps"] > 1000:  # the models' schedules have 1000 steps
+        raise ConfigError(
+            f"{source}: sample.steps must be at most 1000 (the schedule's steps), got {config['sample']['steps']}"
+        )
 
 
 def _check_splits(folder: Path, train_split: str, test_splits: list[str], source: str) -> None:

@@ -2,8 +2,9 @@
 executes them as child processes, ``parallel`` at a time, resuming what a killed run left.
 
 One run at a time holds an output folder (a lock file in it); SIGTERM and SIGINT end the
-running children before the runner stops, and on Linux a child is also ended when the
-runner itself is killed (even by SIGKILL), so a rerun never races a stage left behind."""
+running child processes before the runner stops (a stage's in-process Python step, such as
+building a dataset or the report, finishes first), and on Linux a child is also ended when
+the runner itself is killed (even by SIGKILL), so a rerun never races a stage left behind."""
 
 from __future__ import annotations
 

@@ -263,6 +263,18 @@ def test_a_resume_reruns_the_callback_of_its_checkpoint_and_a_fresh_run_needs_re
         callback=lambda s, m: calls.append(s),
     )
     assert calls == [2, 4]
+    # a kill between the last checkpoint and its callback: the resume of the finished run makes it up
+    train(
+        _model(),
+        _data(),
+        SCHEDULE,
+        tmp_path,
+        config,
+        resume=True,
+        progress=False,
+        callback=lambda s, m: calls.append(s),
+    )
+    assert calls == [2, 4, 4]
     with pytest.raises(FileExistsError, match="already holds a training run \\(checkpoints up to step_0000004\\)"):
         train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
 
@@ -284,6 +296,8 @@ def test_an_output_folder_remembers_its_settings(tmp_path):
 def test_any_seed_trains_and_seeds_torch_accepts_keep_their_streams(tmp_path):
     from nudiff_diffusion import seeded_generator
 
+    big = torch.randn(3, generator=seeded_generator(2**64 + 5))  # hashed, not wrapped onto seed 5
+    assert not torch.equal(big, torch.randn(3, generator=seeded_generator(5)))
     g = seeded_generator(123456789)  # within 64 bits: the plain torch seed, as before
     assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(123456789)))
     # a large seed mixed with the step (here 2e22) overflowed torch's 64-bit seed

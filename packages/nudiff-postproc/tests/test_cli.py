@@ -68,6 +68,10 @@ def test_instances_resumes_and_skips_finished_maps(tmp_path, capsys):
 
 def test_instances_refuses_to_mix_maps_made_another_way(tmp_path, capsys):
     _structures(tmp_path / "structures")
+    for path in (tmp_path / "structures").iterdir():  # probability 0.8 on the nuclei: thresholds matter
+        s = np.load(path)
+        s[..., 0] *= 0.8
+        np.save(path, s)
     out = tmp_path / "pred"
     args = ["--quiet", "instances", str(tmp_path / "structures"), str(out)]
     assert main(args) == 0
@@ -80,6 +84,23 @@ def test_instances_refuses_to_mix_maps_made_another_way(tmp_path, capsys):
     assert main([*args, "--threshold", "0.6", "--overwrite"]) == 0  # every map redone: the new settings hold
     assert main([*args, "--threshold", "0.6"]) == 0
     assert json.loads((out / RUN_STAMP).read_text())["threshold"] == 0.6
+    assert "--overwrite to redo them all" in _refusal(args, "0.7", capsys)
+    # an --overwrite that fails (or is killed) at once removes the old maps first: its resume
+    # cannot keep maps made with the old threshold beside the new ones
+    np.save(tmp_path / "structures" / "a_bad.npy", np.full((64, 64, 3), np.nan, np.float32))  # sorts first
+    assert main([*args, "--threshold", "0.9", "--overwrite", "--batch", "1"]) == 2
+    capsys.readouterr()
+    (tmp_path / "structures" / "a_bad.npy").unlink()
+    assert main([*args, "--threshold", "0.9"]) == 0
+    for name in ("s0", "s1", "s2"):
+        expected = instances_from_structure(np.load(tmp_path / "structures" / f"{name}.npy"), threshold=0.9)
+        assert expected.max() == 0  # nothing reaches 0.9: a map made at 0.5 or 0.6 would hold nuclei
+        np.testing.assert_array_equal(read_instance_map(out / f"{name}.png"), expected)
+
+
+def _refusal(args, threshold, capsys):
+    assert main([*args, "--threshold", threshold]) == 2
+    return capsys.readouterr().err
 
 
 def test_png_structures_in_the_paper_code_convention(tmp_path):

@@ -1,7 +1,7 @@
 """nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers, UNet)."""
 
 from ._arrays import images_to_tensor, structures_to_tensor, tensor_to_images, tensor_to_structures
-from ._checkpoint import evaluating, load_model, read_config, save_model, weights_digest
+from ._checkpoint import check_weights_digest, evaluating, load_model, read_config, save_model, weights_digest
 from ._config import PRESETS, UNetConfig
 from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
@@ -28,6 +28,7 @@ from ._resume import (
     names_digest,
     read_train_state,
     refuse_train_state,
+    runtime_weights_digest,
 )
 from ._runs import (
     add_device_argument,
@@ -37,6 +38,7 @@ from ._runs import (
     evaluation_preset,
     finite_or_null,
     initial_noise,
+    int_at_least,
     median_seconds,
     report_evaluation,
     run_cli,
@@ -62,6 +64,9 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "runtime_weights_digest",
+    "int_at_least",
+    "check_weights_digest",
     "evaluation_preset",
     "seeded_generator",
     "finite_or_null",

@@ -16,7 +16,16 @@ import torch
 from ._config import UNetConfig
 from ._unet import NormFactory, UNet
 
-__all__ = ["save_model", "load_model", "read_config", "weights_digest", "evaluating", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "read_config",
+    "weights_digest",
+    "check_weights_digest",
+    "evaluating",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,6 +69,21 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_weights_digest(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], weights: Path) -> None:
+    """Refuse weights other than those a checkpoint's ``config.json`` was written with (its
+    ``weights_sha256``; configs written before it was recorded are not checked): a save
+    interrupted between the weights and the config leaves such a pair."""
+    recorded = config.get("weights_sha256")
+    if recorded is None:
+        return
+    found = weights_digest(state)
+    if found != recorded:
+        raise ValueError(
+            f"'{weights}' is not the weights '{weights.parent / CONFIG_NAME}' was written with (sha256 {found}, "
+            f"the config records {recorded}): a save was interrupted between the two files"
+        )
+
+
 def save_model(
     directory: str | os.PathLike[str],
     model: UNet,
@@ -81,8 +105,11 @@ def save_model(
         "weights_sha256": weights_digest(state),
         **(extra or {}),
     }
+    text = json.dumps(config, indent=2) + "\n"  # a config that cannot be written fails before any file changes
+    # weights first, then their config: a kill between the two leaves a pair whose digests
+    # differ, which load_model refuses (a directory that must appear whole is renamed into place)
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": _FORMAT}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text))
     return directory
 
 
@@ -118,7 +145,8 @@ def load_model(
     """Rebuild a UNet from a checkpoint directory (no flags needed) and load its weights.
 
     The weights are read with safetensors (no code runs); missing or unexpected tensors,
-    a truncated file or a config with unknown keys raise an error naming the file.
+    a truncated file, a config with unknown keys or weights other than those the config
+    was written with (its ``weights_sha256``) raise an error naming the file.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -146,5 +174,6 @@ def load_model(
             f"'{weights}' does not fit the config in '{directory / CONFIG_NAME}': missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
         )
+    check_weights_digest(state, config, weights)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -31,6 +31,30 @@ class UNetConfig:
     resblock_updown: bool = True
 
     def __post_init__(self) -> None:
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("image_size", "in_channels", "model_channels", "num_res_blocks", "num_heads"):
+            if not whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"invalid UNetConfig: `{name}` must be a positive integer, got {getattr(self, name)!r}"
+                )
+        if not whole(self.num_head_channels) or self.num_head_channels < -1:
+            raise ValueError(
+                f"invalid UNetConfig: `num_head_channels` must be an integer (> 0, or -1: use num_heads), "
+                f"got {self.num_head_channels!r}"
+            )
+        for name in ("learn_sigma", "use_scale_shift_norm", "resblock_updown"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"invalid UNetConfig: `{name}` must be true or false, got {getattr(self, name)!r}")
+        for name in ("attention_resolutions", "channel_mult"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not all(whole(v) and v >= 1 for v in value):
+                raise ValueError(f"invalid UNetConfig: `{name}` must be a list of positive integers, got {value!r}")
+        if not self.channel_mult:
+            raise ValueError("invalid UNetConfig: `channel_mult` must name at least one level")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"invalid UNetConfig: `dropout` must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         problems = []
@@ -41,6 +65,12 @@ class UNetConfig:
             problems.append(f"every width {sorted(widths)} must be a multiple of 32 (GroupNorm with 32 groups)")
         if self.num_head_channels > 0 and any(w % self.num_head_channels for w in widths):
             problems.append(f"num_head_channels {self.num_head_channels} must divide every width {sorted(widths)}")
+        if self.num_head_channels <= 0 and any(w % self.num_heads for w in widths):
+            problems.append(f"num_heads {self.num_heads} must divide every width {sorted(widths)}")
+        levels = {self.image_size // 2**i for i in range(len(self.channel_mult))}
+        unused = sorted(set(self.attention_resolutions) - levels)
+        if unused:
+            problems.append(f"attention_resolutions {unused} match no feature-map size (those are {sorted(levels)})")
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +42,9 @@ def guided(
         calls (the paper's code; ``prepare`` then applies to each half): the same eps, and on
         a 2-core CPU the faster of the two when the halves are cached.
     """
-    if not scale >= 0:
-        raise ValueError(f"guidance `scale` must be >= 0, got {scale}")
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"guidance `scale` must be a finite number >= 0, got {scale!r}")
     if null_cond.shape != cond.shape:
         null_cond = null_cond.expand_as(cond)
     prep = prepare if prepare is not None else (lambda c: c)
@@ -70,7 +72,10 @@ def mix_guidance(out_c: torch.Tensor, out_u: torch.Tensor, scale: float | torch.
     The one place of the guidance arithmetic: :func:`guided` and the exported guided ONNX
     graph (``scale`` a tensor there) both call it.
     """
-    eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+    if isinstance(scale, (int, float)) and scale == 1:  # exactly the conditional model, not to rounding
+        eps = out_c[:, :channels]
+    else:
+        eps = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
     return torch.cat([eps, out_c[:, channels:]], dim=1) if out_c.shape[1] > channels else eps
 
 

@@ -425,10 +425,20 @@ def read_graph_config(path: Path, *, fmt: str = ONNX_FORMAT) -> dict[str, Any]:
     config = read_json_object(config_path)
     if config.get("format") != fmt or config.get("graph") != path.name:
         raise ValueError(f"'{config_path}' does not describe the graph '{path.name}'")
-    if not isinstance(config.get("batch_max"), int):  # every exported graph has it (UNets and HoVer-Net)
+    batch_max = config.get("batch_max")  # every exported graph has it (UNets and HoVer-Net)
+    if isinstance(batch_max, bool) or not isinstance(batch_max, int) or batch_max < 1:
         raise ValueError(
-            f"'{config_path}' has no integer 'batch_max' (got {config.get('batch_max')!r}); export the graph again"
+            f"'{config_path}' has no positive integer 'batch_max' (got {batch_max!r}); export the graph again"
         )
+    if "unet" in config:  # a UNet graph: the runtimes read its size and channels from here
+        unet = config["unet"]
+        sizes = [unet.get(k) for k in ("image_size", "in_channels")] if isinstance(unet, dict) else [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            raise ValueError(
+                f"'{config_path}': 'unet' must give positive integers image_size and in_channels, got {unet!r}"
+            )
+    elif "hovernet" not in config and config.get("kind") != "hovernet":
+        raise ValueError(f"'{config_path}' describes neither a UNet ('unet') nor a HoVer-Net graph; export it again")
     return config
 
 
@@ -494,6 +504,8 @@ class GraphRuntime(GuidedRuntime):
         """Refuse a sampling batch of ``n`` whose UNet calls exceed the exported batch
         limit: ``2 n`` under guidance over ``eps`` (both halves in one call), ``n`` for a
         ``guided`` graph or without guidance."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`batch` (--batch) must be an integer >= 1, got {n!r}")
         per_call = 2 * n if guided and self.layout != "guided" else n
         if per_call == n:
             check_batch(self.path, n, self.batch_max)

@@ -15,6 +15,7 @@ from nudiff_postproc._runs import RUN_STAMP, check_resume_settings, claim_output
 
 __all__ = [
     "read_train_state",
+    "runtime_weights_digest",
     "refuse_train_state",
     "check_resume_settings",
     "claim_output_folder",
@@ -25,6 +26,21 @@ __all__ = [
 
 #: The flag of a model's identity (its weights' digest) in a refusal.
 MODEL_FLAG = {"model": "the model (the weights' sha256) of --checkpoint / --engine"}
+
+
+def runtime_weights_digest(runtime: Any) -> str | None:
+    """What identifies a runtime's model in an output folder's record: the weights' digest
+    its checkpoint or graph recorded (``weights_sha256``), else the digest of the PyTorch
+    model it runs; None only for a graph exported before digests were recorded."""
+    recorded = getattr(runtime, "config", {}).get("weights_sha256")
+    if recorded:
+        return str(recorded)
+    model = getattr(runtime, "model", None)
+    if isinstance(model, torch.nn.Module):
+        from ._checkpoint import weights_digest
+
+        return weights_digest(model.state_dict())
+    return None
 
 
 def _refuse(path: Path, why: str) -> NoReturn:

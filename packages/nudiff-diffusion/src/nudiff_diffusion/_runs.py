@@ -20,6 +20,7 @@ from ._sampling import seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
+    "int_at_least",
     "evaluation_preset",
     "finite_or_null",
     "run_cli",
@@ -34,6 +35,21 @@ __all__ = [
     "shard_indices",
     "initial_noise",
 ]
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``, else a usage error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +135,15 @@ def runtime_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def shard_indices(num: int, rank: int, world_size: int) -> list[int]:
     """The indices ``i < num`` with ``i % world_size == rank``: rank ``r`` of ``k``'s share
     of a sampling run (the shards of all ranks are disjoint and cover ``range(num)``)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"`rank` must be in [0, world_size), got rank {rank} of {world_size}")
+    for name, value in (("num", num), ("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be an integer, got {value!r}")
+    if num < 0:
+        raise ValueError(f"`num` (--num) must be >= 0, got {num}")
+    if world_size < 1:
+        raise ValueError(f"`world_size` (--world-size) must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"`rank` (--rank) must be in [0, world_size={world_size}), got {rank}")
     return list(range(rank, num, world_size))
 
 
@@ -128,9 +151,12 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
     """(len(indices), *shape) float32 starting noise, sample ``i`` drawn from its own
     generator (``stream``, ``seed``, ``i``): the same x_T for an index whatever the batch or
     the rank. Each model kind samples from its own ``stream``, so that a structure and the
-    image painted for it never start from the same noise, whatever seeds the user picks
-    (with one shared stream, seed 0 for both made the image's noise a function of its own
-    structure's noise)."""
+    image painted for it never start from the same noise for seeds below 10^9 and indices
+    below 10^6 (with one shared stream, seed 0 for both made the image's noise a function of
+    its own structure's noise); the mix is linear, so seeds or indices beyond those can meet
+    another stream's."""
+    if not indices:
+        raise ValueError("`indices` is empty: no sample to draw noise for")
 
     def generator(i: int) -> torch.Generator:
         return seeded_generator((stream * 1_000_000_007 + seed) * 1_000_003 + i)
@@ -216,6 +242,8 @@ def report_evaluation(result: dict[str, Any], samples: str | Path, out: str | Pa
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
     """Median wall time of ``repeat`` calls of ``fn`` after one warm-up call (benchmarks)."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"`repeat` (--repeat) must be an integer >= 1, got {repeat!r}")
     fn()
     times = []
     for _ in range(repeat):

@@ -167,7 +167,8 @@ class TorchDenoiser(GuidedRuntime):
     Parameters
     ----------
     model : UNet
-        The network, on the device it should run on.
+        The network, on the device it should run on. The runtime owns it from then on: it
+        is put in eval mode (and, with ``channels_last``, converted), as sampling needs.
     config : dict, optional
         The checkpoint's ``config.json``.
     dtype : torch.dtype, optional
@@ -204,16 +205,18 @@ class TorchDenoiser(GuidedRuntime):
         cuda_graphs: bool = False,
         channels_last: bool = False,
     ) -> None:
-        self.model = model.eval()
+        device = next(model.parameters()).device
+        if dtype not in PRECISIONS.values():
+            raise ValueError(f"`dtype` must be one of {list(PRECISIONS.values())}, got {dtype!r}")
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"`cuda_graphs` needs the model on a CUDA device, got device {device}")
+        # checked first: a refused runtime leaves the model as it was given
+        self.model = model.eval()  # a runtime samples: the model it is given stays in eval mode
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.config = config or {"unet": model.config.to_dict()}
-        self.device = next(model.parameters()).device
-        if dtype not in PRECISIONS.values():
-            raise ValueError(f"`dtype` must be one of {list(PRECISIONS.values())}, got {dtype!r}")
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"`cuda_graphs` needs the model on a CUDA device, got device {self.device}")
+        self.device = device
         self.autocast_dtype = dtype
         network = torch.compile(self.model) if compile else self.model
         self._forward = _CapturedStep(self._autocast(network)) if cuda_graphs else self._autocast(network)

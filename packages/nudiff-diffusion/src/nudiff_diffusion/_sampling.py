@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -40,11 +41,15 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) ->
     ``uniform``: evenly in index, both ends included; ``quadratic``: evenly in the square
     root of the index; ``logsnr``: evenly in log-SNR between the two ends, each target
     mapped to the nearest step. Duplicates are dropped, so very large ``steps`` may give
-    fewer (never more) than asked.
+    fewer (never more) than asked. One step is the last one (from noise straight to x0).
     """
     n = schedule.num_timesteps
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
         raise ValueError(f"`steps` must be an integer in [1, {n}], got {steps!r}")
+    if spacing not in ("uniform", "quadratic", "logsnr"):
+        raise ValueError(f"`spacing` must be 'uniform', 'quadratic' or 'logsnr', got {spacing!r}")
+    if steps == 1:  # one step goes from pure noise (the last step) straight to x0
+        return np.array([n - 1], dtype=np.int64)
     if spacing == "uniform":
         idx = np.round(np.linspace(0, n - 1, steps))
     elif spacing == "quadratic":
@@ -97,9 +102,11 @@ def _randn(
 
 def seeded_generator(value: int) -> torch.Generator:
     """A CPU generator seeded with ``value``, any integer: values torch accepts (64 bits)
-    are used as they are, larger ones (a large ``--seed`` mixed with an index) reduced
-    modulo 2^63 instead of failing with an overflow."""
-    return torch.Generator().manual_seed(value if -(2**63) <= value < 2**64 else value % 2**63)
+    are used as they are, larger ones (a large ``--seed`` mixed with an index) hashed to 63
+    bits (SHA-256) instead of failing with an overflow."""
+    if not -(2**63) <= value < 2**64:
+        value = int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:8], "big") >> 1
+    return torch.Generator().manual_seed(value)
 
 
 def check_sampler_settings(
@@ -184,6 +191,10 @@ def sample(
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"`schedule` must be a NoiseSchedule, got {type(schedule).__name__}")
     check_sampler_settings(method, steps, clip, num_timesteps=schedule.num_timesteps)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"`eta` must be a number in [0, 1] (DDIM's share of the posterior noise), got {eta!r}")
+    if eta and method != "ddim":
+        raise ValueError(f"`eta` applies to the ddim sampler only, got eta={eta} with {method!r}")
     spacing = spacing or _DEFAULT_SPACING[method]
     kept = sampling_timesteps(schedule, steps, spacing)
     sub = schedule.subset(kept)  # betas recomputed from the kept alphas-bar
@@ -194,6 +205,8 @@ def sample(
     else:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"`x_T` has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        if not torch.isfinite(x_T).all():
+            raise ValueError(f"`x_T` holds {int((~torch.isfinite(x_T)).sum())} NaN or inf value(s); expected noise")
         x = x_T.to(device=device, dtype=dtype)
     n = x.shape[0]
     order = range(sub.num_timesteps - 1, -1, -1)

@@ -90,8 +90,12 @@ class NoiseSchedule:
         betas = np.asarray(self.betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
             raise ValueError(f"`betas` must be a non-empty 1-D array, got shape {betas.shape}")
-        if not np.all((betas > 0) & (betas <= 1)):
-            raise ValueError("`betas` must lie in (0, 1]")
+        if not np.all((betas > 0) & (betas < 1)):
+            bad = betas[~((betas > 0) & (betas < 1))]
+            raise ValueError(
+                f"`betas` must lie in (0, 1), got {float(bad[0])}: a beta of 1 leaves no signal (alpha-bar 0), and "
+                "predicting x0 from eps then divides by zero"
+            )
         steps = np.arange(betas.size) if self.timesteps is None else np.asarray(self.timesteps, dtype=np.int64)
         if steps.shape != betas.shape:
             raise ValueError(f"`timesteps` (shape {steps.shape}) must match `betas` (shape {betas.shape})")
@@ -105,16 +109,22 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, num_timesteps: int = 1000) -> NoiseSchedule:
         """ADM's linear schedule: betas from 1e-4 to 0.02, scaled by 1000 / T."""
-        if not isinstance(num_timesteps, int) or num_timesteps < 51:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 51:
             raise ValueError(
                 f"the linear schedule needs more than 50 steps (its betas scale with 1000 / T), got {num_timesteps!r}"
             )
-        scale = 1000.0 / num_timesteps
-        return cls(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64))
+        scale = 1000.0 / int(num_timesteps)
+        return cls(np.linspace(scale * 1e-4, scale * 0.02, int(num_timesteps), dtype=np.float64))
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
-        """Improved DDPM's cosine schedule (betas clipped at ``max_beta``)."""
+        """Improved DDPM's cosine schedule (betas clipped at ``max_beta`` < 1)."""
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 2:
+            raise ValueError(f"`num_timesteps` must be an integer >= 2, got {num_timesteps!r}")
+        if not (math.isfinite(s) and s >= 0):
+            raise ValueError(f"`s` must be a finite offset >= 0, got {s!r}")
+        if not 0 < max_beta < 1:
+            raise ValueError(f"`max_beta` must be in (0, 1), got {max_beta!r}")
 
         def alpha_bar(t: float) -> float:
             return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2

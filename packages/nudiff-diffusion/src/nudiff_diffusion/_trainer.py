@@ -140,6 +140,13 @@ def _save(
 
 _RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "log_every", "microbatch", "device")
 _TRAIN_FLAGS = {"batch_size": "--batch", "ema_rate": "--ema", "cond_drop_prob": "--drop-prob"}
+_DIFFUSION_FLAGS = {
+    "patches": "the patches of the data (--data / --pairs, --subset)",
+    "structure_preset": "--preset",
+    "histo_preset": "--preset",
+    "preset": "the preset's settings",
+    "holdout": "the held-out patches (chosen with --seed)",
+}
 
 
 def _restore(
@@ -159,8 +166,11 @@ def _restore(
     saved, run = read_config(ckpt), ckpt.parent.parent
     given_train = dataclasses.asdict(config)
     check_resume_settings(run, saved.get("train", {}), given_train, may_change=_RESUMABLE_CHANGES, flags=_TRAIN_FLAGS)
-    given = {k: v for k, v in settings.items() if k not in ("data", "init")}  # folders move; init only starts a run
-    check_resume_settings(run, saved.get("diffusion", {}), given, flags={"patches": "the patches of the data"})
+    # folders move and init only starts a run; the data's patches are compared first (the
+    # held-out names, chosen from them, would differ too and hide the cause)
+    given = {k: v for k, v in settings.items() if k not in ("data", "init")}
+    given = {**({"patches": given.pop("patches")} if "patches" in given else {}), **given}
+    check_resume_settings(run, saved.get("diffusion", {}), given, flags=_DIFFUSION_FLAGS)
     path = ckpt / STATE_NAME
     state = read_train_state(path, device=device, keys=("step", "model", "optimizer", "scaler"))
     try:
@@ -292,7 +302,7 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
-    if start > 0 and rank == 0 and callback is not None and start < config.steps:
+    if start > 0 and rank == 0 and callback is not None:
         # a kill between the checkpoint and its callback would lose the callback's output for
         # good: it runs again for the resumed checkpoint (callbacks replace what they wrote)
         callback(start, ema)

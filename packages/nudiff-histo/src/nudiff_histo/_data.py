@@ -78,7 +78,7 @@ def build_pairs(
     stat = [
         (n, str(i.stat().st_size), i.stat().st_mtime_ns, m.stat().st_size, m.stat().st_mtime_ns) for n, i, m in pairs
     ]
-    key = hashlib.sha256(json.dumps([stat, asdict(g), "pairs-v1"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([stat, asdict(g), "pairs-v2"]).encode()).hexdigest()[:16]
     cache_file = _cache_dir(folder) / f"pairs-{key}.npz"
     cached = read_npz_cache(cache_file, ("images", "instance_maps", "names"))
     if cached is not None:

@@ -13,6 +13,7 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
+    runtime_weights_digest,
     seeded_generator,
     shard_indices,
     tensor_to_images,
@@ -127,7 +128,7 @@ def sample_histology(
             "give another --out"
         )
     settings = {
-        "model": getattr(runtime, "config", {}).get("weights_sha256"),
+        "model": runtime_weights_digest(runtime),
         "structures": str(Path(structures_dir).resolve()),
         "guidance": guidance,
         "sampler": sampler,

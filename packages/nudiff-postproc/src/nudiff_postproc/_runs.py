@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ._io import atomic_path
 
@@ -32,8 +35,12 @@ def names_digest(names: Sequence[str], what: str = "names") -> str:
     return f"{len(names)} {what}, names sha256 {digest}"
 
 
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
 def _comparable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))  # tuples as lists, as the saved JSON has them
+    return json.loads(json.dumps(value, default=_plain))  # tuples as lists, numpy scalars as numbers, as saved
 
 
 def check_resume_settings(
@@ -43,6 +50,7 @@ def check_resume_settings(
     *,
     may_change: Collection[str] = (),
     flags: Mapping[str, str] | None = None,
+    remedy: str = "resume with the run's settings or start a new run with another --out",
 ) -> None:
     """Refuse a resume whose settings differ from those the run was started with.
 
@@ -57,6 +65,8 @@ def check_resume_settings(
         Keys a resume may change (e.g. how often it saves).
     flags : mapping, optional
         The command-line flag of a key, for the message (default ``--key-with-dashes``).
+    remedy : str
+        What the message tells the user to do instead.
 
     Raises
     ------
@@ -67,10 +77,17 @@ def check_resume_settings(
         if key in may_change or key not in saved or _comparable(saved[key]) == _comparable(value):
             continue
         flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
-        raise ValueError(
-            f"'{where}' was started with {flag} {saved[key]!r}, this resume gives {value!r}; resume with the run's "
-            "settings or start a new run with another --out"
-        )
+        raise ValueError(f"'{where}' was started with {flag} {saved[key]!r}, this resume gives {value!r}; {remedy}")
+
+
+def _read_stamp(stamp: Path, out: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(stamp.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"'{stamp}' is not valid JSON ({exc}); it records how '{out}' was made") from exc
+    if not isinstance(saved, dict):
+        raise ValueError(f"'{stamp}' holds {type(saved).__name__}, not the settings '{out}' was made with")
+    return saved
 
 
 def claim_output_folder(
@@ -80,6 +97,7 @@ def claim_output_folder(
     may_change: Collection[str] = (),
     flags: Mapping[str, str] | None = None,
     replace: bool = False,
+    remedy: str = "resume with the run's settings or start a new run with another --out",
 ) -> Path:
     """Create ``out`` for work that skips what already exists there, or check that the
     work already in it was made with ``settings``.
@@ -87,23 +105,32 @@ def claim_output_folder(
     The first call writes ``settings`` to ``out/.nudiff-run.json``; a later one (a resumed
     or repeated run) must give the same ones, except ``may_change``, else the files it
     would skip were made differently and a ``ValueError`` names the first differing flag
-    (see :func:`check_resume_settings`). Values are compared as JSON. ``replace``: the
-    caller redoes every file (``--overwrite``), so ``settings`` replace the recorded ones.
+    (see :func:`check_resume_settings`; ``remedy`` ends its message). Values are compared
+    as JSON. The file is created exclusively, so of two runs (ranks, shards) starting at
+    once with different settings one is refused. ``replace``: the caller has removed what
+    the folder held (``--overwrite``), so ``settings`` replace the recorded ones.
     Returns ``out``.
     """
     out = Path(out)
     stamp = out / RUN_STAMP
     record = _comparable(dict(settings))
-    if stamp.is_file() and not replace:
-        try:
-            saved = json.loads(stamp.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"'{stamp}' is not valid JSON ({exc}); it records how '{out}' was made") from exc
-        if not isinstance(saved, dict):
-            raise ValueError(f"'{stamp}' holds {type(saved).__name__}, not the settings '{out}' was made with")
-        check_resume_settings(out, saved, record, may_change=may_change, flags=flags)
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stamp) as tmp:
+    if replace:
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        return out
+    if not stamp.is_file():
+        tmp = out / f".{RUN_STAMP}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            os.link(tmp, stamp)  # exclusive and whole: fails when another run wrote it first
+            return out
+        except FileExistsError:
+            pass  # another run (a rank, a shard) was first: compare with its settings
+        except OSError:  # a file system without hard links: not exclusive, still whole
+            os.replace(tmp, stamp)
+            return out
+        finally:
+            tmp.unlink(missing_ok=True)
+    check_resume_settings(out, _read_stamp(stamp, out), record, may_change=may_change, flags=flags, remedy=remedy)
     return out

@@ -42,7 +42,11 @@ def _cmd_instances(args: argparse.Namespace) -> int:
     _check_options(args.threshold, args.orientations)  # before --out is made
     _check_scale(args.scale)
     settings = {"threshold": args.threshold, "orientations": args.orientations, "scale": args.scale}
-    out_dir = claim_output_folder(args.out, settings, replace=args.overwrite)
+    if args.overwrite:  # the old maps go first: a killed overwrite must not leave them beside new ones
+        for name in files:
+            (Path(args.out) / f"{name}{args.format}").unlink(missing_ok=True)
+    remedy = "give the settings its maps were made with, --overwrite to redo them all, or another output folder"
+    out_dir = claim_output_folder(args.out, settings, replace=args.overwrite, remedy=remedy)
     todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
     if len(todo) < len(files):
         print(

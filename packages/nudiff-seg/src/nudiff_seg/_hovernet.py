@@ -436,5 +436,8 @@ def load_hovernet(directory: str | os.PathLike[str], *, device: str | torch.devi
         raise ValueError(
             f"'{weights}' does not fit the config in '{directory / CONFIG_NAME}' (first mismatches: {bad[:3]})"
         )
+    from nudiff_diffusion import check_weights_digest
+
+    check_weights_digest(state, config, weights)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -14,6 +14,7 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
+    runtime_weights_digest,
     sample,
     seeded_generator,
     shard_indices,
@@ -74,7 +75,7 @@ def sample_structures(
     if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
         runtime.check_sampling_batch(min(batch, max(1, len(mine))))
     settings = {
-        "model": getattr(runtime, "config", {}).get("weights_sha256"),
+        "model": runtime_weights_digest(runtime),
         "sampler": sampler,
         "steps": steps,
         "clip": clip,
