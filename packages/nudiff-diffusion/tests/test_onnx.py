@@ -142,7 +142,7 @@ def test_a_corrupt_or_incomplete_config_is_named(exported, tmp_path):
     config = json.loads((root / "graph" / "config.json").read_text())
     del config["batch_max"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json' has no integer 'batch_max' \(got None\); export"):
+    with pytest.raises(ValueError, match=r"config\.json' has no positive integer 'batch_max' \(got None\); export"):
         load_denoiser(tmp_path / "model.onnx")
 
 

@@ -242,4 +242,5 @@ def test_training_again_into_a_run_needs_resume(run, tmp_path, capsys):
     common = [*args, "--steps", "6", "--batch", "2", "--save-every", "2", "--resume"]
     assert main([*common, "--subset", str(subset)]) == 2
     err = capsys.readouterr().err
-    assert "was started with the patches of the data '" in err and "this resume gives '1 patches, names sha256" in err
+    assert "was started with the patches of the data (--data / --pairs, --subset) '" in err
+    assert "this resume gives '1 patches, names sha256" in err
