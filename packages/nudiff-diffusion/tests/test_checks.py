@@ -153,3 +153,15 @@ def test_output_records_compare_numpy_scalars_as_numbers_and_identify_models(tmp
     model = UNet(UNetConfig.preset("tiny-64", image_size=16))
     # a runtime without a recorded digest (built in memory) is identified by its weights
     assert runtime_weights_digest(TorchDenoiser(model)) == weights_digest(model.state_dict())
+
+
+def test_respacing_and_load_device_arguments_are_named(tmp_path):
+    from nudiff_diffusion import space_timesteps
+
+    steps = space_timesteps(1000, "ddim30")
+    assert len(steps) == 30 and steps[1] == 34  # the smallest stride giving 30 steps, as documented
+    with pytest.raises(ValueError, match="not a bool"):
+        space_timesteps(1000, True)
+    save_model(tmp_path / "run", UNet(UNetConfig.preset("tiny-64", image_size=16)))
+    with pytest.raises(ValueError, match="`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        load_model(tmp_path / "run", device="gpu")

@@ -251,29 +251,23 @@ def test_a_resume_reruns_the_callback_of_its_checkpoint_and_a_fresh_run_needs_re
     that output for good: the resume calls back for step 2 first."""
     config = TrainConfig(steps=4, batch_size=2, save_every=2)
     calls = []
+
+    def resume() -> None:
+        train(
+            _model(),
+            _data(),
+            SCHEDULE,
+            tmp_path,
+            config,
+            resume=True,
+            progress=False,
+            callback=lambda s, m: calls.append(s),
+        )
+
     train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, steps=2), progress=False)
-    train(
-        _model(),
-        _data(),
-        SCHEDULE,
-        tmp_path,
-        config,
-        resume=True,
-        progress=False,
-        callback=lambda s, m: calls.append(s),
-    )
+    resume()
     assert calls == [2, 4]
-    # a kill between the last checkpoint and its callback: the resume of the finished run makes it up
-    train(
-        _model(),
-        _data(),
-        SCHEDULE,
-        tmp_path,
-        config,
-        resume=True,
-        progress=False,
-        callback=lambda s, m: calls.append(s),
-    )
+    resume()  # a kill between the last checkpoint and its callback: the resume of the finished run makes it up
     assert calls == [2, 4, 4]
     with pytest.raises(FileExistsError, match="already holds a training run \\(checkpoints up to step_0000004\\)"):
         train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)

@@ -151,6 +151,9 @@ def load_model(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ._runtime import resolve_device  # imports this module: here, not at the top
+
+    device = resolve_device(device)  # an unknown or absent device is named before any file is read
     directory = Path(directory)
     config = read_config(directory)
     try:

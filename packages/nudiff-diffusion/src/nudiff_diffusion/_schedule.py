@@ -25,7 +25,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         Steps of the original schedule.
     section_counts : str, int or list of int
         ``"250"`` or ``250``: that many steps, evenly spread (ends included);
-        ``"ddim50"``: every ``num_timesteps // 50``-th step from 0, as DDIM does;
+        ``"ddim50"``: every k-th step from 0, k the smallest stride that gives exactly 50
+        steps (guided-diffusion's rule: 20 for ddim50 of 1000, 34 for ddim30);
         ``"10,10,5"``: the schedule cut into equal sections, with that many steps in each.
 
     Returns
@@ -33,6 +34,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     list of int
         Sorted, unique indices into the original schedule.
     """
+    if isinstance(section_counts, bool):
+        raise ValueError(f"respacing {section_counts!r}: expected a count, 'ddimN' or section counts, not a bool")
     if isinstance(section_counts, str):
         text = section_counts.strip()
         if text.startswith("ddim"):
