@@ -165,3 +165,23 @@ def test_respacing_and_load_device_arguments_are_named(tmp_path):
     save_model(tmp_path / "run", UNet(UNetConfig.preset("tiny-64", image_size=16)))
     with pytest.raises(ValueError, match="`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
         load_model(tmp_path / "run", device="gpu")
+
+
+def test_every_runtime_names_bad_eps_inputs_the_same_way():
+    from nudiff_diffusion import TorchDenoiser
+
+    runtime = TorchDenoiser(UNet(UNetConfig.preset("tiny-64", image_size=16)))
+    x, t = torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.int64)
+    assert runtime.eps(x.double(), t).dtype == torch.float32  # float64 in: float32 out, as documented
+    for args, error, message in (
+        (
+            (torch.randn(2, 3, 8, 8), t),
+            ValueError,
+            "`x` must be \\(N, 3, 16, 16\\) for this model, got \\(2, 3, 8, 8\\)",
+        ),
+        ((x.long(), t), TypeError, "`x` must be floating point"),
+        ((x, torch.zeros(3, dtype=torch.int64)), ValueError, "`t` must be 2 integer timesteps"),
+        ((x, torch.zeros(2)), ValueError, "`t` must be 2 integer timesteps"),
+    ):
+        with pytest.raises(error, match=message):
+            runtime.eps(*args)

@@ -49,6 +49,8 @@ def test_export_matches_pytorch(exported):
     x, t = torch.randn(5, 3, 32, 32), torch.randint(1000, (5,))
     with torch.no_grad():
         assert (runtime.eps(x, t) - model(x, t)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="`x` must be \\(N, 3, 32, 32\\) for this model, got \\(5, 3, 16, 16\\)"):
+        runtime.eps(torch.randn(5, 3, 16, 16), t)  # named as PyTorch's runtime does, not by ONNX Runtime
 
 
 def test_samples_through_onnx_match_pytorch(exported):

@@ -206,6 +206,13 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
         == 2
     )
     assert "checkpoint directory not found" in capsys.readouterr().err and not out.exists()
+    # an --out file that is a folder is named before any work (the scores would be lost after it)
+    for command in (
+        ["fidelity", "--checkpoint", str(tmp_path / "nowhere"), "--pairs", str(tmp_path / "d")],
+        ["features", "--data", str(tmp_path / "d"), "--weights", str(tmp_path / "none.pth")],
+    ):
+        assert main(["--quiet", *command, "--out", str(tmp_path)]) == 2
+        assert "is a folder; expected the path of the file to write" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])

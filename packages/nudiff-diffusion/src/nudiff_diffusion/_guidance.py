@@ -81,8 +81,23 @@ def mix_guidance(out_c: torch.Tensor, out_u: torch.Tensor, scale: float | torch.
 
 class GuidedRuntime:
     """What every runtime shares: :meth:`guided`, classifier-free guidance over the
-    runtime's own ``eps(x, t, cond)`` and ``prepare(cond)``. A runtime whose graph does
-    guidance inside (an ONNX graph exported with ``--guided``) overrides it."""
+    runtime's own ``eps(x, t, cond)`` and ``prepare(cond)``, and the check of ``eps``'s
+    inputs. A runtime whose graph does guidance inside (an ONNX graph exported with
+    ``--guided``) overrides :meth:`guided`."""
+
+    def check_eps_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Refuse an ``x`` that is not (N, in_channels, image_size, image_size) floating
+        point or a ``t`` that is not N integer timesteps, naming both shapes (the engines'
+        own errors do not)."""
+        size, channels = self.image_size, self.in_channels  # type: ignore[attr-defined]
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"`x` must be (N, {channels}, {size}, {size}) for this model, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"`x` must be floating point, got {x.dtype}")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (x.shape[0],) or t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"`t` must be {x.shape[0]} integer timesteps (one per sample of `x`), got {got}")
 
     def guided(
         self, cond: torch.Tensor, null_cond: torch.Tensor, scale: float, *, batched: bool = True

@@ -486,6 +486,7 @@ class GraphRuntime(GuidedRuntime):
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None
     ) -> dict[str, torch.Tensor]:
         """The graph's inputs by name (float32 x, cond and scale; int64 t), checked."""
+        self.check_eps_inputs(x, t)
         check_batch(self.path, x.shape[0], self.batch_max)
         feed = {"x": x.detach().float(), "t": t.detach().to(torch.int64)}
         if self.conditional:

@@ -248,9 +248,10 @@ class TorchDenoiser(GuidedRuntime):
         """The model's output (N, C or 2C, H, W) float32, on the device of ``x``, for x
         (N, C, H, W) at timesteps t (N,), with ``cond`` a tensor or what :meth:`prepare`
         returned."""
+        self.check_eps_inputs(x, t)
         if isinstance(cond, torch.Tensor):
             cond = cond.to(self.device)
-        x_in = x.to(self.device).contiguous(memory_format=self.memory_format)
+        x_in = x.to(self.device, torch.float32).contiguous(memory_format=self.memory_format)
         return self._forward(x_in, t.to(self.device), cond).to(x.device)
 
     __call__ = eps

@@ -118,11 +118,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
 
+def _check_out_file(out: str | None) -> None:
+    """An ``--out`` file, checked before the work whose result it will hold."""
+    from pathlib import Path
+
+    if out and Path(out).is_dir():
+        raise ValueError(f"--out '{out}' is a folder; expected the path of the file to write")
+
+
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     from ._data import load_tiles
     from ._hovernet import load_hovernet
     from ._predict import score_pairs
 
+    _check_out_file(args.out)
     model = load_hovernet(args.checkpoint, device=_device(args))
     sets = [("synthetic", args.pairs)] + ([("real", args.real)] if args.real else [])
     print(
@@ -155,6 +164,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     from ._features import load_backbone, patch_embeddings
 
+    _check_out_file(args.out)
     model = load_backbone(args.weights, args.arch).to(_device(args))
     pairs = dataset_pairs(args.data)
     images = [read_pair(i, m, strict=True)[0] for _, i, m in pairs]
