@@ -234,6 +234,7 @@ class OnnxModulatedDenoiser(GraphRuntime):
         structures or (faster) what :meth:`prepare` returned for them."""
         if cond is None:
             raise ValueError(f"'{self.path}' is a conditional graph: give `cond`")
+        self.check_eps_inputs(x, t)
         mods = cond if isinstance(cond, _Modulations) else self.prepare(cond)
         check_batch(self.path, x.shape[0], self.batch_max)
         if mods.batch != x.shape[0]:
