@@ -27,17 +27,10 @@ import time
 
 def _opset(text: str) -> int:
     """--opset, refused before any work when the dynamo exporter cannot write it."""
-    from nudiff_diffusion import MIN_OPSET
+    from nudiff_diffusion import MIN_OPSET, int_at_least  # here: --help stays free of torch
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < MIN_OPSET:
-        raise argparse.ArgumentTypeError(
-            f"{value}: the dynamo exporter needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node)"
-        )
-    return value
+    why = f"the dynamo exporter needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node)"
+    return int_at_least(MIN_OPSET, why)(text)
 
 
 def main(argv: list[str] | None = None) -> int:

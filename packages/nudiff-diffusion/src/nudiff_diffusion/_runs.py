@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``low``, else a usage error naming the value."""
+def int_at_least(low: int, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``, else a usage error naming the value
+    (and ``why``, when given, saying what the bound is for)."""
 
     def parse(text: str) -> int:
         try:
@@ -46,7 +47,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}" + (f": {why}" if why else ""))
         return value
 
     return parse
