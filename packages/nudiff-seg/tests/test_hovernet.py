@@ -69,3 +69,22 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
         load_hovernet(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
         load_hovernet(tmp_path / "nowhere")
+    for text, message in (("{", "is not valid JSON"), ("[1]", "holds a JSON list"), ('{"format": 1}', "has format 1")):
+        (tmp_path / "run" / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_hovernet(tmp_path / "run")
+
+
+def test_save_hovernet_with_an_unwritable_config_changes_no_file(tmp_path):
+    torch.manual_seed(1)
+    model = build_hovernet("tiny").eval()
+    save_hovernet(tmp_path / "run", model)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    other = build_hovernet("tiny").eval()
+    with pytest.raises(TypeError):  # not JSON: refused before the weights are replaced
+        save_hovernet(tmp_path / "run", other, extra={"note": object()})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    with pytest.raises(TypeError):
+        save_hovernet(tmp_path / "new", other, extra={"note": object()})
+    assert not (tmp_path / "new").exists()
+    load_hovernet(tmp_path / "run")  # still a matching pair

@@ -1,7 +1,15 @@
 """nudiff-diffusion: the one diffusion core of nudiff (schedules, losses, samplers, UNet)."""
 
 from ._arrays import images_to_tensor, structures_to_tensor, tensor_to_images, tensor_to_structures
-from ._checkpoint import check_weights_digest, evaluating, load_model, read_config, save_model, weights_digest
+from ._checkpoint import (
+    check_weights_digest,
+    evaluating,
+    load_model,
+    read_config,
+    read_json_object,
+    save_model,
+    weights_digest,
+)
 from ._config import PRESETS, UNetConfig
 from ._guidance import GuidedRuntime, guided, mix_guidance
 from ._losses import discretized_gaussian_log_likelihood, normal_kl, training_losses, vlb_terms
@@ -77,6 +85,7 @@ __all__ = [
     "claim_output_folder",
     "evaluating",
     "weights_digest",
+    "read_json_object",
     "check_resume_settings",
     "read_train_state",
     "refuse_train_state",

@@ -367,24 +367,26 @@ def load_encoder_from_torchvision(model: HoVerNet, path: str | os.PathLike[str])
 
 def save_hovernet(directory: str | os.PathLike[str], model: HoVerNet, *, extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` into ``directory``, each atomically."""
+    from nudiff_diffusion import weights_digest
     from nudiff_postproc._io import atomic_path
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    from nudiff_diffusion import weights_digest
-
     config = {
         "format": FORMAT,
         "hovernet": model.config.to_dict(),
         "weights_sha256": weights_digest(state),
         **(extra or {}),
     }
+    text = json.dumps(config, indent=2) + "\n"  # a config that cannot be written fails before any file changes
+    directory.mkdir(parents=True, exist_ok=True)
+    # weights first, then their config: a kill between the two leaves a pair whose digests
+    # differ, which load_hovernet refuses
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
     with atomic_path(directory / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.write_text(text)
     return directory
 
 
@@ -396,13 +398,12 @@ def read_hovernet_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint directory not found: '{directory}'")
     if not path.is_file():
         raise FileNotFoundError(f"'{directory}' has no {CONFIG_NAME}; expected a nudiff-seg checkpoint directory")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"'{path}' is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        kind = f" (a '{config.get('kind')}' model)" if isinstance(config, dict) and config.get("kind") else ""
+    from nudiff_diffusion import read_json_object
+
+    config = read_json_object(path)
+    if config.get("format") != FORMAT:
+        got = config.get("format")
+        kind = f" (a '{config.get('kind')}' model)" if config.get("kind") else ""
         raise ValueError(
             f"'{path}' has format {got!r}{kind}; expected a HoVer-Net checkpoint ('{FORMAT}') from nudiff-seg train"
         )
