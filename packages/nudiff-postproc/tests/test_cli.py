@@ -137,6 +137,20 @@ def test_evaluate_reports_missing_predictions(tmp_path, capsys):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_evaluate_means_as_compute_stats_one_sided_misses_count_zero(tmp_path, capsys):
+    inst = synthetic_instance_map((32, 32), n_nuclei=3, seed=1)
+    empty = np.zeros_like(inst)
+    # a: perfect; b: nothing predicted; c: false nuclei on an empty tile; d: nothing in either
+    for name, true, pred in (("a", inst, inst), ("b", inst, empty), ("c", empty, inst), ("d", empty, empty)):
+        write_instance_map(tmp_path / "true" / f"{name}.png", true)
+        write_instance_map(tmp_path / "pred" / f"{name}.png", pred)
+    assert _evaluate(tmp_path, "s.csv") == 0
+    rows = {r[0]: r[1:] for r in csv.reader(open(tmp_path / "s.csv"))}
+    assert rows["b"] == rows["c"] == ["0.000000"] * 6 and rows["d"] == ["nan"] * 6
+    assert float(rows["mean"][1]) == pytest.approx(1 / 3, abs=1e-6)  # AJI: (1 + 0 + 0) / 3
+    assert "1 image(s) with no nuclei in either map are NaN and left out of the mean" in capsys.readouterr().out
+
+
 def test_xml2inst_and_patches_on_kumar(kumar, tmp_path):
     name = "TCGA-21-5784-01Z-00-DX1"
     assert (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nudiff_postproc import METRIC_KEYS, evaluate, overlap_table, synthetic_instance_map
+from nudiff_postproc import METRIC_KEYS, evaluate, mean_metrics, overlap_table, synthetic_instance_map
 from scipy.optimize import linear_sum_assignment
 
 
@@ -119,12 +119,33 @@ def test_invariant_under_relabelling(seed, offset):
     np.testing.assert_allclose([a[k] for k in METRIC_KEYS], [b[k] for k in METRIC_KEYS], atol=1e-12, equal_nan=True)
 
 
-def test_empty_maps_give_nan():
+def test_empty_maps():
     empty = np.zeros((16, 16), np.int32)
     full = np.zeros((16, 16), np.int32)
     full[2:6, 2:6] = 1
-    for a, b in ((empty, empty), (empty, full), (full, empty)):
+    full[9:12, 9:15] = 4
+    for a, b in ((empty, empty), (empty, full), (full, empty)):  # the fixtures' convention
         assert all(np.isnan(v) for v in evaluate(a, b).values())
+    assert all(np.isnan(v) for v in evaluate(empty, empty, one_empty="zero").values())  # 0 / 0
+    # HoVer-Net's functions score an empty true map against false nuclei 0 (compute_stats.py)
+    assert evaluate(empty, full, one_empty="zero") == {k: 0.0 for k in METRIC_KEYS} == _oracle(empty, full)
+    # against an empty prediction its get_fast_aji raises; 0 is what each formula gives
+    with pytest.raises(ValueError, match="argmax of an empty sequence"):
+        _oracle(full, empty)
+    assert evaluate(full, empty, one_empty="zero") == {k: 0.0 for k in METRIC_KEYS}
+    with pytest.raises(ValueError, match="`one_empty` must be 'nan' or 'zero', got 'skip'"):
+        evaluate(full, empty, one_empty="skip")
+
+
+def test_mean_metrics_counts_one_sided_misses_and_skips_undefined_images():
+    true, pred = _perturbed(3)
+    empty = np.zeros_like(true)
+    rows = [evaluate(true, pred, one_empty="zero"), evaluate(true, empty, one_empty="zero")]
+    rows.append(evaluate(empty, empty, one_empty="zero"))  # undefined: left out
+    mean = mean_metrics(rows)
+    assert mean == pytest.approx({k: rows[0][k] / 2 for k in METRIC_KEYS}, abs=1e-15)
+    assert all(np.isnan(v) for v in mean_metrics(rows[2:]).values())
+    assert all(np.isnan(v) for v in mean_metrics([]).values())
 
 
 def test_overlap_table_is_reusable_and_inputs_unchanged():

@@ -13,7 +13,7 @@ from ._io import (
     write_instance_map,
 )
 from ._labels import compact_labels
-from ._metrics import METRIC_KEYS, OverlapTable, evaluate, overlap_table
+from ._metrics import METRIC_KEYS, OverlapTable, evaluate, mean_metrics, overlap_table
 from ._morphology import MORPHOLOGY_FEATURES, morphology_distance, morphology_stats
 from ._patches import (
     PATCH_GEOMETRY,
@@ -55,6 +55,7 @@ __all__ = [
     "downscale_instance_map",
     "encode_structure",
     "evaluate",
+    "mean_metrics",
     "extract_patches",
     "hv_maps",
     "instances_rgb",

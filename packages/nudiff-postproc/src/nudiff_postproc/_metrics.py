@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -12,7 +14,7 @@ from scipy.sparse.csgraph import connected_components
 from ._labels import compact_checked
 from ._validate import as_instance_map
 
-__all__ = ["OverlapTable", "overlap_table", "evaluate", "METRIC_KEYS"]
+__all__ = ["OverlapTable", "overlap_table", "evaluate", "mean_metrics", "METRIC_KEYS"]
 
 #: The keys of :func:`evaluate`, in HoVer-Net's ``compute_stats`` order.
 METRIC_KEYS: tuple[str, ...] = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
@@ -170,7 +172,12 @@ def _pq(table: OverlapTable, match_iou: float) -> tuple[float, float, float]:
 
 
 def evaluate(
-    true: np.ndarray, pred: np.ndarray, *, match_iou: float = 0.5, table: OverlapTable | None = None
+    true: np.ndarray,
+    pred: np.ndarray,
+    *,
+    match_iou: float = 0.5,
+    table: OverlapTable | None = None,
+    one_empty: Literal["nan", "zero"] = "nan",
 ) -> dict[str, float]:
     """Dice, AJI, AJI+, DQ, SQ and PQ of a predicted instance map.
 
@@ -188,14 +195,21 @@ def evaluate(
     table : OverlapTable, optional
         A precomputed :func:`overlap_table` of ``(true, pred)`` (refused when its pixel
         counts disagree with the maps).
+    one_empty : {"nan", "zero"}, default "nan"
+        The value when exactly one of the maps has no nuclei. ``"nan"``: undefined, as the
+        parity fixtures record it. ``"zero"``: every metric 0, as HoVer-Net's
+        ``compute_stats.py`` scores such an image (its functions return 0 for an empty
+        true map; for an empty prediction ``get_fast_aji`` raises, and 0 is what each
+        formula gives): a prediction of nothing, or only of false nuclei, is a total miss.
+        Use it for means over images (:func:`mean_metrics`), so that such images lower
+        the mean instead of dropping out of it.
 
     Returns
     -------
     dict
-        ``dice, aji, aji_plus, dq, sq, pq`` as floats. When either map has no nuclei, all
-        six are NaN: the metrics are not defined there (HoVer-Net's functions raise or
-        divide 0 by 0); average per-image values with ``np.nanmean`` and count empty
-        tiles separately.
+        ``dice, aji, aji_plus, dq, sq, pq`` as floats. When both maps have no nuclei, all
+        six are NaN (0 / 0 in every definition; HoVer-Net's functions raise); when only
+        one has none, as ``one_empty`` says.
 
     Examples
     --------
@@ -205,6 +219,8 @@ def evaluate(
     """
     if not 0.5 <= float(match_iou) < 1.0:
         raise ValueError(f"`match_iou` must be in [0.5, 1), got {match_iou!r}")
+    if one_empty not in ("nan", "zero"):
+        raise ValueError(f"`one_empty` must be 'nan' or 'zero', got {one_empty!r}")
     if table is None:
         table = overlap_table(true, pred)
     elif not isinstance(table, OverlapTable):
@@ -221,7 +237,8 @@ def evaluate(
                     f"{int(area.sum())} pixels in {name} nuclei, `{name}` has {foreground} of {labels.size}"
                 )
     if table.n_true == 0 or table.n_pred == 0:
-        return {key: float("nan") for key in METRIC_KEYS}
+        both = table.n_true == table.n_pred
+        return {key: float("nan") if both or one_empty == "nan" else 0.0 for key in METRIC_KEYS}
     # Dice of the foregrounds
     inter_fg = table.intersection.sum()
     dice = 2.0 * inter_fg / (table.true_area[1:].sum() + table.pred_area[1:].sum())
@@ -235,3 +252,27 @@ def evaluate(
         "sq": float(sq),
         "pq": float(pq),
     }
+
+
+def mean_metrics(per_image: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """The mean of each metric over the images where it is defined.
+
+    Parameters
+    ----------
+    per_image : iterable of dict
+        :func:`evaluate` results (for HoVer-Net's means, made with ``one_empty="zero"``:
+        then only images with no nuclei in either map are left out).
+
+    Returns
+    -------
+    dict
+        ``dice, aji, aji_plus, dq, sq, pq``: the mean of the finite values, NaN where no
+        image has one.
+    """
+    rows = list(per_image)
+    mean = {}
+    for key in METRIC_KEYS:
+        values = np.array([row[key] for row in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        mean[key] = float(finite.mean()) if finite.size else float("nan")
+    return mean

@@ -24,7 +24,7 @@ from ._io import (
     write_image,
     write_instance_map,
 )
-from ._metrics import METRIC_KEYS, evaluate
+from ._metrics import METRIC_KEYS, evaluate, mean_metrics
 from ._patches import extract_patches
 from ._runs import claim_output_folder
 from ._watershed import _check_options, _check_scale, instances_from_structures
@@ -96,12 +96,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"'{pred_files[name]}' has shape {pred.shape}, its true map '{true_files[name]}' {true.shape}"
             )
-        rows.append((name, evaluate(true, pred)))
-    with np.errstate(all="ignore"):
-        mean = {
-            k: float(np.nanmean([r[k] for _, r in rows])) if any(np.isfinite(r[k]) for _, r in rows) else float("nan")
-            for k in METRIC_KEYS
-        }
+        rows.append((name, evaluate(true, pred, one_empty="zero")))
+    mean = mean_metrics(r for _, r in rows)
     header = ["name", *METRIC_KEYS]
     lines = [[name, *(f"{r[k]:.6f}" for k in METRIC_KEYS)] for name, r in rows]
     lines.append(["mean", *(f"{mean[k]:.6f}" for k in METRIC_KEYS)])
@@ -116,7 +112,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{line[0]:<{width}}  " + "  ".join(f"{v:>8}" for v in line[1:]))
     empty = sum(1 for _, r in rows if not np.isfinite(r["dice"]))
     if empty:
-        print(f"{empty} image(s) with no nuclei in the true or predicted map are NaN and left out of the mean")
+        print(f"{empty} image(s) with no nuclei in either map are NaN and left out of the mean")
     return 0
 
 

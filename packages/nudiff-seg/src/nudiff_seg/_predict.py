@@ -21,6 +21,7 @@ from nudiff_diffusion import evaluating
 from nudiff_postproc import (
     evaluate,
     instances_from_structure,
+    mean_metrics,
     outline_overlay,
     to_geojson,
     write_image,
@@ -136,15 +137,12 @@ def score_pairs(
     model: HoVerNet | OnnxHoVerNet, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, batch: int = 8
 ) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
     """Predict every ``(name, image, true instance map)`` and score it with
-    :func:`nudiff_postproc.evaluate`; returns the per-image rows and the mean of each
-    metric over images where it is defined (NaN when none is)."""
+    :func:`nudiff_postproc.evaluate` as HoVer-Net's ``compute_stats.py`` does (an image
+    where only one of the maps has nuclei scores 0); returns the per-image rows and
+    :func:`nudiff_postproc.mean_metrics` of them (images with no nuclei in either map
+    left out)."""
     rows = []
     for name, image, true in pairs:
         inst, _ = predict_instances(model, image, batch=batch)
-        rows.append((name, evaluate(true, inst)))
-    keys = rows[0][1].keys() if rows else ()
-    mean = {}
-    for k in keys:
-        values = np.array([r[k] for _, r in rows], dtype=np.float64)
-        mean[k] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-    return rows, mean
+        rows.append((name, evaluate(true, inst, one_empty="zero")))
+    return rows, mean_metrics(r for _, r in rows)
