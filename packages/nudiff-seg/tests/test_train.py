@@ -115,3 +115,24 @@ def test_diverged_weights_are_never_saved(data, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "weight tensor(s) are NaN or inf after 1 batch(es)" in err and "they were not saved" in err, err
     assert not (out / "train_state.pt").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("scores", "best_epoch"), [((float("nan"), float("nan")), 1), ((float("nan"), 0.2), 2), ((0.3, float("nan")), 1)]
+)
+def test_the_run_folder_holds_the_best_epoch_and_never_none(data, tmp_path, monkeypatch, scores, best_epoch):
+    import json
+
+    from nudiff_seg import _train as train_module
+
+    calls = iter(scores)  # validation AJI per epoch; NaN: no nuclei in any map of the set
+
+    def score(*args, **kwargs):
+        aji = next(calls)
+        return [], {"dice": aji, "aji": aji, "pq": aji}
+
+    monkeypatch.setattr(train_module, "score_pairs", score)
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "2", "--val", str(data / "real")) == 0
+    assert json.loads((out / "config.json").read_text())["epoch"] == best_epoch
+    assert json.loads((out / "last" / "config.json").read_text())["epoch"] == 2

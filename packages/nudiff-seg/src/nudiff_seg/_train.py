@@ -32,7 +32,7 @@ import torch
 from nudiff_diffusion import check_resume_settings, names_digest, read_train_state, refuse_train_state
 
 from ._data import Augment, MixedBatches, Tiles
-from ._hovernet import HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
+from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
 from ._losses import hovernet_loss
 from ._predict import score_pairs
 
@@ -294,9 +294,12 @@ def train_hovernet(
         row.update({k: round(v, 5) for k, v in metrics.items()})
         extra = {**settings, "epoch": epoch + 1, **({"validation": metrics} if metrics else {})}
         save_hovernet(out / "last", model, extra=extra)
-        if val is None or metrics["val_aji"] > best_aji:
-            best_aji = metrics.get("val_aji", best_aji)
+        aji = metrics.get("val_aji", math.nan)
+        # the best epoch by validation AJI; a NaN (no nuclei in any validation map or
+        # prediction) is never the best, but the run folder always holds a model
+        if val is None or aji > best_aji or not (out / CONFIG_NAME).is_file():
             save_hovernet(out, model, extra=extra)
+            best_aji = aji if aji > best_aji else best_aji
         _append_log(out / "log.csv", row)
         epoch, start_batch = epoch + 1, 0
         save_state(epoch, 0, phase)
