@@ -88,3 +88,25 @@ def test_save_hovernet_with_an_unwritable_config_changes_no_file(tmp_path):
         save_hovernet(tmp_path / "new", other, extra={"note": object()})
     assert not (tmp_path / "new").exists()
     load_hovernet(tmp_path / "run")  # still a matching pair
+
+
+def test_phase_one_freezes_what_hovernet_freezes():
+    """HoVer-Net's net_desc.py runs conv0 and d0 outside its set_grad_enabled(not freeze)
+    and d0 freezes only its units: the stem, d0's projection shortcut and closing BN-ReLU
+    train in phase 1, as do the bottleneck and the decoders; the optimizer holds exactly
+    the parameters that get gradients."""
+    from nudiff_seg._train import _optimizer
+
+    torch.manual_seed(0)
+    model = build_hovernet("tiny").train()
+    x = torch.rand(1, 3, model.config.input_size, model.config.input_size)
+    out = model(x, freeze_encoder=True)
+    (out["np"].sum() + out["hv"].sum()).backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    trained = {"conv0", "d0.shortcut", "d0.blk_bna", "conv_bot", "decoder"}
+    for name, _ in model.named_parameters():
+        assert (name in with_grad) == name.startswith(tuple(trained)), name
+    assert any(n.startswith("d0.shortcut") for n in with_grad)  # the tiny preset has the projection
+    optimized = {id(p) for group in _optimizer(model, 1, 1e-3).param_groups for p in group["params"]}
+    assert optimized == {id(p) for name, p in model.named_parameters() if name in with_grad}
+    assert len(_optimizer(model, 2, 1e-3).param_groups[0]["params"]) == len(list(model.parameters()))

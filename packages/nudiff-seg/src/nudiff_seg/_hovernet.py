@@ -153,10 +153,14 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_ch, unit_ch[2], 1, stride=stride, bias=False) if need_projection else None
         self.blk_bna = nn.Sequential(OrderedDict(_bn_relu(unit_ch[2])))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, freeze_units: bool = False) -> torch.Tensor:
+        """``freeze_units``: the units run without gradients, the projection shortcut and
+        the closing BN-ReLU with them (HoVer-Net's ``ResidualBlock.forward(freeze=True)``)."""
         shortcut = x if self.shortcut is None else self.shortcut(x)
         for unit in self.units:
-            x = unit(x) + shortcut
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_units):
+                new = unit(x)
+            x = new + shortcut
             shortcut = x
         return self.blk_bna(x)
 
@@ -280,14 +284,21 @@ class HoVerNet(nn.Module):
             nn.init.zeros_(branch.u0.conv.weight)
 
     def encoder_modules(self) -> list[nn.Module]:
-        """The modules HoVer-Net's first training phase keeps frozen."""
-        return [self.conv0, self.d0, self.d1, self.d2, self.d3]
+        """The modules HoVer-Net's first training phase keeps frozen: the units of the
+        four residual stages and the later stages' shortcuts and BN-ReLU. As in the
+        reference (``net_desc.py``: ``conv0`` and ``d0`` run outside its
+        ``set_grad_enabled(not freeze)``, and ``d0`` freezes only its units), the stem,
+        the first stage's projection shortcut and its closing BN-ReLU keep training."""
+        return [self.d0.units, self.d1, self.d2, self.d3]
 
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        d0 = self.d0(self.conv0(images))
-        d1 = self.d1(d0)
-        d2 = self.d2(d1)
-        return [d0, d1, d2, self.d3(d2)]
+    def encode(self, images: torch.Tensor, *, freeze: bool = False) -> list[torch.Tensor]:
+        """The four encoder features; ``freeze``: as :meth:`encoder_modules` says."""
+        d0 = self.d0(self.conv0(images), freeze_units=freeze)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
+            d1 = self.d1(d0)
+            d2 = self.d2(d1)
+            d3 = self.d3(d2)
+        return [d0, d1, d2, d3]
 
     def forward(self, images: torch.Tensor, *, freeze_encoder: bool = False) -> dict[str, torch.Tensor]:
         expected = self.config.input_size
@@ -295,8 +306,7 @@ class HoVerNet(nn.Module):
             raise ValueError(
                 f"HoVer-Net ({self.config.mode}) takes (N, 3, {expected}, {expected}) images, got {tuple(images.shape)}"
             )
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
-            d = self.encode(images)
+        d = self.encode(images, freeze=freeze_encoder)
         d[3] = self.conv_bot(d[3])
         # centre crops: the reference's crop_op amounts (184, 72 / 92, 36) as output sizes
         out = self.config.output_size
