@@ -46,6 +46,22 @@ def test_mixing_by_ratio_and_by_pool(tmp_path):
     assert len(flat) == 8 and sum(t is synthetic for t, _, _ in flat) == 5
     with pytest.raises(ValueError, match="must be in \\[0, 1\\) or 'pool', got 1.5"):
         MixedBatches(real, synthetic, ratio=1.5, batch=4, input_size=256, output_size=164, augment=None)
+    for ratio, batch in ((0.6, 1), (0.9, 4), (0.75, 2)):  # rounds to a whole batch of synthetic windows
+        with pytest.raises(ValueError, match=f"`--synthetic-ratio` {ratio} of a batch of {batch} leaves no real"):
+            MixedBatches(real, synthetic, ratio=ratio, batch=batch, input_size=256, output_size=164, augment=None)
+
+
+def test_ids_past_int32_are_compacted_not_wrapped(tmp_path):
+    inst = np.zeros((64, 64), np.int64)
+    inst[4:20, 4:20] = 7
+    inst[30:50, 30:50] = 2**32 + 7  # would wrap onto 7 as int32
+    inst[52:60, 2:10] = 3_000_000_000  # would turn negative
+    write_image(tmp_path / "images" / "a.png", np.full((64, 64, 3), 200, np.uint8))
+    write_instance_map(tmp_path / "instance_maps" / "a.npy", inst)
+    (got,) = load_tiles(tmp_path).maps
+    assert got.dtype == np.int32 and sorted(np.unique(got).tolist()) == [0, 1, 2, 3]
+    for a, b in ((7, 1), (3_000_000_000, 2), (2**32 + 7, 3)):  # the same nuclei, in id order
+        np.testing.assert_array_equal(inst == a, got == b)
 
 
 def test_augmented_windows_keep_image_and_targets_aligned(tmp_path):
@@ -126,3 +142,27 @@ def test_a_corrupt_image_is_named(tmp_path):
     write_instance_map(tmp_path / "instance_maps" / "a.png", synthetic_instance_map((64, 64), n_nuclei=5, seed=0))
     with pytest.raises(ValueError, match="a.png"):
         load_tiles(tmp_path)
+
+
+def test_stain_jitter_is_skimages_hed_jitter_without_its_clipping():
+    from nudiff_seg._data import _jitter_stains
+    from skimage.color import hed2rgb, hed_from_rgb, rgb2hed
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.05, 1.0, (64, 64, 3)).astype(np.float32)  # any colour: many negative stains
+    hed = rgb2hed(x)
+    assert (hed == 0).any(axis=-1).mean() > 0.3  # rgb2hed clipped them
+    # no jitter gives back the image (hed2rgb(rgb2hed(x)) does not)
+    np.testing.assert_allclose(_jitter_stains(x, np.random.default_rng(1), 1e-12), x, atol=1e-5)
+    assert np.abs(hed2rgb(hed) - x).max() > 0.1
+    # where no stain is clipped, the jitter is scikit-image's: hed2rgb(hed * scale + shift)
+    sigma = 0.05
+    draws = np.random.default_rng(2)
+    scale, shift = 1.0 + draws.normal(0.0, sigma, 3), draws.normal(0.0, sigma, 3)
+    got = _jitter_stains(x, np.random.default_rng(2), sigma)
+    unclipped_stains = np.log(np.maximum(x, 1e-6)) / np.log(1e-6) @ hed_from_rgb
+    shift = shift * np.abs(unclipped_stains).reshape(-1, 3).mean(axis=0)
+    expected = np.clip(hed2rgb(hed * scale + shift), 0, 1)
+    unclipped = (hed > 0).all(axis=-1)
+    assert unclipped.sum() > 100
+    np.testing.assert_allclose(got[unclipped], expected[unclipped], atol=1e-5)

@@ -58,6 +58,18 @@ def test_weights_load_from_pth_and_safetensors(weights):
             np.testing.assert_array_equal(load_backbone(root / name).features(x).numpy(), expected.numpy())
 
 
+def test_weights_saved_before_pytorch_0_4_1_load(weights, tmp_path):
+    """torchvision's resnet50-19c8e357.pth predates BatchNorm's num_batches_tracked."""
+    root, model = weights
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_array_equal(
+            load_backbone(tmp_path / "old.pth").features(x).numpy(), model.features(x).numpy()
+        )
+
+
 def test_wrong_weights_are_refused(weights, tmp_path):
     root, _ = weights
     with pytest.raises(ValueError, match="not a torchvision ResNet of this depth"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from nudiff_postproc import read_instance_map, transform_image, transform_instance_map
+from nudiff_postproc import compact_labels, read_instance_map, transform_image, transform_instance_map
 from nudiff_postproc._folders import dataset_pairs
 from nudiff_postproc._io import read_image
 from scipy import ndimage as ndi
@@ -89,6 +89,8 @@ def load_tiles(
                 f"the model's input window needs {min_size}x{min_size}"
             )
         images.append(image)
+        if int(inst.max(initial=0)) > np.iinfo(np.int32).max:  # ids past int32 would wrap and merge nuclei
+            inst = compact_labels(inst)[0]
         maps.append(inst.astype(np.int32, copy=False))
     return Tiles(folder, [p[0] for p in pairs], images, maps)
 
@@ -111,6 +113,26 @@ def window_origins(
     return np.stack([rows.ravel(), cols.ravel()], axis=1)
 
 
+def _jitter_stains(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Scale each HED stain by ``1 + N(0, sigma)`` and shift it by ``N(0, sigma)`` times its
+    mean magnitude, in scikit-image's optical density and stain matrices (``rgb2hed``).
+
+    The stains are not clipped at 0 as ``rgb2hed`` clips them (6% of a Kumar crop's pixels
+    have a negative one), so no jitter gives back the image: ``hed2rgb(rgb2hed(x))`` moved
+    3.5% of such pixels by 5 or more levels, a colour shift the test images never had.
+    ``x``: (H, W, 3) float32 in [0, 1]; returns a new array of the same.
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    log_floor = np.log(1e-6)  # scikit-image's: optical density 1 at a channel of 1e-6
+    od = np.log(np.maximum(x, 1e-6)) / log_floor
+    stains = od @ hed_from_rgb
+    scale = 1.0 + rng.normal(0.0, sigma, 3)
+    shift = rng.normal(0.0, sigma, 3) * np.abs(stains).reshape(-1, 3).mean(axis=0)
+    od = od + (stains * (scale - 1.0) + shift) @ rgb_from_hed
+    return np.clip(np.exp(od * log_floor), 0.0, 1.0).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Augmentation settings (HoVer-Net-style: geometric, then photometric)."""
@@ -128,12 +150,7 @@ class Augment:
             inst = transform_instance_map(inst, rot90=k, flip=flip)
         x = image.astype(np.float32) / 255.0
         if self.hed_sigma > 0:
-            from skimage.color import hed2rgb, rgb2hed
-
-            hed = rgb2hed(x)
-            scale = 1.0 + rng.normal(0.0, self.hed_sigma, 3)
-            shift = rng.normal(0.0, self.hed_sigma, 3) * np.abs(hed).reshape(-1, 3).mean(axis=0)
-            x = hed2rgb(hed * scale + shift).astype(np.float32)
+            x = _jitter_stains(x, rng, self.hed_sigma)
         if self.contrast > 0:
             mean = x.mean()
             x = (x - mean) * np.float32(1.0 + rng.uniform(-self.contrast, self.contrast)) + mean
@@ -192,6 +209,11 @@ class MixedBatches:
             if round(batch * float(ratio)) == 0 and float(ratio) > 0:
                 raise ValueError(
                     f"`--synthetic-ratio` {ratio} of a batch of {batch} is no synthetic window; raise either"
+                )
+            if round(batch * float(ratio)) >= batch:
+                raise ValueError(
+                    f"`--synthetic-ratio` {ratio} of a batch of {batch} leaves no real window (it rounds to "
+                    f"{round(batch * float(ratio))} synthetic); lower it or raise `--batch`"
                 )
         self.real, self.synthetic, self.ratio = real, synthetic, ratio
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment

@@ -128,7 +128,8 @@ def load_resnet_weights(model: ResNet, path: str | os.PathLike[str]) -> ResNet:
 
     ``path``: ``.safetensors``, or ``.pth`` / ``.pt`` read with ``weights_only=True`` (a
     file never runs code). A missing, unexpected or misshapen tensor raises an error naming
-    the file; ``fc.*`` may be absent (backbone-only files).
+    the file; ``fc.*`` (backbone-only files) and BatchNorm's ``num_batches_tracked``
+    (files from before PyTorch 0.4.1) may be absent.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +148,11 @@ def load_resnet_weights(model: ResNet, path: str | os.PathLike[str]) -> ResNet:
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' does not hold a state dict (got {type(state).__name__})")
     expected = model.state_dict()
-    missing = sorted(k for k in set(expected) - set(state) if not k.startswith("fc."))
+    # torchvision files saved before PyTorch 0.4.1 (resnet50-19c8e357.pth) have no BatchNorm
+    # step counters, which load_state_dict itself also lets pass
+    missing = sorted(
+        k for k in set(expected) - set(state) if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")
+    )
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
