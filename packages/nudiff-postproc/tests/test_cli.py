@@ -81,7 +81,12 @@ def test_instances_refuses_to_mix_maps_made_another_way(tmp_path, capsys):
     assert not (out / "s1.png").exists()  # nothing made the other way
     assert main([*args, "--threshold", "nan"]) == 2  # checked before anything is read or written
     assert "`threshold` must be a probability in [0, 1], got nan" in capsys.readouterr().err
+    assert main([*args, "--format", ".tif"]) == 2  # two formats side by side: two maps per name
+    assert "was started with --format '.png', this resume gives '.tif'" in capsys.readouterr().err
+    assert main([*args, "--threshold", "0.6", "--format", ".tif", "--overwrite"]) == 0
+    assert sorted(p.suffix for p in out.iterdir() if p.name != RUN_STAMP) == [".tif"] * 3  # no .png left
     assert main([*args, "--threshold", "0.6", "--overwrite"]) == 0  # every map redone: the new settings hold
+    assert sorted(p.suffix for p in out.iterdir() if p.name != RUN_STAMP) == [".png"] * 3
     assert main([*args, "--threshold", "0.6"]) == 0
     assert json.loads((out / RUN_STAMP).read_text())["threshold"] == 0.6
     assert "--overwrite to redo them all" in _refusal(args, "0.7", capsys)

@@ -65,7 +65,7 @@ def test_ids_beyond_int64_are_refused(tmp_path):
     from scipy.io import savemat
 
     savemat(tmp_path / "huge.mat", {"inst_map": np.full((4, 4), 1e30)})
-    with pytest.raises(ValueError, match=r"huge\.mat': inst_map holds 1e\+30; instance ids must fit int64"):
+    with pytest.raises(ValueError, match=r"huge\.mat' holds the id 1e\+30; instance ids must fit int64"):
         read_instance_map(tmp_path / "huge.mat")
 
 
@@ -91,6 +91,14 @@ def test_hovernet_mat_layout(tmp_path):
     savemat(tmp_path / "c.mat", {"something": inst})
     with pytest.raises(ValueError, match=r"c\.mat' has no 'inst_map'.*something"):
         read_instance_map(tmp_path / "c.mat")
+    # .npy maps of whole-number floats, which HoVer-Net's compute_stats.py reads (astype int32)
+    np.save(tmp_path / "d.npy", inst.astype(np.float32))
+    got = read_instance_map(tmp_path / "d.npy")
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, inst)
+    np.save(tmp_path / "e.npy", inst + 0.5)
+    with pytest.raises(TypeError, match="e.npy'` must hold integer instance ids"):
+        read_instance_map(tmp_path / "e.npy")
 
 
 def test_bad_files_name_the_file(tmp_path):

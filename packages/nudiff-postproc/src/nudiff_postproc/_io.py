@@ -150,10 +150,13 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
             f"'{path}' is a colour image of shape {arr.shape}; expected a single-channel map of "
             "integer instance ids (0 = background)"
         )
-    if suffix == ".mat" and np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.mod(arr, 1) == 0):
+    whole = suffix in (".mat", ".npy") and np.issubdtype(arr.dtype, np.floating) and arr.size
+    if whole and np.all(np.mod(arr, 1) == 0):
+        # HoVer-Net's .mat files often hold whole numbers as double, and its compute_stats.py
+        # reads .npy maps of any dtype (astype int32)
         if np.abs(arr).max() >= 2.0**63:
-            raise ValueError(f"'{path}': inst_map holds {np.abs(arr).max():g}; instance ids must fit int64")
-        arr = arr.astype(np.int64)  # HoVer-Net .mat files often hold whole numbers as double
+            raise ValueError(f"'{path}' holds the id {np.abs(arr).max():g}; instance ids must fit int64")
+        arr = arr.astype(np.int64)
     arr = as_instance_map(arr, f"instance map '{path}'")
     if int(arr.max()) <= np.iinfo(np.int32).max:
         return arr.astype(np.int32, copy=False)

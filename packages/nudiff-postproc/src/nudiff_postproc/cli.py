@@ -29,6 +29,8 @@ from ._patches import extract_patches
 from ._runs import claim_output_folder
 from ._watershed import _check_options, _check_scale, instances_from_structures
 
+_MAP_FORMATS = (".png", ".tif", ".mat", ".npy")  # what the commands write instance maps as
+
 
 def _progress(iterable, total: int, desc: str, quiet: bool):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
@@ -42,9 +44,11 @@ def _cmd_instances(args: argparse.Namespace) -> int:
     _check_options(args.threshold, args.orientations)  # before --out is made
     _check_scale(args.scale)
     settings = {"threshold": args.threshold, "orientations": args.orientations, "scale": args.scale}
+    settings["format"] = args.format  # maps of two formats side by side would be two answers per name
     if args.overwrite:  # the old maps go first: a killed overwrite must not leave them beside new ones
         for name in files:
-            (Path(args.out) / f"{name}{args.format}").unlink(missing_ok=True)
+            for suffix in _MAP_FORMATS:  # in any format the folder's maps were made in
+                (Path(args.out) / f"{name}{suffix}").unlink(missing_ok=True)
     remedy = "give the settings its maps were made with, --overwrite to redo them all, or another output folder"
     out_dir = claim_output_folder(args.out, settings, replace=args.overwrite, remedy=remedy)
     todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
@@ -244,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-process upsampled this many times (structures downscaled for a model)",
     )
     p.add_argument("--batch", type=int, default=64, help="structures read and processed at a time")
-    p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
+    p.add_argument("--format", choices=_MAP_FORMATS, default=".png", help="output format")
     p.add_argument(
         "--overwrite", action="store_true", help="redo maps that exist (default: skip them, so a run resumes)"
     )
@@ -261,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", help="folder of the tiles (their sizes are used)")
     p.add_argument("--shape", type=_parse_shape, help="tile size H,W when no --images")
-    p.add_argument("--format", choices=(".png", ".tif", ".mat", ".npy"), default=".png", help="output format")
+    p.add_argument("--format", choices=_MAP_FORMATS, default=".png", help="output format")
     p.set_defaults(func=_cmd_xml2inst)
 
     p = sub.add_parser("patches", help="dataset folder -> patch dataset folder", formatter_class=fmt)
