@@ -95,8 +95,20 @@ def test_settings_out_of_range_are_named_before_any_work():
         ("sample.num=3", "sample.num (3) must be >= 4"),
         ("sample.steps=5000", "sample.steps must be at most 1000"),
         ('seg.runs=[{name="a|b", real="subset", synthetic=false, epochs=1}]', "seg.runs[0].name must be a non-empty"),
+        # settings that failed only when their stage ran, hours in
+        ('sample.sampler="dpm-solver"', "sample.sampler: `method` (--sampler) must be 'ddpm', 'ddim' or 'dpmpp2m'"),
+        (
+            "seg.frozen_epochs=5",
+            "seg.frozen_epochs (5) must not exceed the epochs of every run (run 'subset+synthetic'",
+        ),
+        ("prepare.patch_size=200", "prepare.patch_size (200) must be at least 256 for seg.preset 'tiny'"),
+        ("data.tile_size=200", "data.tile_size (200) must be at least prepare.patch_size (256)"),
+        ('data.train_split="train.txt"', "data.train_split / data.test_split name files of a dataset folder"),
     ):
         assert message in _config_error(setting), setting
+    # synthetic-seg always runs, with or without a run that trains on its tiles
+    only_real = 'seg.runs=[{name="a", real="subset", synthetic=false, epochs=1}]'
+    assert "sample.num (3) must be >= 4" in _config_error("sample.num=3", only_real)
 
 
 def test_overlapping_or_repeated_splits_are_refused(tmp_path):
@@ -108,6 +120,20 @@ def test_overlapping_or_repeated_splits_are_refused(tmp_path):
         (data / "test.txt").write_text(test)
         error = _config_error("data.train_split='train.txt'", "data.test_split=['test.txt']", data=str(data))
         assert message in error and "test.txt" in error, error
+    (data / "test.txt").write_text("d\n")
+    error = _config_error("data.train_split='train.txt'", "data.test_split=['test.txt', '']", data=str(data))
+    assert "data.test_split[1] is empty" in error, error
+
+
+def test_a_data_folder_inside_the_output_folder_is_refused(tmp_path):
+    """The stages replace folders of the output folder (prepare's data/ first)."""
+    data = tmp_path / "project" / "data" / "tiles"
+    for sub in ("images", "instance_maps"):
+        (data / sub).mkdir(parents=True)
+    (data / "images" / "keep.png").write_bytes(b"a user's tile")
+    result = _run(tmp_path / "project", "--data", str(data), "--until", "prepare")
+    assert result.returncode == 2 and "lies inside the output folder" in result.stderr, result.stderr
+    assert (data / "images" / "keep.png").read_bytes() == b"a user's tile"
 
 
 def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path):

@@ -125,3 +125,107 @@ def test_a_dry_run_shows_what_redo_would_rerun(tmp_path, capsys):
     states = {line.split()[0]: line.split("[")[1].split("]")[0] for line in listing}
     assert states == {"left": "to run", "right": "done", "after": "to run"}
     assert (tmp_path / "stages" / "left.json").is_file()  # a dry run removes nothing
+
+
+def _writer(path: Path, text: str, *extra: str) -> list[str]:
+    """A stand-in command that writes ``text`` to ``path`` (and ignores ``extra``)."""
+    return [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(path), text, *extra]
+
+
+def _config(out: Path | str) -> dict:
+    return {"name": "stand-in", "out": str(out), "threads": 1, "parallel": 1}
+
+
+def _chain(out: Path, version: str = "v1") -> list[Stage]:
+    """a -> b, each writing one file under ``out``."""
+    return [
+        Stage("a", [], commands=[_writer(out / "a.txt", version)], outputs=[out / "a.txt"]),
+        Stage("b", ["a"], commands=[_writer(out / "b.txt", version)], outputs=[out / "b.txt"]),
+    ]
+
+
+def test_redo_makes_every_later_stage_stale_even_beyond_until(tmp_path, capsys):
+    assert run_pipeline(_config(tmp_path), _chain(tmp_path), progress=False) == 0
+    assert run_pipeline(_config(tmp_path), _chain(tmp_path, "v2"), redo=["a"], until="a", progress=False) == 0
+    assert (tmp_path / "a.txt").read_text() == "v2"
+    assert not (tmp_path / "b.txt").exists() and not (tmp_path / "stages" / "b.json").exists()
+    capsys.readouterr()
+    assert run_pipeline(_config(tmp_path), _chain(tmp_path, "v2"), progress=False) == 0
+    assert "1 stage(s) to run, 1 done" in capsys.readouterr().out  # b again, on the new a
+    assert (tmp_path / "b.txt").read_text() == "v2"
+
+
+def test_an_interrupted_redo_is_finished_by_the_next_run(tmp_path):
+    """A kill between --redo's record of what it removes and the end of the removals: the
+    next run, with or without --redo, removes the rest before it looks at any marker."""
+    assert run_pipeline(_config(tmp_path), _chain(tmp_path), progress=False) == 0
+    (tmp_path / "stages" / ".redo.json").write_text('["a", "b"]')  # markers and outputs still there
+    assert run_pipeline(_config(tmp_path), _chain(tmp_path, "v2"), progress=False) == 0
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == "v2"
+    assert not (tmp_path / "stages" / ".redo.json").exists()
+
+
+def test_a_stage_killed_midway_resumes_only_with_the_settings_it_started_with(tmp_path):
+    from pipeline_config import ConfigError
+
+    fails = [Stage("a", [], commands=[[sys.executable, "-c", "raise SystemExit(3)", "--steps", "3"]])]
+    assert run_pipeline(_config(tmp_path), fails, progress=False) == 1
+    assert (tmp_path / "stages" / "a.started.json").is_file()
+    changed = [Stage("a", [], commands=[[sys.executable, "-c", "pass", "--steps", "4"]])]
+    with pytest.raises(ConfigError, match="stage a in .* was interrupted while running with other settings"):
+        run_pipeline(_config(tmp_path), changed, progress=False)
+    same = [Stage("a", [], commands=[[sys.executable, "-c", "pass", "--steps", "3"]])]
+    with pytest.raises(ConfigError, match="`-c raise SystemExit\\(3\\)` -> `-c pass`"):
+        run_pipeline(_config(tmp_path), same, progress=False)  # the command's code is part of it too
+    assert run_pipeline(_config(tmp_path), fails, redo=["a"], progress=False) == 1  # --redo starts afresh
+    assert run_pipeline(_config(tmp_path), changed, redo=["a"], progress=False) == 0
+    assert not (tmp_path / "stages" / "a.started.json").exists()
+
+
+def test_fingerprints_ignore_the_folder_spelling_and_free_flags_and_name_a_change(tmp_path, monkeypatch):
+    from pipeline_config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+
+    def stage(out: str, steps: int, save_every: int) -> list[Stage]:
+        command = _writer(Path(out) / "x.txt", "x", "--steps", str(steps), "--save-every", str(save_every))
+        return [Stage("train", [], commands=[command], free_flags=("--save-every",))]
+
+    assert run_pipeline(_config("run"), stage("run", 3, 10), progress=False) == 0
+    absolute = str(tmp_path / "run")
+    assert run_pipeline(_config(absolute), stage(absolute, 3, 99), progress=False) == 0  # nothing to run
+    marker = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
+    assert "--save-every" not in marker["inputs"]["commands"][0] and "{out}/x.txt" in marker["inputs"]["commands"][0]
+    with pytest.raises(
+        ConfigError, match="ran with other settings or inputs \\(command 1: `--steps 3` -> `--steps 4`\\)"
+    ):
+        run_pipeline(_config(absolute), stage(absolute, 4, 10), progress=False)
+
+
+def test_a_marker_of_the_earlier_format_is_honoured_while_its_stage_is_unchanged(tmp_path, capsys):
+    from pipeline_config import ConfigError
+    from pipeline_runner import _legacy_fingerprints
+
+    stages = _chain(tmp_path)
+    assert run_pipeline(_config(tmp_path), stages, progress=False) == 0
+    for name, fingerprint in _legacy_fingerprints(stages).items():  # as the pipeline wrote them before
+        marker = tmp_path / "stages" / f"{name}.json"
+        record = json.loads(marker.read_text())
+        marker.write_text(
+            json.dumps({k: v for k, v in record.items() if k not in ("inputs", "deps")} | {"fingerprint": fingerprint})
+        )
+    capsys.readouterr()
+    assert run_pipeline(_config(tmp_path), stages, progress=False) == 0
+    assert "0 stage(s) to run, 2 done" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="recorded by an earlier version of the pipeline"):
+        run_pipeline(_config(tmp_path), _chain(tmp_path, "v2"), progress=False)
+
+
+def test_an_output_folder_holding_other_files_is_refused(tmp_path):
+    from pipeline_config import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds 1 other file\\(s\\) or folder\\(s\\) \\(e.g. \\['notes.txt'\\]\\)"):
+        run_pipeline(_config(tmp_path), _chain(tmp_path), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert run_pipeline(_config(tmp_path / "new"), _chain(tmp_path / "new"), progress=False) == 0

@@ -276,10 +276,19 @@ def _check_ranges(config: dict[str, Any], source: str) -> None:
         raise ConfigError(
             f"{source}: sample.steps must be at most 1000 (the schedule's steps), got {config['sample']['steps']}"
         )
+    from nudiff_diffusion import check_sampler_settings
+
+    try:
+        check_sampler_settings(config["sample"]["sampler"], 1, None)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: sample.sampler: {exc}") from None
 
 
 def _check_splits(folder: Path, train_split: str, test_splits: list[str], source: str) -> None:
     """Split files name each tile once, and no tile is in both the training and the test set."""
+    for i, split in enumerate(test_splits):
+        if not split:
+            raise ConfigError(f"{source}: data.test_split[{i}] is empty; expected a file name (relative to the folder)")
     seen: dict[str, str] = {}
     for split in [train_split, *test_splits]:
         names = (folder / split).read_text().split()
@@ -313,8 +322,29 @@ def _check(config: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: give both data.train_split and data.test_split, or neither")
         if data["train_split"]:
             _check_splits(folder, data["train_split"], data["test_split"], source)
-    elif data["tiles"] <= data["test_tiles"]:
-        raise ConfigError(f"{source}: data.tiles ({data['tiles']}) must exceed data.test_tiles ({data['test_tiles']})")
+    else:
+        if data["tiles"] <= data["test_tiles"]:
+            raise ConfigError(
+                f"{source}: data.tiles ({data['tiles']}) must exceed data.test_tiles ({data['test_tiles']})"
+            )
+        if data["train_split"] or any(data["test_split"]):
+            raise ConfigError(
+                f"{source}: data.train_split / data.test_split name files of a dataset folder; data.source is "
+                "'procedural' (give the folder with --data, or drop the split files)"
+            )
+        if data["tile_size"] < config["prepare"]["patch_size"]:
+            raise ConfigError(
+                f"{source}: data.tile_size ({data['tile_size']}) must be at least prepare.patch_size "
+                f"({config['prepare']['patch_size']})"
+            )
+    if data["source"] != "procedural":
+        inside = Path(data["source"]).resolve()
+        top = Path(config["out"]).resolve()
+        if inside == top or top in inside.parents:
+            raise ConfigError(
+                f"{source}: the data folder '{data['source']}' lies inside the output folder '{config['out']}', whose "
+                "folders the stages replace; move it or give another --out"
+            )
     for section in ("structure", "histo"):
         if config[section]["preset"] not in PATCH_GEOMETRY:
             raise ConfigError(
@@ -327,6 +357,16 @@ def _check(config: dict[str, Any], source: str) -> None:
         )
     if config["seg"]["preset"] not in SEG_PRESETS:
         raise ConfigError(f"{source}: seg.preset {config['seg']['preset']!r} is not one of {sorted(SEG_PRESETS)}")
+    patch = config["prepare"]["patch_size"]
+    for what, need in (
+        (f"seg.preset {config['seg']['preset']!r} (its input window)", SEG_PRESETS[config["seg"]["preset"]].input_size),
+        (
+            f"structure.preset {config['structure']['preset']!r}",
+            PATCH_GEOMETRY[config["structure"]["preset"]].patch_size,
+        ),
+    ):
+        if patch < need:
+            raise ConfigError(f"{source}: prepare.patch_size ({patch}) must be at least {need} for {what}")
     if config["sample"]["engine"] not in ("onnx", "pytorch"):
         raise ConfigError(f"{source}: sample.engine must be 'onnx' or 'pytorch', got {config['sample']['engine']!r}")
     if not 0 < config["prepare"]["fraction"] <= 1:
@@ -340,14 +380,19 @@ def _check(config: dict[str, Any], source: str) -> None:
     names = [r["name"] for r in config["seg"]["runs"]]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"{source}: seg.runs must be a non-empty list with distinct names, got {names}")
-    if any(r["synthetic"] for r in config["seg"]["runs"]):
-        grid = synthetic_grid(config)
-        if config["sample"]["num"] < grid * grid:
-            raise ConfigError(
-                f"{source}: sample.num ({config['sample']['num']}) must be >= {grid * grid}: a "
-                f"{config['seg']['preset']} HoVer-Net window holds {grid}x{grid} synthetic pairs of the "
-                f"{config['histo']['preset']} preset, and fewer pairs give no synthetic training tile"
-            )
+    shortest = min(config["seg"]["runs"], key=lambda r: r["epochs"])
+    if frozen > shortest["epochs"]:
+        raise ConfigError(
+            f"{source}: seg.frozen_epochs ({frozen}) must not exceed the epochs of every run "
+            f"(run {shortest['name']!r} has {shortest['epochs']})"
+        )
+    grid = synthetic_grid(config)  # synthetic-seg always runs (the judge scores its tiles)
+    if config["sample"]["num"] < grid * grid:
+        raise ConfigError(
+            f"{source}: sample.num ({config['sample']['num']}) must be >= {grid * grid}: a "
+            f"{config['seg']['preset']} HoVer-Net window holds {grid}x{grid} synthetic pairs of the "
+            f"{config['histo']['preset']} preset, and fewer pairs give no synthetic training tile"
+        )
     for key in ("parallel",):
         if config[key] < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {config[key]}")

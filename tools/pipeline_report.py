@@ -8,7 +8,7 @@ import csv
 import html
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +168,11 @@ def _predictions(out: Path, config: dict[str, Any], side: int = 256) -> np.ndarr
     return picture_grid([cells], columns=1)
 
 
-def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) -> list[Block]:
-    """The report's content from what the stages wrote under ``out``."""
+def report_blocks(
+    out: Path, config: dict[str, Any], figures: dict[str, str], stages: Sequence[str] = ()
+) -> list[Block]:
+    """The report's content from what the stages wrote under ``out``; ``stages``: the
+    names of the config's stages, whose markers give the table of stage times."""
     blocks: list[Block] = [("h", 1, f"nudiff report: {config['name']}")]
     data = config["data"]
     source = "procedurally generated H&E-like tiles" if data["source"] == "procedural" else f"`{data['source']}`"
@@ -195,7 +198,10 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
         real = "labelled subset" if run["real"] == "subset" else "all training patches"
         log = _log(out / "seg" / run["name"] / "log.csv")  # what was trained (a resumed run may differ)
         epochs = str(max((int(r["epoch"]) for r in log), default=0))
-        windows = str(sum(int(r["batches"]) for r in log) * config["seg"]["batch"])
+        if all(r.get("windows") for r in log):
+            windows = str(sum(int(r["windows"]) for r in log))
+        else:  # a log from before nudiff-seg counted windows: full batches, an upper bound
+            windows = f"<= {sum(int(r['batches']) for r in log) * config['seg']['batch']}"
         rows.append(
             [run["name"], real + (" + synthetic" if run["synthetic"] else ""), epochs, windows]
             + [_fmt(mean.get(k)) for k in METRICS]
@@ -227,9 +233,10 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
         ],
     ]
     if fid:
+        judge = next((r for r in config["seg"]["runs"] if not r["synthetic"]), {"name": "?"})
         rows.append(
             [
-                "label fidelity: AJI of the subset model on synthetic pairs (on real test tiles)",
+                f"label fidelity: AJI of the {judge['name']} model on synthetic pairs (on real test tiles)",
                 f"{_fmt(fid.get('synthetic', {}).get('aji'))} ({_fmt(fid.get('real', {}).get('aji'))})",
             ]
         )
@@ -258,12 +265,14 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
     blocks.append(("h", 2, "Stages"))
     rows = []
     total = 0.0
-    for marker in sorted((out / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        record = json.loads(marker.read_text())
+    # the markers of this config's finished stages (not those of stages a config no longer has)
+    markers = [out / "stages" / f"{name}.json" for name in stages]
+    markers = sorted((m for m in markers if m.is_file()), key=lambda p: p.stat().st_mtime)
+    records = [json.loads(m.read_text()) for m in markers]
+    for marker, record in zip(markers, records, strict=True):
         total += record["seconds"]
         rows.append([marker.stem, f"{record['seconds']:.1f}", str(record["threads"]), record["finished"]])
     blocks.append(("table", ["stage", "seconds", "threads", "finished"], rows))
-    records = [json.loads(m.read_text()) for m in (out / "stages").glob("*.json")]
     if records:
         from datetime import datetime
 
@@ -279,11 +288,12 @@ def report_blocks(out: Path, config: dict[str, Any], figures: dict[str, str]) ->
                 f"{wall / 60:.1f} min (stages side by side overlap; a resumed stage counts its last attempt).",
             )
         )
+    blocks.append(("h", 2, "Config"))
     config_path = Path(config.get("config_path", ""))
-    if config_path.is_file():
-        blocks.append(("h", 2, "Config"))
-        blocks.append(("p", f"`{config_path.name}`, with data.source = `{data['source']}` and out = `{config['out']}`"))
-        blocks.append(("pre", config_path.read_text()))
+    made_from = f"`{config_path.name}` merged with the defaults" if config_path.name else "the defaults"
+    blocks.append(("p", f"The settings of this run: {made_from}, `--set`, `--data` and `--out`."))
+    settings = {k: v for k, v in config.items() if k != "config_path"}
+    blocks.append(("pre", json.dumps(settings, indent=2, default=str)))
     return blocks
 
 
@@ -344,8 +354,9 @@ def to_html(blocks: list[Block], root: Path) -> str:
     return "\n".join(parts)
 
 
-def write_report(run: Callable[[list[str]], None], *, config: dict[str, Any]) -> None:
-    """Draw the pictures and write ``report.md`` and ``report.html`` under ``config['out']``."""
+def write_report(run: Callable[[list[str]], None], *, config: dict[str, Any], stages: Sequence[str] = ()) -> None:
+    """Draw the pictures and write ``report.md`` and ``report.html`` under ``config['out']``
+    (``stages``: the names of the config's stages, for the table of stage times)."""
     from nudiff_postproc import write_image
     from nudiff_postproc._io import atomic_path
 
@@ -367,7 +378,7 @@ def write_report(run: Callable[[list[str]], None], *, config: dict[str, Any]) ->
         figures["curves"] = "figures/curves.png"
     shutil.rmtree(out / "figures", ignore_errors=True)
     figures_dir.rename(out / "figures")
-    blocks = report_blocks(out, config, figures)
+    blocks = report_blocks(out, config, figures, stages)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(to_markdown(blocks))
     with atomic_path(out / "report.html") as tmp:

@@ -37,6 +37,7 @@ class Stage:
     python: Callable[[Callable[[list[str]], None]], None] | None = None  # gets run(command)
     outputs: list[Path] = field(default_factory=list)  # what --redo removes
     settings: Any = None  # anything else the result depends on (in the fingerprint)
+    free_flags: tuple[str, ...] = ()  # flags whose values do not change the result (not in it)
 
 
 def cli(package: str, *args: Any) -> list[str]:
@@ -95,7 +96,7 @@ class Runner:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.children: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a signal's stop() may land inside stop() on the same thread
         self.stopping = False
 
     def run(self, stage: str, command: list[str], threads: int) -> None:
@@ -119,7 +120,7 @@ class Runner:
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(
-                f"stage {stage}: `{' '.join(command[2:5])} ...` exited with status {code}; "
+                f"stage {stage}: `{_short(command)} ...` exited with status {code}; "
                 f"see {log_path}:\n    " + "\n    ".join(tail)
             )
 
@@ -136,27 +137,170 @@ class Runner:
                 child.kill()
 
 
-def fingerprints(stages: list[Stage]) -> dict[str, str]:
-    """A hash per stage of its commands, settings and the hashes of what it depends on."""
+def _short(command: list[str]) -> str:
+    """The words that say which tool a command runs (no interpreter, launcher or --quiet)."""
+    words = [w for w in command[1:] if w not in ("-m", "--quiet") and not w.startswith("--nproc_per_node")]
+    if words and words[0] == "torch.distributed.run":
+        words = words[1:]
+    if words and words[0].endswith(".py"):
+        words[0] = Path(words[0]).name
+    return " ".join(words[:2])
+
+
+def _step_name(stage: Stage) -> str | None:
+    step = getattr(stage.python, "func", stage.python)  # a functools.partial's function
+    return step.__name__ if step else None
+
+
+def stage_inputs(stage: Stage, out: Path) -> dict[str, Any]:
+    """What a stage's result depends on besides the stages before it, as its fingerprint
+    hashes it: the interpreter as ``python`` and the output folder as ``{out}`` (another
+    spelling of the same folder, or the folder moved, is the same stage), without the
+    stage's ``free_flags`` and their values."""
+    top = str(out)
+
+    def word(w: str) -> str:
+        if w == sys.executable:
+            return "python"
+        if w == top or w.startswith(top + os.sep):
+            return "{out}" + w[len(top) :]
+        return w
+
+    commands = []
+    for command in stage.commands:
+        kept, skip = [], False
+        for w in command:
+            if skip or w in stage.free_flags:
+                skip = not skip
+                continue
+            kept.append(word(w))
+        commands.append(kept)
+    settings = json.loads(json.dumps(stage.settings, default=str))
+    return {"commands": commands, "python": _step_name(stage), "settings": settings}
+
+
+def fingerprints(stages: list[Stage], out: Path) -> dict[str, str]:
+    """A hash per stage of its :func:`stage_inputs` and the hashes of what it depends on."""
     by_name = {s.name: s for s in stages}
-    out: dict[str, str] = {}
+    prints: dict[str, str] = {}
 
     def of(name: str) -> str:
-        if name not in out:
+        if name not in prints:
             s = by_name[name]
-            step = getattr(s.python, "func", s.python)  # a functools.partial's function
-            text = json.dumps([s.commands, step.__name__ if step else None, s.settings], default=str)
-            text += "".join(of(d) for d in s.deps)
-            out[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return out[name]
+            text = json.dumps(stage_inputs(s, out), sort_keys=True) + "".join(of(d) for d in s.deps)
+            prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return prints[name]
 
     for s in stages:
         of(s.name)
-    return out
+    return prints
+
+
+def _legacy_fingerprints(stages: list[Stage]) -> dict[str, str]:
+    """The fingerprints markers recorded before they held their inputs (the raw commands):
+    such a marker is still honoured when its stage is unchanged."""
+    by_name = {s.name: s for s in stages}
+    prints: dict[str, str] = {}
+
+    def of(name: str) -> str:
+        if name not in prints:
+            s = by_name[name]
+            text = json.dumps([s.commands, _step_name(s), s.settings], default=str) + "".join(of(d) for d in s.deps)
+            prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return prints[name]
+
+    for s in stages:
+        of(s.name)
+    return prints
+
+
+def _word_changes(old: list[str], new: list[str]) -> list[str]:
+    """``flag old -> flag new`` for the words that differ between two command lines."""
+    import difflib
+
+    changes = []
+    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        flag = old[a0 - 1] if a0 > 0 else ""
+        is_flag = flag.startswith("-") and not flag.lstrip("-").replace(".", "", 1).isdigit()
+        context = flag + " " if is_flag else ""
+        before, after = " ".join(old[a0:a1]) or "(nothing)", " ".join(new[b0:b1]) or "(nothing)"
+        changes.append(f"`{context}{before}` -> `{context}{after}`")
+    return changes
+
+
+def _what_changed(recorded: dict[str, Any], inputs: dict[str, Any], deps: dict[str, str]) -> str:
+    """What differs between a marker's record and the stage as configured now."""
+    if "inputs" not in recorded:
+        return "recorded by an earlier version of the pipeline, which kept no details"
+    parts = []
+    changed = [d for d, fp in deps.items() if recorded.get("deps", {}).get(d) != fp]
+    if changed:
+        parts.append(f"the stage(s) it depends on changed: {', '.join(changed)}")
+    old = recorded["inputs"]
+    if old.get("settings") != inputs["settings"]:
+        parts.append(f"settings {json.dumps(old.get('settings'))[:300]} -> {json.dumps(inputs['settings'])[:300]}")
+    if old.get("python") != inputs["python"]:
+        parts.append(f"Python step {old.get('python')} -> {inputs['python']}")
+    old_commands = old.get("commands", [])
+    for i in range(max(len(old_commands), len(inputs["commands"]))):
+        a = old_commands[i] if i < len(old_commands) else []
+        b = inputs["commands"][i] if i < len(inputs["commands"]) else []
+        if a != b:
+            parts.append(f"command {i + 1}: " + ", ".join(_word_changes(a, b)[:4]))
+    return "; ".join(parts) or "its fingerprint differs"
 
 
 def _marker(out: Path, name: str) -> Path:
     return out / "stages" / f"{name}.json"
+
+
+def _started_marker(out: Path, name: str) -> Path:
+    """Written when a stage starts, removed when it is done: a stage killed midway is
+    resumed only with the settings it started with."""
+    return out / "stages" / f"{name}.started.json"
+
+
+_REDO_PENDING = ".redo.json"  # stages/: the stages whose outputs a --redo is still removing
+
+
+def _clear_stages(out: Path, stages: list[Stage], names: set[str]) -> None:
+    """Remove the markers, then the outputs, of ``names`` and of a --redo that was
+    interrupted before it finished (recorded first, so a kill never leaves a stage's
+    marker without its outputs, nor outputs that a rerun would resume from)."""
+    pending = out / "stages" / _REDO_PENDING
+    if pending.is_file():
+        names = names | set(json.loads(pending.read_text()))
+    if not names:
+        return
+    _write_json(pending, sorted(names))
+    for name in names:
+        _marker(out, name).unlink(missing_ok=True)
+        _started_marker(out, name).unlink(missing_ok=True)
+    for stage in stages:
+        if stage.name in names:
+            for path in stage.outputs:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    pending.unlink()
+
+
+def _pending_redo(out: Path) -> set[str]:
+    pending = out / "stages" / _REDO_PENDING
+    return set(json.loads(pending.read_text())) if pending.is_file() else set()
+
+
+def _check_out_folder(out: Path) -> None:
+    """The output folder is new, empty or a pipeline's: the stages replace folders in it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; expected a folder for the pipeline's outputs")
+    if out.is_dir() and not ((out / ".pipeline.lock").exists() or (out / "stages").is_dir()):
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise ConfigError(
+                f"--out '{out}' holds {len(entries)} other file(s) or folder(s) (e.g. {entries[:3]}) and no pipeline "
+                "run; the stages replace folders in it (data/, engines/, ...): give a new or empty folder"
+            )
 
 
 def _downstream(stages: list[Stage], names: set[str]) -> set[str]:
@@ -197,11 +341,14 @@ def run_pipeline(
     for name in [*redo, *([until] if until else [])]:
         if name not in names:
             raise ConfigError(f"unknown stage {name!r}; the stages are {names}")
-    prints = fingerprints(stages)
+    _check_out_folder(out)
+    prints = fingerprints(stages, out)
     wanted = _upstream(stages, until) if until else set(names)
-    redone = _downstream(stages, set(redo)) & wanted
+    # every stage after a redone one is stale, whether this run is asked for it or not
+    redone = _downstream(stages, set(redo))
     lock = None if dry_run else _hold_lock(out)
     try:
+        redone |= _pending_redo(out)
         return _run_stages(config, stages, out, wanted, redone, prints, dry_run, progress)
     finally:
         if lock is not None:
@@ -218,22 +365,30 @@ def _run_stages(
     dry_run: bool,
     progress: bool,
 ) -> int:
-    for name in sorted(redone):
-        for path in next(s for s in stages if s.name == name).outputs:
-            if not dry_run:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if not dry_run:
-            _marker(out, name).unlink(missing_ok=True)
+    if not dry_run:
+        _clear_stages(out, stages, redone)
+    legacy = _legacy_fingerprints(stages)
     done: set[str] = set()
     for s in stages:
-        marker = _marker(out, s.name)
-        if s.name in wanted and s.name not in redone and marker.is_file():  # a dry run shows --redo as to run
-            recorded = json.loads(marker.read_text())
-            if recorded.get("fingerprint") != prints[s.name]:
-                raise ConfigError(
-                    f"stage {s.name} in '{out}' ran with other settings or inputs; rerun it with `--redo {s.name}` "
-                    "(which also redoes the stages after it) or give another --out"
-                )
+        if s.name not in wanted or s.name in redone:  # a dry run shows --redo as to run
+            continue
+        marker, started = _marker(out, s.name), _started_marker(out, s.name)
+        record_path = marker if marker.is_file() else started if started.is_file() else None
+        if record_path is None:
+            continue
+        recorded = json.loads(record_path.read_text())
+        matches = recorded.get("fingerprint") == prints[s.name]
+        if not matches and "inputs" not in recorded:  # a marker of the earlier format
+            matches = recorded.get("fingerprint") == legacy[s.name]
+        if not matches:
+            deps = {d: prints[d] for d in s.deps}
+            how = "ran" if record_path == marker else "was interrupted while running"
+            raise ConfigError(
+                f"stage {s.name} in '{out}' {how} with other settings or inputs "
+                f"({_what_changed(recorded, stage_inputs(s, out), deps)}); restore them, rerun it with "
+                f"`--redo {s.name}` (which removes its outputs and redoes the stages after it) or give another --out"
+            )
+        if record_path == marker:
             done.add(s.name)
     todo = [s for s in stages if s.name in wanted and s.name not in done]
     if dry_run:
@@ -253,6 +408,12 @@ def _run_stages(
 
     def execute(stage: Stage, threads: int) -> float:
         t0, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
+        identity = {
+            "fingerprint": prints[stage.name],
+            "inputs": stage_inputs(stage, out),
+            "deps": {d: prints[d] for d in stage.deps},
+        }
+        _write_json(_started_marker(out, stage.name), {**identity, "started": started})
         for command in stage.commands:
             runner.run(stage.name, command, threads)
         if stage.python:
@@ -263,12 +424,15 @@ def _run_stages(
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "a") as fh:
                     fh.write(traceback.format_exc())
+                if str(exc).startswith(f"stage {stage.name}: "):  # a command of the step: already told
+                    raise
                 raise RuntimeError(f"stage {stage.name}: {exc} (traceback in {log})") from exc
         seconds = time.perf_counter() - t0
-        record = {"fingerprint": prints[stage.name], "seconds": round(seconds, 1), "threads": threads}
+        record = {**identity, "seconds": round(seconds, 1), "threads": threads}
         record["started"], record["finished"] = started, time.strftime("%Y-%m-%d %H:%M:%S")
         record["commands"] = [" ".join(c) for c in stage.commands]
         _write_json(_marker(out, stage.name), record)
+        _started_marker(out, stage.name).unlink(missing_ok=True)
         return seconds
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -181,7 +181,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
 
     def trainer(package: str, *args: Any) -> list[str]:
         command = cli(package, "train", *args)
-        if launch > 1:  # DDP: every process trains on its share of each batch
+        if launch > 1:  # DDP: every process draws its own --batch, so a step sees batch x processes
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch}"] + command[1:]
         return command
 
@@ -195,10 +195,11 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             stage.python = partial(fn, config=config)
         stages.append(stage)
 
-    add(Stage("prepare", [], outputs=[data], settings=[config["data"], config["prepare"]]), prepare)
+    add(Stage("prepare", [], outputs=[data], settings=_prepare_settings(config)), prepare)
     structure_cmd = trainer("nudiff_structure", "--data", data / "subset", "--out", out / "structure")
     structure_cmd += cli_args("--preset", s["preset"], "--steps", s["steps"], "--lr", s["lr"], *common(s))
-    add(Stage("structure-train", ["prepare"], [structure_cmd], outputs=[out / "structure"]))
+    training = ("--save-every",)  # how often a training saves does not change what it trains
+    add(Stage("structure-train", ["prepare"], [structure_cmd], outputs=[out / "structure"], free_flags=training))
     pairs = ["--pairs", data / "subset", "--preset", h["preset"]]
     if h["finetune_steps"] > 0:  # the paper's two phases
         phases = [
@@ -211,11 +212,26 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             ["--out", out / "histo", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", h["drop_prob"]]
         ]
     histo_cmds = [trainer("nudiff_histo", *pairs, *phase, *common(h)) for phase in phases]
-    add(Stage("histo-train", ["prepare"], histo_cmds, outputs=[out / "histo-pretrain", out / "histo"]))
+    add(
+        Stage(
+            "histo-train", ["prepare"], histo_cmds, outputs=[out / "histo-pretrain", out / "histo"], free_flags=training
+        )
+    )
     sampling = ["--sampler", smp["sampler"], "--steps", smp["steps"], "--seed", smp["seed"], "--batch", smp["batch"]]
     structures = out / "synthetic-structures"
     command = cli("nudiff_structure", "sample", "--checkpoint", out / "structure", "--num", smp["num"], *sampling)
-    add(Stage("structure-sample", ["structure-train"], [command + ["--out", str(structures)]], outputs=[structures]))
+    # each sample starts from its own seeded noise, so a deterministic sampler's results do not
+    # depend on the batch size; DDPM draws each step's noise per batch
+    free = ("--batch",) if smp["sampler"] != "ddpm" else ()
+    add(
+        Stage(
+            "structure-sample",
+            ["structure-train"],
+            [command + ["--out", str(structures)]],
+            outputs=[structures],
+            free_flags=free,
+        )
+    )
     if smp["engine"] == "onnx":
         add(Stage("histo-engine", ["histo-train"], outputs=[out / "engines"], settings=smp["batch"]), export_engine)
         source, deps = ["--engine", out / "engines" / "histo" / "model.onnx"], ["structure-sample", "histo-engine"]
@@ -223,12 +239,13 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         source, deps = ["--checkpoint", out / "histo"], ["structure-sample", "histo-train"]
     command = cli("nudiff_histo", "sample", "--structures", structures, *source, *sampling)
     command += cli_args("--guidance", smp["guidance"], "--out", out / "synthetic")
-    add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"]))
+    add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"], free_flags=free))
     add(
         Stage("synthetic-seg", ["histo-sample"], outputs=[out / "synthetic-seg"], settings=seg["preset"]),
         synthetic_for_seg,
     )
     test = data / "test"
+    encoder = _file_digest(seg["encoder_weights"]) if seg["encoder_weights"] else None  # the file's content
     for run in seg["runs"]:
         name = run["name"]
         command = cli("nudiff_seg", "train", "--real", data / "patches")
@@ -240,7 +257,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         command += cli_args("--encoder-weights", seg["encoder_weights"]) if seg["encoder_weights"] else []
         command += cli_args("--frozen-epochs", seg["frozen_epochs"]) if seg["frozen_epochs"] >= 0 else []
         deps = ["prepare"] + (["synthetic-seg"] if run["synthetic"] else [])
-        add(Stage(f"seg-train-{name}", deps, [command], outputs=[out / "seg" / name]))
+        add(Stage(f"seg-train-{name}", deps, [command], outputs=[out / "seg" / name], settings=encoder))
         predictions, scores = out / "predictions" / name, out / "eval" / f"{name}.csv"
         commands = [
             cli("nudiff_seg", "predict", "--checkpoint", out / "seg" / name, "--images", test / "images")
@@ -278,5 +295,33 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     from pipeline_report import write_report
 
     outputs = [out / "report.md", out / "report.html", out / "figures"]
-    add(Stage("report", [st.name for st in stages], outputs=outputs, settings=config["report"]), write_report)
+    names = [st.name for st in stages]
+    add(
+        Stage("report", names, outputs=outputs, settings=config["report"]),
+        partial(write_report, stages=[*names, "report"]),
+    )
     return stages
+
+
+def _prepare_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What the prepared data depends on: the data and prepare settings, and for a dataset
+    folder the tiles each split holds (an edited split file, or tiles added to a folder
+    split by its last ``test_tiles``, make new data) instead of the split files' names."""
+    data = dict(config["data"])
+    if data["source"] != "procedural":
+        train, test = _split_names(config)
+        data = {k: v for k, v in data.items() if k not in ("tiles", "tile_size", "seed")}  # procedural only
+        data.update(source=str(Path(data["source"]).resolve()), train_names=train, test_names=test)
+        data.pop("train_split"), data.pop("test_split")
+    return {"data": data, "prepare": config["prepare"]}
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file's content (16 hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -62,6 +62,9 @@ def test_a_resumed_epoch_logs_the_uninterrupted_row(data, tmp_path):
         with open(tmp_path / run / "log.csv") as fh:
             rows[run] = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
     assert rows["split"] == rows["whole"] and int(rows["whole"][0]["batches"]) > 2
+    # windows trained: batches of 2, the last one possibly short
+    batches, windows = int(rows["whole"][0]["batches"]), int(rows["whole"][0]["windows"])
+    assert 2 * batches - 1 <= windows <= 2 * batches
 
 
 @pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04 truncated zip"])

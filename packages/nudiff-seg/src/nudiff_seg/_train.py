@@ -44,6 +44,7 @@ _LOG_FIELDS = [
     "epoch",
     "phase",
     "batches",
+    "windows",
     "seconds",
     "ce",
     "dice",
@@ -289,7 +290,8 @@ def train_hovernet(
         _check_finite(model, f"at the end of epoch {epoch + 1}")
         metrics = _validate(model, val, config.batch)
         seconds = earlier_seconds + time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "phase": phase, "batches": seen, "seconds": round(seconds, 1)}
+        windows = sum(len(batch) for batch in plan)  # the last batch of an epoch may be short
+        row = {"epoch": epoch + 1, "phase": phase, "batches": seen, "windows": windows, "seconds": round(seconds, 1)}
         row.update({k: round(v / max(seen, 1), 5) for k, v in sums.items()})
         row.update({k: round(v, 5) for k, v in metrics.items()})
         extra = {**settings, "epoch": epoch + 1, **({"validation": metrics} if metrics else {})}
