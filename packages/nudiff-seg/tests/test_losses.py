@@ -61,6 +61,65 @@ def test_targets_are_cropped_after_the_distance_maps():
         targets(inst, 50)
 
 
+def _reference_hv(ann: np.ndarray, crop: int) -> np.ndarray:
+    """HoVer-Net's gen_instance_hv_map (models/hovernet/targets.py) then the centre crop of
+    gen_targets, transcribed; the map is padded by 2 px first, as HoVer-Net's windows are
+    (its boxes grow by 2 px), and the small-object rule is nudiff's (more than 30 px)."""
+    from scipy import ndimage as ndi
+
+    ann = np.pad(ann, 2)
+    fixed, top_id = ann.copy(), ann.max()
+    for inst_id in np.unique(ann)[1:]:  # fix_mirror_padding
+        parts = ndi.label(ann == inst_id)[0]
+        parts[parts > 1] += top_id
+        fixed[parts > 1] = parts[parts > 1]
+        top_id = fixed.max()
+    r0 = (fixed.shape[0] - crop) // 2
+    cropped = fixed[r0 : r0 + crop, r0 : r0 + crop]
+    ids, counts = np.unique(cropped, return_counts=True)
+    x_map, y_map = np.zeros(ann.shape, np.float32), np.zeros(ann.shape, np.float32)
+    for inst_id in ids[(ids > 0) & (counts > 30)]:
+        inst_map = (fixed == inst_id).astype(np.uint8)
+        rows, cols = np.flatnonzero(inst_map.any(axis=1)), np.flatnonzero(inst_map.any(axis=0))
+        box = [rows[0] - 2, rows[-1] + 3, cols[0] - 2, cols[-1] + 3]
+        inst_map = inst_map[box[0] : box[1], box[2] : box[3]]
+        com = [int(c + 0.5) for c in ndi.center_of_mass(inst_map)]
+        inst_x, inst_y = np.meshgrid(
+            np.arange(1, inst_map.shape[1] + 1) - com[1], np.arange(1, inst_map.shape[0] + 1) - com[0]
+        )
+        inst_x, inst_y = (np.where(inst_map > 0, v, 0).astype(np.float32) for v in (inst_x, inst_y))
+        for v in (inst_x, inst_y):
+            if v.min() < 0:
+                v[v < 0] /= -v[v < 0].min()
+            if v.max() > 0:
+                v[v > 0] /= v[v > 0].max()
+        x_map[box[0] : box[1], box[2] : box[3]][inst_map > 0] = inst_x[inst_map > 0]
+        y_map[box[0] : box[1], box[2] : box[3]][inst_map > 0] = inst_y[inst_map > 0]
+    hv = np.dstack([x_map, y_map])[2:-2, 2:-2]
+    r0 = (hv.shape[0] - crop) // 2
+    return hv[r0 : r0 + crop, r0 : r0 + crop]
+
+
+def test_targets_are_hovernets_gen_targets():
+    """Nuclei in two parts get a centre each; a nucleus cut by the output border has
+    distance maps only when more than 30 of its pixels are inside the output."""
+    from nudiff_postproc import synthetic_instance_map
+
+    inst = np.zeros((40, 40), np.int32)
+    inst[2:12, 14:22] = 1  # 80 px, of which 2 rows x 8 = 16 inside the 20 px output: no maps
+    inst[20:27, 12:17] = inst[20:27, 20:26] = 2  # one id, two parts of 35 and 42 px
+    _, hv_t = targets(inst, 20)
+    assert not hv_t[:2].any()
+    assert hv_t[10:17, 2:7, 0].min() == -1 and hv_t[10:17, 2:7, 0].max() == 1  # each part spans -1..1
+    assert hv_t[10:17, 10:16, 0].min() == -1 and hv_t[10:17, 10:16, 0].max() == 1
+    np.testing.assert_array_equal(hv_t, _reference_hv(inst, 20))
+    for seed in range(12):
+        inst = synthetic_instance_map((164, 164), n_nuclei=60, seed=seed)
+        inst[:, 40 + seed] = 0  # cut some nuclei in two
+        inst[70 + seed] = 0
+        np.testing.assert_array_equal(targets(inst, 80)[1], _reference_hv(inst, 80), err_msg=str(seed))
+
+
 def test_total_loss_is_the_sum_of_its_parts():
     torch.manual_seed(0)
     out = {"np": torch.randn(2, 2, 8, 8), "hv": torch.randn(2, 2, 8, 8)}

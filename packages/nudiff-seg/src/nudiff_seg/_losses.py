@@ -1,9 +1,12 @@
 """HoVer-Net's training targets and losses.
 
 Targets (``targets``): the nuclear-pixel mask and the h/v distance maps of
-:func:`nudiff_postproc.hv_maps`, computed on the whole input window and then
-centre-cropped to the output (HoVer-Net's crop semantics: a nucleus cut by the output
-border keeps the centre of mass of its visible part in the input window).
+:func:`nudiff_postproc.hv_maps`, as HoVer-Net's ``gen_instance_hv_map`` makes them: each
+4-connected part of an instance is a nucleus of its own (``fix_mirror_padding``); a
+nucleus has distance maps when more than 30 of its pixels lie in the output crop
+(``remove_small_objects`` on the cropped map), computed from all its pixels in the input
+window (a nucleus cut by the output border keeps the centre of mass of its part in the
+window); then the maps are centre-cropped to the output.
 
 Losses (``hovernet_loss``), with the reference's weights (all 1): NP = cross entropy +
 soft Dice; HV = MSE + MSGE, the MSE of 5x5 Sobel-like gradients inside nuclei. The
@@ -19,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nudiff_postproc import hv_maps
+from skimage.measure import label
 
 __all__ = ["targets", "xentropy_loss", "dice_loss", "mse_loss", "msge_loss", "sobel_kernels_5x5", "hovernet_loss"]
 
 _EPS = 1e-7  # the reference's ``epsilon = 10e-8``
+_MIN_NUCLEUS = 30  # pixels a nucleus needs in the output crop for distance maps (hv_maps' min_size)
 
 
 def targets(inst: np.ndarray, output_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +52,10 @@ def targets(inst: np.ndarray, output_size: int) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"`inst` must be a square map at least {output_size} px wide, got shape {inst.shape}")
     top = (size - output_size) // 2
     crop = (slice(top, top + output_size), slice(top, top + output_size))
-    hv = hv_maps(inst)[crop]
+    parts = label(inst, connectivity=1, background=0)  # equal-valued 4-connected regions
+    big = np.bincount(parts[crop].ravel(), minlength=int(parts.max()) + 1) > _MIN_NUCLEUS
+    big[0] = False
+    hv = hv_maps(np.where(big[parts], parts, 0), min_size=_MIN_NUCLEUS)[crop]
     return (inst[crop] > 0).astype(np.float32), np.ascontiguousarray(hv, dtype=np.float32)
 
 
