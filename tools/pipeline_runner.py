@@ -45,25 +45,26 @@ def cli(package: str, *args: Any) -> list[str]:
     return [sys.executable, "-m", f"{package}.cli", "--quiet", *[str(a) for a in args]]
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel send the child SIGTERM when the thread that
-    started it (the runner's, which waits for it) dies: Linux's ``PR_SET_PDEATHSIG``."""
+# Run before the command itself (``exec`` keeps the setting): the kernel sends the command
+# SIGTERM when the thread that started it (the runner's, which waits for it) dies, even by
+# SIGKILL (Linux's PR_SET_PDEATHSIG); a runner that died before the call is noticed through
+# the parent pid. Done in a fresh interpreter instead of a ``preexec_fn``, which CPython
+# documents as unsafe in a process with threads (the runner starts commands from several).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dying_with_runner(command: list[str]) -> list[str]:
+    """``command`` wrapped so that it ends when the runner does (Linux; as is elsewhere)."""
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def set_signal() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the runner died before the call: nobody would stop us
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_signal
+        return command
+    program = command[0] if os.sep in command[0] else (shutil.which(command[0]) or command[0])
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), program, *command[1:]]
 
 
 def _hold_lock(out: Path) -> Any:
@@ -110,9 +111,7 @@ class Runner:
             with self.lock:
                 if self.stopping:
                     raise RuntimeError(f"stage {stage}: stopped")
-                child = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_parent_death_signal()
-                )
+                child = subprocess.Popen(_dying_with_runner(command), stdout=log, stderr=subprocess.STDOUT, env=env)
                 self.children.add(child)
             code = child.wait()
             with self.lock:
