@@ -214,6 +214,11 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys)
     assert "was started with the model (the weights' sha256) of --checkpoint / --engine" in capsys.readouterr().err
     assert main(_sample_args(run / "run", out, num="8", batch="2")) == 0  # more samples, another batch: fine
     assert len(list((out / "structures").iterdir())) == 8
+    # DDPM draws each step's noise per batch: its batches must stay the same
+    ddpm = tmp_path / "ddpm"
+    assert main(_sample_args(run / "run", ddpm, num="2", sampler="ddpm")) == 0
+    assert main(_sample_args(run / "run", ddpm, num="4", sampler="ddpm", batch="2")) == 2
+    assert "was started with --batch 4, this resume gives 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

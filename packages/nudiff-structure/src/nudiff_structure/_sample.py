@@ -60,8 +60,9 @@ def sample_structures(
     sample starts from its own noise, so a deterministic sampler (``ddim``, ``dpmpp2m``)
     gives the same structure for an index whatever the batch size or the number of ranks (up
     to float rounding: batched kernels round differently for other batch sizes, by about
-    1e-7). ``clip`` bounds the predicted x0 (the structures live in [-1, 1]; without it an
-    imperfect model's samples drift far outside).
+    1e-7); ``ddpm`` draws each step's noise per batch, so with it the batch size and the
+    number of ranks are settings a rerun must keep. ``clip`` bounds the predicted x0 (the
+    structures live in [-1, 1]; without it an imperfect model's samples drift far outside).
     ``scale``: post-process at this many times the structures' size (default: the
     checkpoint preset's downscale factor, so that HoVer-Net's pixel-sized filters see
     nuclei of the size they were made for; see ``nudiff_postproc.instances_from_structure``).
@@ -82,7 +83,10 @@ def sample_structures(
         "seed": seed,
         "postprocess_scale": scale,
     }
-    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
+    if sampler == "ddpm":  # its steps draw noise per batch: a resume must cut the same batches
+        settings.update(batch=batch, world_size=world_size)
+    flags = {**MODEL_FLAG, "world_size": "the number of ranks (torchrun's --nproc_per_node)"}
+    out = claim_output_folder(out_dir, settings, flags=flags)  # a rerun must not mix settings
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
     todo = [
