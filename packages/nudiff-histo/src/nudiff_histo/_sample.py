@@ -137,8 +137,7 @@ def sample_histology(
     }
     if sampler == "ddpm":  # its steps draw noise per batch: a resume must cut the same batches
         settings.update(batch=batch, world_size=world_size)
-    flags = {**MODEL_FLAG, "world_size": "the number of ranks (torchrun's --nproc_per_node)"}
-    out = claim_output_folder(out_dir, settings, flags=flags)  # a rerun must not mix settings
+    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     mine = shard_indices(len(names), rank, world_size)

@@ -85,8 +85,7 @@ def sample_structures(
     }
     if sampler == "ddpm":  # its steps draw noise per batch: a resume must cut the same batches
         settings.update(batch=batch, world_size=world_size)
-    flags = {**MODEL_FLAG, "world_size": "the number of ranks (torchrun's --nproc_per_node)"}
-    out = claim_output_folder(out_dir, settings, flags=flags)  # a rerun must not mix settings
+    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
     todo = [
