@@ -168,32 +168,44 @@ def test_an_interrupted_redo_is_finished_by_the_next_run(tmp_path):
 def test_a_stage_killed_midway_resumes_only_with_the_settings_it_started_with(tmp_path):
     from pipeline_config import ConfigError
 
-    fails = [Stage("a", [], commands=[[sys.executable, "-c", "raise SystemExit(3)", "--steps", "3"]])]
+    def stage(code: str, steps: int) -> list[Stage]:  # a command that continues what it left
+        return [Stage("a", [], commands=[[sys.executable, "-c", code, "--steps", str(steps)]], resumable=True)]
+
+    fails = stage("raise SystemExit(3)", 3)
     assert run_pipeline(_config(tmp_path), fails, progress=False) == 1
     assert (tmp_path / "stages" / "a.started.json").is_file()
-    changed = [Stage("a", [], commands=[[sys.executable, "-c", "pass", "--steps", "4"]])]
-    with pytest.raises(ConfigError, match="stage a in .* was interrupted while running with other settings"):
+    changed = stage("pass", 4)
+    with pytest.raises(ConfigError, match="stage a in .* failed or was interrupted while running with other settings"):
         run_pipeline(_config(tmp_path), changed, progress=False)
-    same = [Stage("a", [], commands=[[sys.executable, "-c", "pass", "--steps", "3"]])]
     with pytest.raises(ConfigError, match="`-c raise SystemExit\\(3\\)` -> `-c pass`"):
-        run_pipeline(_config(tmp_path), same, progress=False)  # the command's code is part of it too
+        run_pipeline(_config(tmp_path), stage("pass", 3), progress=False)  # the command's code is part of it too
     assert run_pipeline(_config(tmp_path), fails, redo=["a"], progress=False) == 1  # --redo starts afresh
     assert run_pipeline(_config(tmp_path), changed, redo=["a"], progress=False) == 0
     assert not (tmp_path / "stages" / "a.started.json").exists()
+    # a stage that starts afresh each time (a Python step building NAME.partial) is not held to them
+    fresh = [Stage("b", [], commands=[[sys.executable, "-c", "raise SystemExit(3)"]])]
+    assert run_pipeline(_config(tmp_path), fresh, progress=False) == 1
+    assert not (tmp_path / "stages" / "b.started.json").exists()
+    fixed = [Stage("b", [], commands=[[sys.executable, "-c", "pass"]])]
+    assert run_pipeline(_config(tmp_path), fixed, progress=False) == 0
 
 
-def test_fingerprints_ignore_the_folder_spelling_and_free_flags_and_name_a_change(tmp_path, monkeypatch):
+def test_fingerprints_ignore_the_folder_spelling_and_free_flags_and_name_a_change(tmp_path, monkeypatch, capsys):
     from pipeline_config import ConfigError
 
     monkeypatch.chdir(tmp_path)
 
-    def stage(out: str, steps: int, save_every: int) -> list[Stage]:
-        command = _writer(Path(out) / "x.txt", "x", "--steps", str(steps), "--save-every", str(save_every))
+    def stage(out: str, steps: int, save_every: int) -> list[Stage]:  # paths resolved, as build_stages makes them
+        command = _writer(Path(out).resolve() / "x.txt", "x", "--steps", str(steps), "--save-every", str(save_every))
         return [Stage("train", [], commands=[command], free_flags=("--save-every",))]
 
     assert run_pipeline(_config("run"), stage("run", 3, 10), progress=False) == 0
     absolute = str(tmp_path / "run")
     assert run_pipeline(_config(absolute), stage(absolute, 3, 99), progress=False) == 0  # nothing to run
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    assert run_pipeline(_config("."), stage(".", 3, 10), progress=False) == 0
+    assert "0 stage(s) to run, 1 done" in capsys.readouterr().out
     marker = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
     assert "--save-every" not in marker["inputs"]["commands"][0] and "{out}/x.txt" in marker["inputs"]["commands"][0]
     with pytest.raises(
@@ -202,23 +214,40 @@ def test_fingerprints_ignore_the_folder_spelling_and_free_flags_and_name_a_chang
         run_pipeline(_config(absolute), stage(absolute, 4, 10), progress=False)
 
 
-def test_a_marker_of_the_earlier_format_is_honoured_while_its_stage_is_unchanged(tmp_path, capsys):
-    from pipeline_config import ConfigError
-    from pipeline_runner import _legacy_fingerprints
+def _old_fingerprint(commands: list[list[str]], settings, deps: list[str]) -> str:
+    """The fingerprint the pipeline recorded before its markers held their inputs (frozen
+    here from tools/pipeline_runner.py at 9e695f0): commands as spelled then, no Python step."""
+    import hashlib
 
-    stages = _chain(tmp_path)
-    assert run_pipeline(_config(tmp_path), stages, progress=False) == 0
-    for name, fingerprint in _legacy_fingerprints(stages).items():  # as the pipeline wrote them before
-        marker = tmp_path / "stages" / f"{name}.json"
-        record = json.loads(marker.read_text())
-        marker.write_text(
-            json.dumps({k: v for k, v in record.items() if k not in ("inputs", "deps")} | {"fingerprint": fingerprint})
-        )
+    text = json.dumps([commands, None, settings], default=str) + "".join(deps)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_a_marker_of_the_earlier_format_is_honoured_while_its_stage_is_unchanged(tmp_path, monkeypatch, capsys):
+    """Markers written with ``--out run`` (paths spelled relative, as the stages then named
+    them) by the earlier pipeline, whose prepare-like stage hashed other settings."""
+    from pipeline_config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+
+    def stages(version: str) -> list[Stage]:  # as build_stages makes them now: paths resolved
+        out = (tmp_path / "run").resolve()
+        return [
+            Stage("a", [], [_writer(out / "a.txt", version)], settings={"new": 1}, legacy_settings=["old"]),
+            Stage("b", ["a"], [_writer(out / "b.txt", version)]),
+        ]
+
+    assert run_pipeline(_config("run"), stages("v1"), progress=False) == 0
+    a = _old_fingerprint([_writer(Path("run") / "a.txt", "v1")], ["old"], [])
+    b = _old_fingerprint([_writer(Path("run") / "b.txt", "v1")], None, [a])
+    for name, fingerprint in (("a", a), ("b", b)):
+        record = {"fingerprint": fingerprint, "seconds": 1.0, "threads": 1, "finished": "2026-12-02 10:00:00"}
+        (tmp_path / "run" / "stages" / f"{name}.json").write_text(json.dumps(record))
     capsys.readouterr()
-    assert run_pipeline(_config(tmp_path), stages, progress=False) == 0
+    assert run_pipeline(_config("run"), stages("v1"), progress=False) == 0
     assert "0 stage(s) to run, 2 done" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="recorded by an earlier version of the pipeline"):
-        run_pipeline(_config(tmp_path), _chain(tmp_path, "v2"), progress=False)
+    with pytest.raises(ConfigError, match="stage a .*recorded by an earlier version of the pipeline"):
+        run_pipeline(_config("run"), stages("v2"), progress=False)
 
 
 def test_an_output_folder_holding_other_files_is_refused(tmp_path):

@@ -26,6 +26,8 @@ from typing import Any
 
 from pipeline_config import ConfigError
 
+_SAME: Any = object()  # Stage.legacy_settings: as settings
+
 
 @dataclass
 class Stage:
@@ -38,6 +40,10 @@ class Stage:
     outputs: list[Path] = field(default_factory=list)  # what --redo removes
     settings: Any = None  # anything else the result depends on (in the fingerprint)
     free_flags: tuple[str, ...] = ()  # flags whose values do not change the result (not in it)
+    # its commands continue from what a killed attempt left (trainings, sampling): it may
+    # then rerun only with the settings it started with
+    resumable: bool = False
+    legacy_settings: Any = _SAME  # ``settings`` as markers of the earlier format hashed them
 
 
 def cli(package: str, *args: Any) -> list[str]:
@@ -63,7 +69,9 @@ def _dying_with_runner(command: list[str]) -> list[str]:
     """``command`` wrapped so that it ends when the runner does (Linux; as is elsewhere)."""
     if not sys.platform.startswith("linux"):
         return command
-    program = command[0] if os.sep in command[0] else (shutil.which(command[0]) or command[0])
+    program = command[0] if os.sep in command[0] else shutil.which(command[0])
+    if program is None:
+        raise RuntimeError(f"`{command[0]}` is not a program on PATH")
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), program, *command[1:]]
 
 
@@ -138,7 +146,8 @@ class Runner:
 
 def _short(command: list[str]) -> str:
     """The words that say which tool a command runs (no interpreter, launcher or --quiet)."""
-    words = [w for w in command[1:] if w not in ("-m", "--quiet") and not w.startswith("--nproc_per_node")]
+    words = command[1:] if command[0] == sys.executable else command
+    words = [w for w in words if w not in ("-m", "--quiet") and not w.startswith("--nproc_per_node")]
     if words and words[0] == "torch.distributed.run":
         words = words[1:]
     if words and words[0].endswith(".py"):
@@ -153,9 +162,9 @@ def _step_name(stage: Stage) -> str | None:
 
 def stage_inputs(stage: Stage, out: Path) -> dict[str, Any]:
     """What a stage's result depends on besides the stages before it, as its fingerprint
-    hashes it: the interpreter as ``python`` and the output folder as ``{out}`` (another
-    spelling of the same folder, or the folder moved, is the same stage), without the
-    stage's ``free_flags`` and their values."""
+    hashes it: the interpreter as ``python`` and the output folder (``out``, resolved, as
+    the stages' commands name it) as ``{out}`` (another spelling of the same folder, or the
+    folder moved, is the same stage), without the stage's ``free_flags`` and their values."""
     top = str(out)
 
     def word(w: str) -> str:
@@ -195,16 +204,29 @@ def fingerprints(stages: list[Stage], out: Path) -> dict[str, str]:
     return prints
 
 
-def _legacy_fingerprints(stages: list[Stage]) -> dict[str, str]:
-    """The fingerprints markers recorded before they held their inputs (the raw commands):
-    such a marker is still honoured when its stage is unchanged."""
+def _legacy_fingerprints(stages: list[Stage], out: Path, spelled: str) -> dict[str, str]:
+    """The fingerprints markers recorded before they held their inputs: of the commands as
+    they were spelled then (the output folder as given, ``spelled``, where the commands now
+    name it resolved, ``out``) and of the settings then: such a marker is still honoured
+    when its stage is unchanged."""
+    top = str(out)
+
+    def word(w: str) -> str:
+        if w == top:
+            return spelled
+        if w.startswith(top + os.sep):
+            return w[len(top) + 1 :] if spelled == "." else spelled + w[len(top) :]
+        return w
+
     by_name = {s.name: s for s in stages}
     prints: dict[str, str] = {}
 
     def of(name: str) -> str:
         if name not in prints:
             s = by_name[name]
-            text = json.dumps([s.commands, _step_name(s), s.settings], default=str) + "".join(of(d) for d in s.deps)
+            commands = [[word(w) for w in c] for c in s.commands]
+            settings = s.settings if s.legacy_settings is _SAME else s.legacy_settings
+            text = json.dumps([commands, _step_name(s), settings], default=str) + "".join(of(d) for d in s.deps)
             prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return prints[name]
 
@@ -336,12 +358,13 @@ def run_pipeline(
 ) -> int:
     """Run the stages that are not done yet, ``parallel`` at a time; returns an exit status."""
     out = Path(config["out"])
+    resolved = out.resolve()  # how the stages' commands name it
     names = [s.name for s in stages]
     for name in [*redo, *([until] if until else [])]:
         if name not in names:
             raise ConfigError(f"unknown stage {name!r}; the stages are {names}")
     _check_out_folder(out)
-    prints = fingerprints(stages, out)
+    prints = fingerprints(stages, resolved)
     wanted = _upstream(stages, until) if until else set(names)
     # every stage after a redone one is stale, whether this run is asked for it or not
     redone = _downstream(stages, set(redo))
@@ -366,13 +389,13 @@ def _run_stages(
 ) -> int:
     if not dry_run:
         _clear_stages(out, stages, redone)
-    legacy = _legacy_fingerprints(stages)
+    legacy = _legacy_fingerprints(stages, out.resolve(), str(out))
     done: set[str] = set()
     for s in stages:
         if s.name not in wanted or s.name in redone:  # a dry run shows --redo as to run
             continue
         marker, started = _marker(out, s.name), _started_marker(out, s.name)
-        record_path = marker if marker.is_file() else started if started.is_file() else None
+        record_path = marker if marker.is_file() else started if s.resumable and started.is_file() else None
         if record_path is None:
             continue
         recorded = json.loads(record_path.read_text())
@@ -381,10 +404,10 @@ def _run_stages(
             matches = recorded.get("fingerprint") == legacy[s.name]
         if not matches:
             deps = {d: prints[d] for d in s.deps}
-            how = "ran" if record_path == marker else "was interrupted while running"
+            how = "ran" if record_path == marker else "failed or was interrupted while running"
             raise ConfigError(
                 f"stage {s.name} in '{out}' {how} with other settings or inputs "
-                f"({_what_changed(recorded, stage_inputs(s, out), deps)}); restore them, rerun it with "
+                f"({_what_changed(recorded, stage_inputs(s, out.resolve()), deps)}); restore them, rerun it with "
                 f"`--redo {s.name}` (which removes its outputs and redoes the stages after it) or give another --out"
             )
         if record_path == marker:
@@ -409,10 +432,11 @@ def _run_stages(
         t0, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
         identity = {
             "fingerprint": prints[stage.name],
-            "inputs": stage_inputs(stage, out),
+            "inputs": stage_inputs(stage, out.resolve()),
             "deps": {d: prints[d] for d in stage.deps},
         }
-        _write_json(_started_marker(out, stage.name), {**identity, "started": started})
+        if stage.resumable:
+            _write_json(_started_marker(out, stage.name), {**identity, "started": started})
         for command in stage.commands:
             runner.run(stage.name, command, threads)
         if stage.python:

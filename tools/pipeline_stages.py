@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pipeline_config import synthetic_grid
+from pipeline_config import ConfigError, synthetic_grid
 from pipeline_runner import Stage, cli
 
 Run = Callable[[list[str]], None]
@@ -173,8 +173,9 @@ def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:
 
 
 def build_stages(config: dict[str, Any]) -> list[Stage]:
-    """The stages of ``config`` in a valid order, with their commands and outputs."""
-    out = Path(config["out"])
+    """The stages of ``config`` in a valid order, with their commands and outputs (paths
+    under the output folder resolved, as the runner's fingerprints expect them)."""
+    out = Path(config["out"]).resolve()
     data = out / "data"
     s, h, smp, seg = config["structure"], config["histo"], config["sample"], config["seg"]
     launch = config["launch"]["nproc_per_node"]
@@ -195,11 +196,21 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             stage.python = partial(fn, config=config)
         stages.append(stage)
 
-    add(Stage("prepare", [], outputs=[data], settings=_prepare_settings(config)), prepare)
+    legacy = [config["data"], config["prepare"]]  # what markers of the earlier format hashed
+    add(Stage("prepare", [], outputs=[data], settings=_prepare_settings(config), legacy_settings=legacy), prepare)
     structure_cmd = trainer("nudiff_structure", "--data", data / "subset", "--out", out / "structure")
     structure_cmd += cli_args("--preset", s["preset"], "--steps", s["steps"], "--lr", s["lr"], *common(s))
     training = ("--save-every",)  # how often a training saves does not change what it trains
-    add(Stage("structure-train", ["prepare"], [structure_cmd], outputs=[out / "structure"], free_flags=training))
+    add(
+        Stage(
+            "structure-train",
+            ["prepare"],
+            [structure_cmd],
+            outputs=[out / "structure"],
+            free_flags=training,
+            resumable=True,
+        )
+    )
     pairs = ["--pairs", data / "subset", "--preset", h["preset"]]
     if h["finetune_steps"] > 0:  # the paper's two phases
         phases = [
@@ -214,7 +225,12 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     histo_cmds = [trainer("nudiff_histo", *pairs, *phase, *common(h)) for phase in phases]
     add(
         Stage(
-            "histo-train", ["prepare"], histo_cmds, outputs=[out / "histo-pretrain", out / "histo"], free_flags=training
+            "histo-train",
+            ["prepare"],
+            histo_cmds,
+            outputs=[out / "histo-pretrain", out / "histo"],
+            free_flags=training,
+            resumable=True,
         )
     )
     sampling = ["--sampler", smp["sampler"], "--steps", smp["steps"], "--seed", smp["seed"], "--batch", smp["batch"]]
@@ -230,6 +246,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             [command + ["--out", str(structures)]],
             outputs=[structures],
             free_flags=free,
+            resumable=True,
         )
     )
     if smp["engine"] == "onnx":
@@ -239,7 +256,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         source, deps = ["--checkpoint", out / "histo"], ["structure-sample", "histo-train"]
     command = cli("nudiff_histo", "sample", "--structures", structures, *source, *sampling)
     command += cli_args("--guidance", smp["guidance"], "--out", out / "synthetic")
-    add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"], free_flags=free))
+    add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"], free_flags=free, resumable=True))
     add(
         Stage("synthetic-seg", ["histo-sample"], outputs=[out / "synthetic-seg"], settings=seg["preset"]),
         synthetic_for_seg,
@@ -257,7 +274,18 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         command += cli_args("--encoder-weights", seg["encoder_weights"]) if seg["encoder_weights"] else []
         command += cli_args("--frozen-epochs", seg["frozen_epochs"]) if seg["frozen_epochs"] >= 0 else []
         deps = ["prepare"] + (["synthetic-seg"] if run["synthetic"] else [])
-        add(Stage(f"seg-train-{name}", deps, [command], outputs=[out / "seg" / name], settings=encoder))
+        add(
+            Stage(
+                f"seg-train-{name}",
+                deps,
+                [command],
+                outputs=[out / "seg" / name],
+                settings=encoder,
+                free_flags=("--encoder-weights",),  # the file's content is in the settings, not its path
+                resumable=True,
+                legacy_settings=None,
+            )
+        )
         predictions, scores = out / "predictions" / name, out / "eval" / f"{name}.csv"
         commands = [
             cli("nudiff_seg", "predict", "--checkpoint", out / "seg" / name, "--images", test / "images")
@@ -265,7 +293,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             cli("nudiff_seg", "evaluate", "--true", test / "instance_maps", "--pred", predictions / "instance_maps")
             + cli_args("--out", scores),
         ]
-        add(Stage(f"seg-eval-{name}", [f"seg-train-{name}"], commands, outputs=[predictions, scores]))
+        add(Stage(f"seg-eval-{name}", [f"seg-train-{name}"], commands, outputs=[predictions, scores], resumable=True))
     evals = out / "eval"
     judge = [
         cli(
@@ -309,10 +337,15 @@ def _prepare_settings(config: dict[str, Any]) -> dict[str, Any]:
     split by its last ``test_tiles``, make new data) instead of the split files' names."""
     data = dict(config["data"])
     if data["source"] != "procedural":
-        train, test = _split_names(config)
-        data = {k: v for k, v in data.items() if k not in ("tiles", "tile_size", "seed")}  # procedural only
+        try:
+            train, test = _split_names(config)
+        except ValueError as exc:  # before any work, as the config's own checks
+            raise ConfigError(f"data.source: {exc}") from None
+        # procedural-only keys, and the split's file names (or count) where the tiles say it all
+        unused = ["tiles", "tile_size", "seed", "train_split", "test_split"]
+        unused += ["test_tiles"] if data["train_split"] else []
+        data = {k: v for k, v in data.items() if k not in unused}
         data.update(source=str(Path(data["source"]).resolve()), train_names=train, test_names=test)
-        data.pop("train_split"), data.pop("test_split")
     return {"data": data, "prepare": config["prepare"]}
 
 

@@ -117,7 +117,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "instance_maps").mkdir()
     with pytest.raises(ValueError, match="holds no instance map files"):
         build_structures(tmp_path, "tiny-64")
-    np.save(tmp_path / "instance_maps" / "f.npy", np.zeros((256, 256), np.float32))
+    np.save(tmp_path / "instance_maps" / "f.npy", np.full((256, 256), 0.5, np.float32))  # not whole numbers
     with pytest.raises(TypeError, match="f.npy"):
         build_structures(tmp_path, "tiny-64")
     with pytest.raises(ValueError, match="unknown structure preset 'huge'"):
