@@ -64,7 +64,8 @@ def test_targets_are_cropped_after_the_distance_maps():
 def _reference_hv(ann: np.ndarray, crop: int) -> np.ndarray:
     """HoVer-Net's gen_instance_hv_map (models/hovernet/targets.py) then the centre crop of
     gen_targets, transcribed; the map is padded by 2 px first, as HoVer-Net's windows are
-    (its boxes grow by 2 px), and the small-object rule is nudiff's (more than 30 px)."""
+    (its boxes grow by 2 px); remove_small_objects(min_size=30) as in the scikit-image
+    0.17.2 HoVer-Net pins (sizes under 30 removed)."""
     from scipy import ndimage as ndi
 
     ann = np.pad(ann, 2)
@@ -78,7 +79,7 @@ def _reference_hv(ann: np.ndarray, crop: int) -> np.ndarray:
     cropped = fixed[r0 : r0 + crop, r0 : r0 + crop]
     ids, counts = np.unique(cropped, return_counts=True)
     x_map, y_map = np.zeros(ann.shape, np.float32), np.zeros(ann.shape, np.float32)
-    for inst_id in ids[(ids > 0) & (counts > 30)]:
+    for inst_id in ids[(ids > 0) & (counts >= 30)]:
         inst_map = (fixed == inst_id).astype(np.uint8)
         rows, cols = np.flatnonzero(inst_map.any(axis=1)), np.flatnonzero(inst_map.any(axis=0))
         box = [rows[0] - 2, rows[-1] + 3, cols[0] - 2, cols[-1] + 3]
@@ -108,10 +109,12 @@ def test_targets_are_hovernets_gen_targets():
     inst = np.zeros((40, 40), np.int32)
     inst[2:12, 14:22] = 1  # 80 px, of which 2 rows x 8 = 16 inside the 20 px output: no maps
     inst[20:27, 12:17] = inst[20:27, 20:26] = 2  # one id, two parts of 35 and 42 px
+    inst[12:18, 23:28] = 3  # 30 px, all inside: HoVer-Net keeps it
     _, hv_t = targets(inst, 20)
     assert not hv_t[:2].any()
     assert hv_t[10:17, 2:7, 0].min() == -1 and hv_t[10:17, 2:7, 0].max() == 1  # each part spans -1..1
     assert hv_t[10:17, 10:16, 0].min() == -1 and hv_t[10:17, 10:16, 0].max() == 1
+    assert hv_t[:, :, 0][inst[10:30, 10:30] == 3].min() == -1
     np.testing.assert_array_equal(hv_t, _reference_hv(inst, 20))
     for seed in range(12):
         inst = synthetic_instance_map((164, 164), n_nuclei=60, seed=seed)

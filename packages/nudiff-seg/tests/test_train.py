@@ -139,3 +139,17 @@ def test_the_run_folder_holds_the_best_epoch_and_never_none(data, tmp_path, monk
     assert _train(data, out, "--epochs", "2", "--val", str(data / "real")) == 0
     assert json.loads((out / "config.json").read_text())["epoch"] == best_epoch
     assert json.loads((out / "last" / "config.json").read_text())["epoch"] == 2
+
+
+def test_a_phase_one_state_of_the_version_that_froze_the_stem_is_named(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data, out, "--frozen-epochs", "1", "--max-batches", "1") == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["phase"] == 1
+    group = state["optimizer"]["param_groups"][0]
+    dropped = group["params"][:6]  # that version's phase 1 left out conv0 and d0's shortcut and BN
+    group["params"] = group["params"][6:]
+    state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items() if k not in dropped}
+    torch.save(state, out / "train_state.pt")
+    assert _train(data, out, "--frozen-epochs", "1", "--resume") == 2
+    assert "saved by a nudiff-seg whose phase 1 also froze the stem" in capsys.readouterr().err

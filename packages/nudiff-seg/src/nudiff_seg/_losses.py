@@ -3,8 +3,9 @@
 Targets (``targets``): the nuclear-pixel mask and the h/v distance maps of
 :func:`nudiff_postproc.hv_maps`, as HoVer-Net's ``gen_instance_hv_map`` makes them: each
 4-connected part of an instance is a nucleus of its own (``fix_mirror_padding``); a
-nucleus has distance maps when more than 30 of its pixels lie in the output crop
-(``remove_small_objects`` on the cropped map), computed from all its pixels in the input
+nucleus has distance maps when at least 30 of its pixels lie in the output crop
+(``remove_small_objects(min_size=30)`` on the cropped map, with the scikit-image 0.17.2
+HoVer-Net pins, which keeps 30), computed from all its pixels in the input
 window (a nucleus cut by the output border keeps the centre of mass of its part in the
 window); then the maps are centre-cropped to the output.
 
@@ -27,7 +28,7 @@ from skimage.measure import label
 __all__ = ["targets", "xentropy_loss", "dice_loss", "mse_loss", "msge_loss", "sobel_kernels_5x5", "hovernet_loss"]
 
 _EPS = 1e-7  # the reference's ``epsilon = 10e-8``
-_MIN_NUCLEUS = 30  # pixels a nucleus needs in the output crop for distance maps (hv_maps' min_size)
+_MIN_NUCLEUS = 30  # pixels a nucleus needs in the output crop for distance maps
 
 
 def targets(inst: np.ndarray, output_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +54,9 @@ def targets(inst: np.ndarray, output_size: int) -> tuple[np.ndarray, np.ndarray]
     top = (size - output_size) // 2
     crop = (slice(top, top + output_size), slice(top, top + output_size))
     parts = label(inst, connectivity=1, background=0)  # equal-valued 4-connected regions
-    big = np.bincount(parts[crop].ravel(), minlength=int(parts.max()) + 1) > _MIN_NUCLEUS
+    big = np.bincount(parts[crop].ravel(), minlength=int(parts.max()) + 1) >= _MIN_NUCLEUS
     big[0] = False
-    hv = hv_maps(np.where(big[parts], parts, 0), min_size=_MIN_NUCLEUS)[crop]
+    hv = hv_maps(np.where(big[parts], parts, 0), min_size=0)[crop]  # the chosen ones, whatever their size
     return (inst[crop] > 0).astype(np.float32), np.ascontiguousarray(hv, dtype=np.float32)
 
 

@@ -218,6 +218,14 @@ def train_hovernet(
             epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
             optimizer_phase = int(state["phase"])
             optimizer = _optimizer(model, optimizer_phase, config.lr)
+            saved_params = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+            expected = sum(len(g["params"]) for g in optimizer.param_groups)
+            if optimizer_phase == 1 and saved_params != expected:
+                raise ValueError(
+                    f"its phase-1 optimizer holds {saved_params} parameters, this version's {expected}: it was "
+                    "saved by a nudiff-seg whose phase 1 also froze the stem and the first stage's shortcut "
+                    "(HoVer-Net trains them); finish it with that version"
+                )
             optimizer.load_state_dict(state["optimizer"])
             if start_batch > 0 and "epoch_sums" in state:
                 resumed_sums = {k: float(state["epoch_sums"][k]) for k in _LOSS_KEYS}
