@@ -88,3 +88,13 @@ def test_subset_cli(tmp_path, capsys):
     assert chosen and all(name.startswith("p") for name in chosen)
     assert "asked 30.0%" in capsys.readouterr().out
     assert main(["--quiet", "subset", "--data", str(tmp_path / "nope"), "--fraction", "0.3", "--out", str(out)]) == 2
+    # .npy maps with ids far beyond their count: counted, not allocated (bincount wanted 8 TiB)
+    for i, (image, inst) in enumerate(_synthetic_patches(4)):
+        write_image(tmp_path / "big" / "images" / f"b{i}.png", image)
+        write_instance_map(
+            tmp_path / "big" / "instance_maps" / f"b{i}.npy", np.where(inst > 0, inst.astype(np.int64) + 2**40, 0)
+        )
+    capsys.readouterr()
+    assert main(["--quiet", "subset", "--data", str(tmp_path / "big"), "--fraction", "0.5", "--out", str(out)]) == 0
+    total = sum(len(np.unique(inst)) - 1 for _, inst in _synthetic_patches(4))
+    assert f" of {total} nuclei (" in capsys.readouterr().out

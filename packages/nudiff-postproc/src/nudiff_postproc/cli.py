@@ -24,6 +24,7 @@ from ._io import (
     write_image,
     write_instance_map,
 )
+from ._labels import compact_labels
 from ._metrics import METRIC_KEYS, evaluate, mean_metrics
 from ._patches import extract_patches
 from ._runs import claim_output_folder
@@ -212,7 +213,7 @@ def _cmd_subset(args: argparse.Namespace) -> int:
     if args.features:
         features = _read_features(args.features, [name for name, _, _ in pairs])
     chosen = select_subset(patches, args.fraction, seed=args.seed, features=features)
-    counts = [int(np.count_nonzero(np.bincount(inst.ravel())[1:])) for _, inst in patches]
+    counts = [compact_labels(inst)[1].size for _, inst in patches]  # nuclei per patch, whatever the ids
     held = sum(counts[i] for i in chosen)
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text("".join(f"{pairs[i][0]}\n" for i in chosen))
