@@ -93,8 +93,12 @@ def morphology_distance(a: Any, b: Any) -> dict[str, float]:
 
     Each feature's distance (``scipy.stats.wasserstein_distance`` of the two samples) is
     divided by the standard deviation of both samples pooled, so features of different
-    units weigh alike: two halves of one dataset score well under 1, and a set whose
-    nuclei are twice as large scores above 1 on ``area``.
+    units weigh alike: two halves of one dataset score well under 1 (0.03-0.04 on the
+    Kumar training structures, whose patches overlap; the training against the test tiles
+    0.14), and the Kumar nuclei with every area doubled score 0.8 on ``area``. The pooled
+    deviation includes the gap between the two sets, so with samples of equal size a
+    distance stays below 2 however far apart they are, and it grows when one sample is
+    much smaller than the other: compare distances measured on samples of like sizes.
 
     Parameters
     ----------
