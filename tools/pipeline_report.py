@@ -313,7 +313,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif kind == "img":
             lines += [f"![{block[2]}]({block[1]})", "", f"*{block[2]}*", ""]
         elif kind == "pre":
-            lines += ["```toml", block[1].rstrip(), "```", ""]
+            lines += ["```json", block[1].rstrip(), "```", ""]
     return "\n".join(lines)
 
 
