@@ -212,6 +212,8 @@ def _legacy_fingerprints(stages: list[Stage], out: Path, spelled: str) -> dict[s
     top = str(out)
 
     def word(w: str) -> str:
+        if w == sys.executable:  # even when it lies in the output folder
+            return w
         if w == top:
             return spelled
         if w.startswith(top + os.sep):

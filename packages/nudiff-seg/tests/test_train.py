@@ -153,3 +153,21 @@ def test_a_phase_one_state_of_the_version_that_froze_the_stem_is_named(data, tmp
     torch.save(state, out / "train_state.pt")
     assert _train(data, out, "--frozen-epochs", "1", "--resume") == 2
     assert "saved by a nudiff-seg whose phase 1 also froze the stem" in capsys.readouterr().err
+
+
+def test_a_state_saved_at_the_end_of_phase_one_resumes_into_phase_two(data, tmp_path):
+    """Its optimizer is not used (phase 2 starts a fresh Adam), so its size does not matter."""
+    import csv
+
+    assert _train(data, tmp_path / "probe", "--epochs", "1") == 0
+    with open(tmp_path / "probe" / "log.csv") as fh:
+        per_epoch = int(next(csv.DictReader(fh))["batches"])
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "2", "--frozen-epochs", "1", "--max-batches", str(per_epoch)) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert (state["phase"], state["epoch"], state["batch"]) == (1, 1, 0)
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][6:]
+    torch.save(state, out / "train_state.pt")  # as the version that froze the stem saved it
+    assert _train(data, out, "--epochs", "2", "--frozen-epochs", "1", "--resume") == 0
+    with open(out / "log.csv") as fh:
+        assert [int(r["phase"]) for r in csv.DictReader(fh)] == [1, 2]

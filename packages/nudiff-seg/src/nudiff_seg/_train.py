@@ -212,21 +212,24 @@ def train_hovernet(
         # the folders may move; what must not change is the images they hold
         ignore = {"real", "synthetic"} if "real_images" in saved else set()
         given = {k: v for k, v in train_settings.items() if k not in ignore}
+        if saved.get("encoder_weights") and given.get("encoder_weights"):
+            given["encoder_weights"] = saved["encoder_weights"]  # the state holds the weights: their file may move
         check_resume_settings(out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES)
         try:
             model.load_state_dict(state["model"])
             epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
             optimizer_phase = int(state["phase"])
-            optimizer = _optimizer(model, optimizer_phase, config.lr)
-            saved_params = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
-            expected = sum(len(g["params"]) for g in optimizer.param_groups)
-            if optimizer_phase == 1 and saved_params != expected:
-                raise ValueError(
-                    f"its phase-1 optimizer holds {saved_params} parameters, this version's {expected}: it was "
-                    "saved by a nudiff-seg whose phase 1 also froze the stem and the first stage's shortcut "
-                    "(HoVer-Net trains them); finish it with that version"
-                )
-            optimizer.load_state_dict(state["optimizer"])
+            if epoch < config.epochs and _phase_lr(config, epoch)[0] == optimizer_phase:  # else a fresh Adam
+                optimizer = _optimizer(model, optimizer_phase, config.lr)
+                saved_params = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+                expected = sum(len(g["params"]) for g in optimizer.param_groups)
+                if optimizer_phase == 1 and saved_params != expected:
+                    raise ValueError(
+                        f"its phase-1 optimizer holds {saved_params} parameters, this version's {expected}: it was "
+                        "saved by a nudiff-seg whose phase 1 also froze the stem and the first stage's shortcut "
+                        "(HoVer-Net trains them); finish it with that version"
+                    )
+                optimizer.load_state_dict(state["optimizer"])
             if start_batch > 0 and "epoch_sums" in state:
                 resumed_sums = {k: float(state["epoch_sums"][k]) for k in _LOSS_KEYS}
                 resumed_seen, resumed_seconds = int(state["epoch_seen"]), float(state["epoch_seconds"])
