@@ -48,9 +48,11 @@ from ._runs import (
     initial_noise,
     int_at_least,
     median_seconds,
+    noise_generator,
     report_evaluation,
     run_cli,
     runtime_options_from_args,
+    sampling_record,
     shard_indices,
     train_config_from_args,
 )
@@ -72,6 +74,8 @@ from ._unet import GroupNorm32, UNet, timestep_embedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "noise_generator",
+    "sampling_record",
     "runtime_weights_digest",
     "int_at_least",
     "check_weights_digest",

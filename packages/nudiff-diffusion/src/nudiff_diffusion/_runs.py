@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 
+from ._resume import runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._sampling import seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
+    "noise_generator",
+    "sampling_record",
     "int_at_least",
     "evaluation_preset",
     "finite_or_null",
@@ -158,11 +161,25 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
     another stream's."""
     if not indices:
         raise ValueError("`indices` is empty: no sample to draw noise for")
+    return torch.stack([torch.randn(shape, generator=noise_generator(seed, i, stream=stream)) for i in indices])
 
-    def generator(i: int) -> torch.Generator:
-        return seeded_generator((stream * 1_000_000_007 + seed) * 1_000_003 + i)
 
-    return torch.stack([torch.randn(shape, generator=generator(i)) for i in indices])
+def noise_generator(seed: int, index: int, *, stream: int = 0) -> torch.Generator:
+    """The generator of sample ``index`` of ``seed`` in ``stream`` (see :func:`initial_noise`),
+    also the one a batch starting at ``index`` draws its sampler's step noise from."""
+    return seeded_generator((stream * 1_000_000_007 + seed) * 1_000_003 + index)
+
+
+def sampling_record(
+    runtime: Any, *, sampler: str, steps: int, seed: int, batch: int, world_size: int, **extra: Any
+) -> dict[str, Any]:
+    """The settings an output folder of samples records (:func:`claim_output_folder`): the
+    model (its weights' digest), sampler, steps, seed and ``extra``; with ``ddpm``, whose
+    steps draw noise per batch, also the batch size and the number of ranks."""
+    settings = {"model": runtime_weights_digest(runtime), "sampler": sampler, "steps": steps, "seed": seed, **extra}
+    if sampler == "ddpm":  # a resume must cut the same batches
+        settings.update(batch=batch, world_size=world_size)
+    return settings
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:

@@ -13,8 +13,8 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
-    runtime_weights_digest,
-    seeded_generator,
+    noise_generator,
+    sampling_record,
     shard_indices,
     tensor_to_images,
     tensor_to_structures,
@@ -127,16 +127,16 @@ def sample_histology(
             f"`--out` '{out_dir}' is the --structures folder: painting there would overwrite its structures; "
             "give another --out"
         )
-    settings = {
-        "model": runtime_weights_digest(runtime),
-        "structures": str(Path(structures_dir).resolve()),
-        "guidance": guidance,
-        "sampler": sampler,
-        "steps": steps,
-        "seed": seed,
-    }
-    if sampler == "ddpm":  # its steps draw noise per batch: a resume must cut the same batches
-        settings.update(batch=batch, world_size=world_size)
+    settings = sampling_record(
+        runtime,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch=batch,
+        world_size=world_size,
+        structures=str(Path(structures_dir).resolve()),
+        guidance=guidance,
+    )
     out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def sample_histology(
             sampler=sampler,
             steps=steps,
             x_T=x_T,
-            generator=seeded_generator((HISTO_NOISE_STREAM * 1_000_000_007 + seed) * 1_000_003 + chunk[0]),
+            generator=noise_generator(seed, chunk[0], stream=HISTO_NOISE_STREAM),
         )
         images, structures = tensor_to_images(painted), tensor_to_structures(cond)
         for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):

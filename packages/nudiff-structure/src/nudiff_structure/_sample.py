@@ -14,9 +14,9 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
-    runtime_weights_digest,
+    noise_generator,
     sample,
-    seeded_generator,
+    sampling_record,
     shard_indices,
 )
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
@@ -75,16 +75,16 @@ def sample_structures(
     check_sampler_settings(sampler, steps, clip)
     if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
         runtime.check_sampling_batch(min(batch, max(1, len(mine))))
-    settings = {
-        "model": runtime_weights_digest(runtime),
-        "sampler": sampler,
-        "steps": steps,
-        "clip": clip,
-        "seed": seed,
-        "postprocess_scale": scale,
-    }
-    if sampler == "ddpm":  # its steps draw noise per batch: a resume must cut the same batches
-        settings.update(batch=batch, world_size=world_size)
+    settings = sampling_record(
+        runtime,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch=batch,
+        world_size=world_size,
+        clip=clip,
+        postprocess_scale=scale,
+    )
     out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def sample_structures(
             steps=steps,
             clip=clip,
             x_T=x_T,
-            generator=seeded_generator(seed * 1_000_003 + chunk[0]),
+            generator=noise_generator(seed, chunk[0]),
             device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
         )
         structures = from_model_output(x)
