@@ -249,3 +249,23 @@ def test_training_again_into_a_run_needs_resume(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was started with the patches of the data (--data / --pairs, --subset) '" in err
     assert "this resume gives '1 patches, names sha256" in err
+
+
+def test_a_batchs_step_noise_never_repeats_a_samples_starting_noise(run, tmp_path, monkeypatch):
+    """DDPM's step noise came from the generator of the batch's first sample, so its first
+    step drew exactly that sample's x_T again."""
+    from nudiff_structure import _sample
+
+    seen = []
+
+    def fake_sample(eps_fn, *, x_T, generator, **kwargs):
+        seen.append((x_T, torch.randn(x_T.shape, generator=generator)))
+        return x_T.clamp(-1, 1)
+
+    monkeypatch.setattr(_sample, "sample", fake_sample)
+    assert main(_sample_args(run / "run", tmp_path / "s", num="4", batch="2", sampler="ddpm")) == 0
+    assert len(seen) == 2
+    for x_T, step_noise in seen:
+        for row in step_noise:
+            assert not any(torch.equal(row, start) for start in x_T)
+        assert abs(float(torch.corrcoef(torch.stack([x_T.ravel(), step_noise.ravel()]))[0, 1])) < 0.2

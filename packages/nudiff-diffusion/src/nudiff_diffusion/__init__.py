@@ -54,6 +54,7 @@ from ._runs import (
     runtime_options_from_args,
     sampling_record,
     shard_indices,
+    step_noise_generator,
     train_config_from_args,
 )
 from ._runtime import (
@@ -76,6 +77,7 @@ __version__ = "0.1.0"
 __all__ = [
     "noise_generator",
     "sampling_record",
+    "step_noise_generator",
     "runtime_weights_digest",
     "int_at_least",
     "check_weights_digest",

@@ -22,6 +22,7 @@ from ._trainer import TrainConfig
 
 __all__ = [
     "noise_generator",
+    "step_noise_generator",
     "sampling_record",
     "int_at_least",
     "evaluation_preset",
@@ -165,9 +166,20 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...], *, stre
 
 
 def noise_generator(seed: int, index: int, *, stream: int = 0) -> torch.Generator:
-    """The generator of sample ``index`` of ``seed`` in ``stream`` (see :func:`initial_noise`),
-    also the one a batch starting at ``index`` draws its sampler's step noise from."""
+    """The generator of sample ``index`` of ``seed`` in ``stream`` (see :func:`initial_noise`)."""
     return seeded_generator((stream * 1_000_000_007 + seed) * 1_000_003 + index)
+
+
+#: streams of a sampler's step noise are these many above the starting noise's streams (0, 1)
+_STEP_NOISE_STREAMS = 2
+
+
+def step_noise_generator(seed: int, first_index: int, *, stream: int = 0) -> torch.Generator:
+    """The generator a batch whose first sample is ``first_index`` draws its sampler's step
+    noise from (``ddpm``): a stream of its own, so that no step noise repeats a sample's
+    starting noise (drawn from :func:`noise_generator` of the same seed and index, the first
+    step's noise of a batch was its first sample's x_T)."""
+    return noise_generator(seed, first_index, stream=stream + _STEP_NOISE_STREAMS)
 
 
 def sampling_record(

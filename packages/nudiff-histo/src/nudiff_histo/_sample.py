@@ -13,9 +13,9 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
-    noise_generator,
     sampling_record,
     shard_indices,
+    step_noise_generator,
     tensor_to_images,
     tensor_to_structures,
 )
@@ -162,7 +162,7 @@ def sample_histology(
             sampler=sampler,
             steps=steps,
             x_T=x_T,
-            generator=noise_generator(seed, chunk[0], stream=HISTO_NOISE_STREAM),
+            generator=step_noise_generator(seed, chunk[0], stream=HISTO_NOISE_STREAM),
         )
         images, structures = tensor_to_images(painted), tensor_to_structures(cond)
         for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):

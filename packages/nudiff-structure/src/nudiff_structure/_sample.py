@@ -14,10 +14,10 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_output_folder,
     initial_noise,
-    noise_generator,
     sample,
     sampling_record,
     shard_indices,
+    step_noise_generator,
 )
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
 from nudiff_postproc._io import atomic_path
@@ -116,7 +116,7 @@ def sample_structures(
             steps=steps,
             clip=clip,
             x_T=x_T,
-            generator=noise_generator(seed, chunk[0]),
+            generator=step_noise_generator(seed, chunk[0]),
             device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
         )
         structures = from_model_output(x)
