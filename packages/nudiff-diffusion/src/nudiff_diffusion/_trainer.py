@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._checkpoint import read_config, save_model
+from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, read_config, save_model
 from ._losses import training_losses
 from ._resume import check_resume_settings, read_train_state, refuse_train_state
 from ._runtime import resolve_device
@@ -134,7 +134,10 @@ def _save(
     os.replace(tmp, final)  # a checkpoint directory appears whole or not at all
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -config.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    save_model(out, ema, diffusion=diffusion, extra={"train": dataclasses.asdict(config), "step": step})
+    # the run folder holds the latest model: the checkpoint's two files, copied (not serialised
+    # and hashed again), weights first as save_model writes them
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        _atomic_write(out / name, lambda p, name=name: shutil.copyfile(final / name, p))
     return final
 
 
