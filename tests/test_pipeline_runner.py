@@ -258,3 +258,23 @@ def test_an_output_folder_holding_other_files_is_refused(tmp_path):
         run_pipeline(_config(tmp_path), _chain(tmp_path), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert run_pipeline(_config(tmp_path / "new"), _chain(tmp_path / "new"), progress=False) == 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp2m"])
+def test_the_sampling_batch_changes_no_sampling_stage(tmp_path, sampler):
+    """Every sampler's samples are independent of the batch (ddpm's step noise is drawn per
+    sample), so another sample.batch leaves the sampling stages' fingerprints alone."""
+    from pipeline_config import load_config
+    from pipeline_runner import fingerprints
+    from pipeline_stages import build_stages
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"  # procedural data
+
+    def prints(batch: int) -> dict[str, str]:
+        sets = [f'sample.sampler="{sampler}"', f"sample.batch={batch}", 'sample.engine="pytorch"']
+        cfg = load_config(config, out=str(tmp_path / "out"), overrides=sets)
+        return fingerprints(build_stages(cfg), tmp_path / "out")
+
+    a, b = prints(4), prints(2)
+    assert a["structure-sample"] == b["structure-sample"] and a["histo-sample"] == b["histo-sample"]
+    assert prints(4) == a  # and the fingerprints are stable

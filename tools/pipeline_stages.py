@@ -236,9 +236,9 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     sampling = ["--sampler", smp["sampler"], "--steps", smp["steps"], "--seed", smp["seed"], "--batch", smp["batch"]]
     structures = out / "synthetic-structures"
     command = cli("nudiff_structure", "sample", "--checkpoint", out / "structure", "--num", smp["num"], *sampling)
-    # each sample starts from its own seeded noise, so a deterministic sampler's results do not
-    # depend on the batch size; DDPM draws each step's noise per batch
-    free = ("--batch",) if smp["sampler"] != "ddpm" else ()
+    # each sample starts from its own seeded noise and draws ddpm's step noise from its own
+    # stream, so no sampler's results depend on the batch size
+    free = ("--batch",)
     add(
         Stage(
             "structure-sample",

@@ -109,6 +109,41 @@ def test_stochastic_ddim_is_reproducible_and_differs_from_eta0():
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize(("method", "eta"), [("ddpm", 0.0), ("ddim", 1.0)])
+def test_one_generator_per_sample_makes_a_sample_independent_of_its_batch(method, eta):
+    """With a generator per sample, row k of a batch is what sample k alone gives: the
+    batch, a rank's share or a resume's cut do not change it."""
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    kw = dict(schedule=SCHEDULE, method=method, steps=10, eta=eta)
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = sample(gaussian_eps, shape=(4, 1, 4, 4), x_T=x_T, generator=gens([10, 11, 12, 13]), **kw)
+    halves = [
+        sample(gaussian_eps, shape=(2, 1, 4, 4), x_T=x_T[i : i + 2], generator=gens([10 + i, 11 + i]), **kw)
+        for i in (0, 2)
+    ]
+    torch.testing.assert_close(whole, torch.cat(halves), rtol=0, atol=1e-6)
+    alone = sample(gaussian_eps, shape=(1, 1, 4, 4), x_T=x_T[2:3], generator=gens([12]), **kw)
+    torch.testing.assert_close(whole[2:3], alone, rtol=0, atol=1e-6)
+    # one shared generator: row 2 depends on the rows drawn before it
+    shared = sample(gaussian_eps, shape=(4, 1, 4, 4), x_T=x_T, generator=torch.Generator().manual_seed(12), **kw)
+    assert not torch.allclose(shared[2:3], alone)
+    # no x_T: the starting noise of row k comes from generator k too
+    drawn = sample(gaussian_eps, shape=(2, 1, 4, 4), generator=gens([5, 6]), **kw)
+    first = sample(gaussian_eps, shape=(1, 1, 4, 4), generator=gens([5]), **kw)
+    torch.testing.assert_close(drawn[:1], first, rtol=0, atol=1e-6)
+
+
+def test_generators_must_match_the_batch():
+    kw = dict(shape=(3, 1, 2, 2), schedule=SCHEDULE, method="ddpm", steps=3)
+    with pytest.raises(ValueError, match="`generator` holds 2 generators for 3 samples; give one per sample"):
+        sample(gaussian_eps, generator=[torch.Generator(), torch.Generator()], **kw)
+    with pytest.raises(TypeError, match="`generator` must be a torch.Generator or a sequence of them, got list"):
+        sample(gaussian_eps, generator=[1, 2, 3], **kw)
+
+
 def test_clipping_bounds_the_output():
     x = sample(
         lambda x, t: torch.zeros_like(x) - 3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -264,6 +265,41 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys)
         assert sorted(p.name for p in (out / "images").iterdir()) == before  # nothing added
     assert _sample(run, out, "--num", "6", "--batch", "2") == 0  # more images, another batch: fine
     assert len(list((out / "images").iterdir())) == 6
+
+
+def test_ddpm_images_do_not_depend_on_batches(run, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _sample(run, whole, "--num", "5", "--sampler", "ddpm", "--batch", "5") == 0
+    assert _sample(run, cut, "--num", "2", "--sampler", "ddpm", "--batch", "2") == 0
+    assert _sample(run, cut, "--num", "5", "--sampler", "ddpm", "--batch", "3") == 0
+    names = sorted(p.name for p in (whole / "images").iterdir())
+    assert len(names) == 5 and sorted(p.name for p in (cut / "images").iterdir()) == names
+    for name in names:
+        a, b = read_image(whole / "images" / name), read_image(cut / "images" / name)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same noise; batches round differently
+
+
+def test_moved_folders_resume_and_changed_structures_are_refused(run, tmp_path, capsys):
+    """The folder records the map each image was painted for, not where the structures
+    were: both folders may move; a structure changed under a finished name is refused."""
+    structures, out = tmp_path / "pairs", tmp_path / "painted"
+    shutil.copytree(run / "pairs", structures)
+    args = ["--quiet", "sample", "--checkpoint", str(run / "run"), "--sampler", "ddim", "--steps", "2"]
+    assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "3"]) == 0
+    structures.rename(tmp_path / "moved-pairs")
+    out.rename(tmp_path / "moved-painted")
+    structures, out = tmp_path / "moved-pairs", tmp_path / "moved-painted"
+    assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "5"]) == 0
+    assert len(list((out / "images").iterdir())) == 5
+    inst = read_instance_map(structures / "instance_maps" / "t0.png")
+    write_instance_map(structures / "instance_maps" / "t0.png", np.where(inst == inst.max(), 0, inst))
+    assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "6"]) == 2
+    err = capsys.readouterr().err
+    painted = re.escape(str(out / "images"))
+    assert re.search(rf"'{painted}/(t0_r\d{{5}}_c\d{{5}})\.png' was painted for another instance map than the one", err)
+    assert f"'{structures}' now holds under 't0_r" in err
+    assert "the structures changed since this folder was started; paint them into another --out" in err
+    assert len(list((out / "images").iterdir())) == 5
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from nudiff_diffusion import load_model, save_model
+from nudiff_diffusion import RUN_STAMP, load_model, save_model
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
 from nudiff_structure.cli import main
 
@@ -214,11 +214,35 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys)
     assert "was started with the model (the weights' sha256) of --checkpoint / --engine" in capsys.readouterr().err
     assert main(_sample_args(run / "run", out, num="8", batch="2")) == 0  # more samples, another batch: fine
     assert len(list((out / "structures").iterdir())) == 8
-    # DDPM draws each step's noise per batch: its batches must stay the same
-    ddpm = tmp_path / "ddpm"
-    assert main(_sample_args(run / "run", ddpm, num="2", sampler="ddpm")) == 0
-    assert main(_sample_args(run / "run", ddpm, num="4", sampler="ddpm", batch="2")) == 2
-    assert "was started with --batch 4, this resume gives 2" in capsys.readouterr().err
+
+
+def test_ddpm_samples_do_not_depend_on_batches_or_ranks(run, tmp_path, capsys):
+    """DDPM draws step noise; per sample, so a resume with another --batch, a kill in the
+    middle of a batch or another number of ranks gives the samples of one uninterrupted run."""
+    whole, cut, ranks = tmp_path / "whole", tmp_path / "cut", tmp_path / "ranks"
+    assert main(_sample_args(run / "run", whole, num="5", sampler="ddpm", batch="5")) == 0
+    assert main(_sample_args(run / "run", cut, num="3", sampler="ddpm", batch="2")) == 0
+    assert main(_sample_args(run / "run", cut, num="5", sampler="ddpm", batch="3")) == 0
+    for rank in ("0", "1"):
+        assert (
+            main([*_sample_args(run / "run", ranks, num="5", sampler="ddpm"), "--rank", rank, "--world-size", "2"]) == 0
+        )
+    names = sorted(p.name for p in (whole / "structures").iterdir())
+    assert len(names) == 5
+    for name in names:
+        want = np.load(whole / "structures" / name)
+        for other in (cut, ranks):
+            np.testing.assert_allclose(np.load(other / "structures" / name), want, rtol=0, atol=1e-5)
+    # a folder sampled by the earlier code (step noise per batch: no `step_noise` recorded)
+    stamp = cut / RUN_STAMP
+    record = json.loads(stamp.read_text())
+    assert record["step_noise"] == "per sample"
+    del record["step_noise"]
+    stamp.write_text(json.dumps(record))
+    assert main(_sample_args(run / "run", cut, num="6", sampler="ddpm")) == 2
+    err = capsys.readouterr().err
+    assert "was made by an older version that recorded no ddpm step-noise scheme (this one uses 'per sample')" in err
+    assert "start a new run with another --out" in err and len(list((cut / "structures").iterdir())) == 5
 
 
 @pytest.mark.parametrize(
@@ -253,13 +277,14 @@ def test_training_again_into_a_run_needs_resume(run, tmp_path, capsys):
 
 def test_a_batchs_step_noise_never_repeats_a_samples_starting_noise(run, tmp_path, monkeypatch):
     """DDPM's step noise came from the generator of the batch's first sample, so its first
-    step drew exactly that sample's x_T again."""
+    step drew exactly that sample's x_T again; now each sample draws it from a stream of
+    its own."""
     from nudiff_structure import _sample
 
     seen = []
 
     def fake_sample(eps_fn, *, x_T, generator, **kwargs):
-        seen.append((x_T, torch.randn(x_T.shape, generator=generator)))
+        seen.append((x_T, torch.stack([torch.randn(x_T.shape[1:], generator=g) for g in generator])))
         return x_T.clamp(-1, 1)
 
     monkeypatch.setattr(_sample, "sample", fake_sample)

@@ -43,6 +43,7 @@ from ._runs import (
     add_evaluate_arguments,
     add_sampling_arguments,
     add_train_arguments,
+    claim_samples_folder,
     evaluation_preset,
     finite_or_null,
     initial_noise,
@@ -54,7 +55,7 @@ from ._runs import (
     runtime_options_from_args,
     sampling_record,
     shard_indices,
-    step_noise_generator,
+    step_noise_generators,
     train_config_from_args,
 )
 from ._runtime import (
@@ -77,7 +78,8 @@ __version__ = "0.1.0"
 __all__ = [
     "noise_generator",
     "sampling_record",
-    "step_noise_generator",
+    "claim_samples_folder",
+    "step_noise_generators",
     "runtime_weights_digest",
     "int_at_least",
     "check_weights_digest",

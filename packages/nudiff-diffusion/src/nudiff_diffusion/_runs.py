@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
-from ._resume import runtime_weights_digest
+from ._resume import MODEL_FLAG, claim_output_folder, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._sampling import seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
     "noise_generator",
-    "step_noise_generator",
+    "step_noise_generators",
     "sampling_record",
+    "claim_samples_folder",
     "int_at_least",
     "evaluation_preset",
     "finite_or_null",
@@ -174,24 +175,36 @@ def noise_generator(seed: int, index: int, *, stream: int = 0) -> torch.Generato
 _STEP_NOISE_STREAMS = 2
 
 
-def step_noise_generator(seed: int, first_index: int, *, stream: int = 0) -> torch.Generator:
-    """The generator a batch whose first sample is ``first_index`` draws its sampler's step
-    noise from (``ddpm``): a stream of its own, so that no step noise repeats a sample's
-    starting noise (drawn from :func:`noise_generator` of the same seed and index, the first
-    step's noise of a batch was its first sample's x_T)."""
-    return noise_generator(seed, first_index, stream=stream + _STEP_NOISE_STREAMS)
+def step_noise_generators(seed: int, indices: Sequence[int], *, stream: int = 0) -> list[torch.Generator]:
+    """One generator per sample ``indices[k]`` for a stochastic sampler's step noise
+    (``ddpm``; ``sample(generator=...)`` draws row ``k`` of each step's noise from generator
+    ``k``): a stream of its own, never a sample's starting noise (:func:`noise_generator`
+    of the same seed and index), and per sample, so that a sample's steps do not depend on
+    the batch, the rank or a resume that cut the batches differently."""
+    return [noise_generator(seed, i, stream=stream + _STEP_NOISE_STREAMS) for i in indices]
 
 
-def sampling_record(
-    runtime: Any, *, sampler: str, steps: int, seed: int, batch: int, world_size: int, **extra: Any
-) -> dict[str, Any]:
+#: what a folder of samples records for a sampler that draws step noise (``ddpm``): per
+#: sample since 2026-12-03; earlier folders drew it per batch and cannot be resumed
+STEP_NOISE = "per sample"
+
+
+def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extra: Any) -> dict[str, Any]:
     """The settings an output folder of samples records (:func:`claim_output_folder`): the
-    model (its weights' digest), sampler, steps, seed and ``extra``; with ``ddpm``, whose
-    steps draw noise per batch, also the batch size and the number of ranks."""
+    model (its weights' digest), sampler, steps, seed and ``extra``; with ``ddpm``, how its
+    step noise is drawn (``step_noise``: a folder that records none drew it per batch)."""
     settings = {"model": runtime_weights_digest(runtime), "sampler": sampler, "steps": steps, "seed": seed, **extra}
-    if sampler == "ddpm":  # a resume must cut the same batches
-        settings.update(batch=batch, world_size=world_size)
+    if sampler == "ddpm":
+        settings["step_noise"] = STEP_NOISE
     return settings
+
+
+def claim_samples_folder(out: str | Path, settings: Mapping[str, Any]) -> Path:
+    """:func:`claim_output_folder` for a folder of samples (``settings`` from
+    :func:`sampling_record`): a folder whose record lacks the ``step_noise`` this run
+    records drew its ddpm step noise per batch, and is refused by name."""
+    flags = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme"}
+    return claim_output_folder(out, settings, flags=flags, required=("step_noise",))
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:

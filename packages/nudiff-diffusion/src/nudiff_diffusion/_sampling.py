@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -91,13 +91,29 @@ def _clip_x0(x0: torch.Tensor, clip: float | Literal["dynamic"] | None) -> torch
     return x0.clamp(-float(clip), float(clip))
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def _randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype
+    shape: tuple[int, ...], generator: Generators, device: torch.device | str, dtype: torch.dtype
 ) -> torch.Tensor:
     """Standard normal noise on ``device``, drawn on the generator's own device: a CPU
-    generator gives the same noise whether the sampler runs on the CPU or a GPU."""
-    where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+    generator gives the same noise whether the sampler runs on the CPU or a GPU. A
+    sequence of generators draws row ``k`` of ``shape`` from generator ``k``."""
+    if isinstance(generator, torch.Generator) or generator is None:
+        where = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generator]
+    return torch.stack(rows)
+
+
+def _check_generators(generator: Generators, n: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(f"`generator` must be a torch.Generator or a sequence of them, got {type(generator).__name__}")
+    if len(generator) != n:
+        raise ValueError(f"`generator` holds {len(generator)} generators for {n} samples; give one per sample")
 
 
 def seeded_generator(value: int) -> torch.Generator:
@@ -135,7 +151,7 @@ def sample(
     method: Method = "dpmpp2m",
     steps: int = 20,
     spacing: Spacing | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     clip: float | Literal["dynamic"] | None = None,
     eta: float = 0.0,
     callback: Callable[[dict], None] | None = None,
@@ -164,8 +180,11 @@ def sample(
     spacing : {"uniform", "quadratic", "logsnr"}, optional
         How the visited steps are chosen (:func:`sampling_timesteps`); default
         ``"logsnr"`` for dpmpp2m and ``"uniform"`` otherwise.
-    generator : torch.Generator, optional
-        Source of the initial noise and of the noise of stochastic steps.
+    generator : torch.Generator or sequence of N torch.Generator, optional
+        Source of the initial noise and of the noise of stochastic steps. A sequence draws
+        sample ``k``'s noise from generator ``k`` only, so a sample's result does not depend
+        on the batch it is drawn in (with ``ddpm``, or ``ddim`` with ``eta > 0``; the
+        deterministic samplers draw no step noise).
     clip : float, "dynamic" or None
         Clip predicted x0 to [-clip, clip], or dynamic thresholding (Imagen), or nothing.
     eta : float
@@ -198,8 +217,10 @@ def sample(
     spacing = spacing or _DEFAULT_SPACING[method]
     kept = sampling_timesteps(schedule, steps, spacing)
     sub = schedule.subset(kept)  # betas recomputed from the kept alphas-bar
+    _check_generators(generator, int(shape[0]))
     if device is None:
-        device = generator.device if generator is not None else "cpu"
+        first = generator if isinstance(generator, torch.Generator) or not generator else generator[0]
+        device = first.device if first is not None else "cpu"
     if x_T is None:
         x = _randn(shape, generator, device, dtype)
     else:

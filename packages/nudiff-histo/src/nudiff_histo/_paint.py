@@ -4,6 +4,7 @@ step, with the SPADE modulation computed once per batch."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from nudiff_diffusion import NoiseSchedule, sample
@@ -29,7 +30,7 @@ def paint_images(
     sampler: str = "dpmpp2m",
     steps: int = 20,
     x_T: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     clip: float | None = 1.0,
     batched_guidance: bool = True,
 ) -> torch.Tensor:
@@ -50,6 +51,9 @@ def paint_images(
         Any sampler of ``nudiff_diffusion.sample``.
     x_T : (N, 3, s, s) tensor, optional
         The starting noise (per-sample noise makes results independent of batching).
+    generator : torch.Generator or sequence of N of them, optional
+        The step noise of a stochastic sampler (one generator per image: independent of
+        batching too), and the starting noise when ``x_T`` is not given.
     batched_guidance : bool
         True: the conditional and the unconditional half run as one 2N batch per step
         (nudiff). False: two sequential N-batch calls per step (the paper's code), for

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 from nudiff_diffusion import (
-    MODEL_FLAG,
     check_sampler_settings,
-    claim_output_folder,
+    claim_samples_folder,
     initial_noise,
     sampling_record,
     shard_indices,
-    step_noise_generator,
+    step_noise_generators,
     tensor_to_images,
     tensor_to_structures,
 )
@@ -83,6 +82,22 @@ def read_conditions(structures_dir: str | os.PathLike[str], preset: HistoPreset)
     return out
 
 
+def _check_painted_for(
+    out: Path, done: list[str], conditions: dict[str, np.ndarray], structures_dir: str | os.PathLike[str]
+) -> None:
+    """Refuse to continue a folder whose finished images were painted for other instance
+    maps than ``structures_dir`` holds now under their names (the folder keeps the map each
+    image was painted for): the folder may move, and structures may be added, but a pair
+    is never left beside images painted for changed structures."""
+    for name in done:
+        if not np.array_equal(read_instance_map(out / "instance_maps" / f"{name}.png"), conditions[name]):
+            raise ValueError(
+                f"'{out / 'images' / name}.png' was painted for another instance map than the one "
+                f"'{structures_dir}' now holds under {name!r}: the structures changed since this folder was "
+                "started; paint them into another --out"
+            )
+
+
 def sample_histology(
     runtime,  # type: ignore[no-untyped-def]  # HistoDenoiser-like
     structures_dir: str | os.PathLike[str],
@@ -106,9 +121,11 @@ def sample_histology(
     and ``preview.png`` (images with the instance outlines). Rank ``r`` of ``k`` paints the
     names at sorted positions ``i % k == r``; each image starts from its own noise (seed,
     position) and is written last, so a rerun skips finished names and a killed run resumes
-    without loss or duplicates. The folder remembers the model (its weights' digest), the
-    structures folder and the sampling settings it was started with (``.nudiff-run.json``):
-    a rerun with others is refused, naming the flag, rather than mixing two runs' images.
+    without loss or duplicates. The folder remembers the model (its weights' digest) and the
+    sampling settings it was started with (``.nudiff-run.json``), and the instance map each
+    finished image was painted for: a rerun with other settings, or with structures that
+    changed under a finished name, is refused, naming the flag or the file, rather than
+    mixing two runs' images. The folders may move between runs.
     """
     shard_indices(0, rank, world_size)  # checks the shard before any work
     if batch < 1:
@@ -132,16 +149,15 @@ def sample_histology(
         sampler=sampler,
         steps=steps,
         seed=seed,
-        batch=batch,
-        world_size=world_size,
-        structures=str(Path(structures_dir).resolve()),
         guidance=guidance,
     )
-    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
+    out = claim_samples_folder(out_dir, settings)  # a rerun must not mix settings
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     mine = shard_indices(len(names), rank, world_size)
     todo = [i for i in mine if not (out / "images" / f"{names[i]}.png").is_file()]
+    waiting = set(todo)
+    _check_painted_for(out, [names[i] for i in mine if i not in waiting], conditions, structures_dir)
     shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
     bar = None
     if progress:
@@ -162,7 +178,7 @@ def sample_histology(
             sampler=sampler,
             steps=steps,
             x_T=x_T,
-            generator=step_noise_generator(seed, chunk[0], stream=HISTO_NOISE_STREAM),
+            generator=step_noise_generators(seed, chunk, stream=HISTO_NOISE_STREAM),
         )
         images, structures = tensor_to_images(painted), tensor_to_structures(cond)
         for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):

@@ -51,6 +51,7 @@ def check_resume_settings(
     may_change: Collection[str] = (),
     flags: Mapping[str, str] | None = None,
     remedy: str = "resume with the run's settings or start a new run with another --out",
+    required: Collection[str] = (),
 ) -> None:
     """Refuse a resume whose settings differ from those the run was started with.
 
@@ -67,6 +68,9 @@ def check_resume_settings(
         The command-line flag of a key, for the message (default ``--key-with-dashes``).
     remedy : str
         What the message tells the user to do instead.
+    required : collection of str
+        Keys of ``given`` that the saved run must hold too: a run saved without one was
+        made by an older version that worked differently, and cannot be continued.
 
     Raises
     ------
@@ -74,9 +78,14 @@ def check_resume_settings(
         Naming the first differing flag, its saved and its given value.
     """
     for key, value in given.items():
+        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+        if key in required and key not in saved:
+            raise ValueError(
+                f"'{where}' was made by an older version that recorded no {flag} (this one uses {value!r}): "
+                "its files were made differently and cannot be continued; start a new run with another --out"
+            )
         if key in may_change or key not in saved or _comparable(saved[key]) == _comparable(value):
             continue
-        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
         raise ValueError(f"'{where}' was started with {flag} {saved[key]!r}, this resume gives {value!r}; {remedy}")
 
 
@@ -98,6 +107,7 @@ def claim_output_folder(
     flags: Mapping[str, str] | None = None,
     replace: bool = False,
     remedy: str = "resume with the run's settings or start a new run with another --out",
+    required: Collection[str] = (),
 ) -> Path:
     """Create ``out`` for work that skips what already exists there, or check that the
     work already in it was made with ``settings``.
@@ -109,6 +119,7 @@ def claim_output_folder(
     as JSON. The file is created exclusively, so of two runs (ranks, shards) starting at
     once with different settings one is refused. ``replace``: the caller has removed what
     the folder held (``--overwrite``), so ``settings`` replace the recorded ones.
+    ``required``: keys an earlier record must hold (see :func:`check_resume_settings`).
     Returns ``out``.
     """
     out = Path(out)
@@ -132,5 +143,6 @@ def claim_output_folder(
             return out
         finally:
             tmp.unlink(missing_ok=True)
-    check_resume_settings(out, _read_stamp(stamp, out), record, may_change=may_change, flags=flags, remedy=remedy)
+    saved = _read_stamp(stamp, out)
+    check_resume_settings(out, saved, record, may_change=may_change, flags=flags, remedy=remedy, required=required)
     return out

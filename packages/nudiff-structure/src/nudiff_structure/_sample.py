@@ -9,15 +9,14 @@ from pathlib import Path
 
 import numpy as np
 from nudiff_diffusion import (
-    MODEL_FLAG,
     NoiseSchedule,
     check_sampler_settings,
-    claim_output_folder,
+    claim_samples_folder,
     initial_noise,
     sample,
     sampling_record,
     shard_indices,
-    step_noise_generator,
+    step_noise_generators,
 )
 from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
 from nudiff_postproc._io import atomic_path
@@ -80,12 +79,10 @@ def sample_structures(
         sampler=sampler,
         steps=steps,
         seed=seed,
-        batch=batch,
-        world_size=world_size,
         clip=clip,
         postprocess_scale=scale,
     )
-    out = claim_output_folder(out_dir, settings, flags=MODEL_FLAG)  # a rerun must not mix settings
+    out = claim_samples_folder(out_dir, settings)  # a rerun must not mix settings
     (out / "structures").mkdir(parents=True, exist_ok=True)
     (out / "instance_maps").mkdir(parents=True, exist_ok=True)
     todo = [
@@ -116,7 +113,7 @@ def sample_structures(
             steps=steps,
             clip=clip,
             x_T=x_T,
-            generator=step_noise_generator(seed, chunk[0]),
+            generator=step_noise_generators(seed, chunk),
             device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
         )
         structures = from_model_output(x)
