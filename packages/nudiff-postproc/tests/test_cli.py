@@ -212,6 +212,58 @@ def test_patches_leave_no_partial_dataset_and_keep_a_finished_one(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "good", "patches"]
 
 
+def test_patches_never_delete_their_data_and_keep_large_ids(tmp_path, capsys):
+    data = _dataset(tmp_path / "data", [((64, 64), (64, 64))])
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data, tmp_path):  # --out is --data, or holds it
+        args = ["patches", "--data", str(data), "--out", str(out), "--size", "32", "--overwrite", "--quiet"]
+        assert main(args) == 2
+        assert f"--out '{out}' is or holds the --data folder" in capsys.readouterr().err
+        assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    big = tmp_path / "big"
+    inst = np.zeros((16, 16), np.int64)
+    inst[:, :8], inst[:, 8:] = 100_000, 7  # ids past PNG's 65,535; every pixel a nucleus
+    write_image(big / "images" / "t.png", np.zeros((16, 16, 3), np.uint8))
+    write_instance_map(big / "instance_maps" / "t.npy", inst)
+    out = tmp_path / "big-patches"
+    assert main(["patches", "--data", str(big), "--out", str(out), "--size", "8", "--stride", "8", "--quiet"]) == 0
+    maps = sorted(p.name for p in (out / "instance_maps").iterdir())
+    assert maps == [f"t_r{r:05d}_c{c:05d}.tif" for r in (0, 8) for c in (0, 8)]
+    np.testing.assert_array_equal(read_instance_map(out / "instance_maps" / maps[0]), inst[:8, :8])  # ids kept
+    rows = list(csv.reader(open(out / "patches.csv")))
+    assert [row[4] for row in rows[1:]] == ["1", "1", "1", "1"]  # one nucleus each, no background
+    small = _dataset(tmp_path / "small", [((40, 40), (40, 40))])
+    assert main(["patches", "--data", str(small), "--out", str(tmp_path / "p2"), "--size", "48", "--stride", "48"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{small / 'images' / 't0.png'}': patch size (48, 48) does not fit" in err and "--size 48" in err
+
+
+def test_xml2inst_writes_all_maps_or_none_and_keeps_existing_ones(tmp_path, capsys):
+    region = (
+        '<Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/></Vertices></Region>'
+    )
+    (tmp_path / "xml").mkdir()
+    for name in ("a", "c"):
+        (tmp_path / "xml" / f"{name}.xml").write_text(f"<Regions>{region}</Regions>")
+    (tmp_path / "xml" / "b.xml").write_text("<Regions><Region>")  # broken
+    out = tmp_path / "maps"
+    args = ["xml2inst", str(tmp_path / "xml"), "--out", str(out), "--shape", "10,10", "--quiet"]
+    assert main(args) == 2
+    assert "b.xml' is not valid XML" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())  # not a.png: all or nothing
+    (tmp_path / "xml" / "b.xml").write_text(f"<Regions>{region}</Regions>")
+    write_instance_map(out / "c.png", np.ones((10, 10), np.int32))
+    assert main(args) == 2
+    assert f"'{out / 'c.png'}' exists (1 of the maps to write do); pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["c.png"] and read_instance_map(out / "c.png").all()
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
+    assert read_instance_map(out / "c.png").sum() < 100
+    with pytest.raises(SystemExit):
+        main(["xml2inst", str(tmp_path / "xml"), "--out", str(out), "--shape", "0,10"])
+    assert "--shape must be two positive sizes H,W" in capsys.readouterr().err
+
+
 def test_xml2inst_checks_every_image_before_writing(tmp_path, capsys):
     region = (
         '<Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/></Vertices></Region>'

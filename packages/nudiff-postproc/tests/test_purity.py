@@ -39,6 +39,8 @@ def test_public_functions_leave_their_inputs_alone(tmp_path):
     npp.write_instance_map(tmp_path / "a.png", inst)
     npp.write_image(tmp_path / "a.png", image)
     npp.compact_labels(inst)
+    compact = np.arange(12, dtype=np.int32).reshape(3, 4)  # already 1..N int32
+    assert not np.shares_memory(npp.compact_labels(compact)[0], compact)  # a new array, never the argument
 
     for before, after in zip(copies, (inst, other, structure, preds, image), strict=True):
         np.testing.assert_array_equal(before, after)

@@ -59,6 +59,20 @@ def test_full_fraction_and_errors():
         select_subset(patches, 0.5, features=features)
 
 
+def test_bad_cluster_counts_and_fractions_are_named_and_duplicates_stay_quiet(recwarn):
+    patches = _synthetic_patches(6)
+    for bad in (0, -1, 7, 2.5, True):
+        with pytest.raises(ValueError, match=r"`n_clusters` must be None or an integer in \[1, 6\]"):
+            select_subset(patches, 0.5, n_clusters=bad)
+    for bad in ("0.5", None, True):
+        with pytest.raises(ValueError, match=r"`fraction` \(--fraction\) must be a number in \(0, 1\]"):
+            select_subset(patches, bad)
+    same = [patches[0]] * 6  # identical patches: k-means leaves clusters empty
+    chosen = select_subset(same, 0.5, n_clusters=3)
+    assert 3 <= len(chosen) <= 4
+    assert not [w for w in recwarn if "cluster" in str(w.message) or "divide" in str(w.message)]
+
+
 def test_kumar_subsets_are_representative(kumar):
     names = (kumar / "splits" / "kumar_train.txt").read_text().split()
     patches, tiles = [], []
@@ -98,3 +112,10 @@ def test_subset_cli(tmp_path, capsys):
     assert main(["--quiet", "subset", "--data", str(tmp_path / "big"), "--fraction", "0.5", "--out", str(out)]) == 0
     total = sum(len(np.unique(inst)) - 1 for _, inst in _synthetic_patches(4))
     assert f" of {total} nuclei (" in capsys.readouterr().out
+    # a features file that is not an .npz archive, and --quiet after the command's name
+    np.save(tmp_path / "f.npy", np.zeros((4, 3)))
+    args = ["subset", "--data", str(tmp_path / "big"), "--fraction", "0.5", "--out", str(out), "--quiet"]
+    assert main([*args, "--features", str(tmp_path / "f.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'f.npy'}' is not a features file with 'names' and 'features' arrays" in err
+    assert "not an .npz archive" in err

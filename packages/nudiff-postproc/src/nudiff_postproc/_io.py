@@ -108,14 +108,25 @@ def _read_tiff(path: Path) -> np.ndarray:
         return iio.imread(path, plugin="pillow")
 
 
+def _read_png_map(path: Path) -> np.ndarray:
+    """A PNG's pixels as stored: the indices of a palette PNG (label tools such as labelme
+    write instance ids as palette indices; Pillow would otherwise expand them to colours)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    with Image.open(path) as image:
+        palette = image.mode == "P"
+    return iio.imread(path, plugin="pillow", mode="P" if palette else None)
+
+
 def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an instance map.
 
     Parameters
     ----------
     path : str or PathLike
-        ``.png`` (8- or 16-bit grey), ``.tif``/``.tiff``, ``.npy``, or a HoVer-Net ``.mat``
-        with an ``inst_map`` array.
+        ``.png`` (8- or 16-bit grey, or a palette PNG: its indices are the ids),
+        ``.tif``/``.tiff``, ``.npy``, or a HoVer-Net ``.mat`` with an ``inst_map`` array.
 
     Returns
     -------
@@ -129,9 +140,7 @@ def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     suffix = _check_readable(path, INSTANCE_MAP_SUFFIXES, "instance map")
     if suffix == ".png":
-        import imageio.v3 as iio
-
-        arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "a PNG instance map")
+        arr = _load(path, lambda: _read_png_map(path), "a PNG instance map")
     elif suffix in (".tif", ".tiff"):
         arr = _load(path, lambda: _read_tiff(path), "a TIFF instance map")
     elif suffix == ".npy":
@@ -290,14 +299,42 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     return path
 
 
+#: A pixel centre exactly on a polygon's left or top edge is outside, on its right or bottom
+#: edge inside (the fill of the 13 MoNuSeg XML files that matches their instance maps: mean
+#: AJI 0.995 against them, 0.981 with both edges inside; an integer square of side s fills
+#: s x s pixels): the polygon is moved this far right and down before an inclusive fill.
+_EDGE_NUDGE = 1e-9
+
+
+def _region_pixels(region: ET.Element, xy: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels a region covers: an ellipse (``Type="2"``, two
+    vertices: the corners of its box) or a polygon, vertices 1-based."""
+    from skimage.draw import ellipse, polygon
+
+    rows, cols = xy[:, 1] - 1 + _EDGE_NUDGE, xy[:, 0] - 1 + _EDGE_NUDGE
+    if region.attrib.get("Type") == "2" and len(xy) == 2:
+        (r0, r1), (c0, c1) = sorted(rows), sorted(cols)
+        if r1 - r0 <= 0 or c1 - c0 <= 0:
+            return np.zeros(0, np.intp), np.zeros(0, np.intp)
+        return ellipse((r0 + r1) / 2, (c0 + c1) / 2, (r1 - r0) / 2, (c1 - c0) / 2, shape=shape)
+    return polygon(rows, cols, shape=shape)
+
+
 def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
     """Rasterise an Aperio ImageScope XML annotation (MoNuSeg) into an instance map.
 
     Every ``<Region>`` is one nucleus, numbered in file order from 1. Vertex coordinates
-    in these files are 1-based, so the polygon ``(X - 1, Y - 1)`` is filled (pixels whose
-    centres lie inside it, ``skimage.draw.polygon``). Where outlines overlap, the later
-    region wins; regions with fewer than 3 vertices are skipped (a file with no other
-    region, or with a non-finite vertex, raises ValueError).
+    in these files are 1-based, so the polygon ``(X - 1, Y - 1)`` is filled: the pixels
+    whose centres lie inside it, a centre on a left or top edge counting as outside and
+    one on a right or bottom edge as inside (an axis-aligned integer square of side s
+    covers s x s pixels). Where outlines overlap, the earlier region keeps the pixels.
+    Both rules are those of the instance maps distributed with MoNuSeg: against the 13
+    XML files of the Kumar training set, mean AJI 0.995 (0.962 with the later region
+    winning and both edges inside). An ellipse region (``Type="2"``: two vertices, the
+    corners of its box) is filled as the ellipse in that box; negative regions
+    (``NegativeROA="1"``: areas cut out of an annotation, not nuclei) and regions with
+    fewer than 3 vertices are skipped (a file with no other region, or with a non-finite
+    vertex, raises ValueError).
 
     Parameters
     ----------
@@ -310,15 +347,13 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
     -------
     (H, W) ndarray of int32
     """
-    from skimage.draw import polygon
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"XML annotation file not found: '{path}'")
     if (
         not isinstance(shape, (tuple, list))
         or len(shape) != 2
-        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape)
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)
     ):
         raise ValueError(f"`shape` must be (H, W) with positive integers, got {shape!r}")
     try:
@@ -343,16 +378,21 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
                 f"'{path}': region {region.attrib.get('Id', '?')} has a vertex at X={bad[0]}, Y={bad[1]}; "
                 "expected finite pixel coordinates"
             )
-        if len(xy) < 3:
+        ellipse = region.attrib.get("Type") == "2" and len(xy) == 2
+        if region.attrib.get("NegativeROA", "0") not in ("0", "") or (len(xy) < 3 and not ellipse):
             continue
-        rr, cc = polygon(xy[:, 1] - 1, xy[:, 0] - 1, shape=inst.shape)
+        rr, cc = _region_pixels(region, xy, inst.shape)
         label += 1
-        inst[rr, cc] = label
+        free = inst[rr, cc] == 0  # the earlier region keeps what it covers
+        inst[rr[free], cc[free]] = label
     if label == 0:
         raise ValueError(
-            f"'{path}': none of its {len(regions)} <Region> elements has 3 or more vertices; expected nucleus outlines"
+            f"'{path}': none of its {len(regions)} <Region> elements is a nucleus outline (a positive region with "
+            "3 or more vertices, or an ellipse)"
         )
-    return inst
+    from ._labels import compact_checked
+
+    return compact_checked(inst)[0]  # 1..N in file order, without regions left no pixel
 
 
 def _ring_area(contour: np.ndarray) -> float:

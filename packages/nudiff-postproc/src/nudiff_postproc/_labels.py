@@ -44,7 +44,10 @@ def compact_labels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if not (isinstance(inst, np.ndarray) and inst.size == 0):
         inst = as_instance_map(inst, "inst", ndim=np.ndim(inst))
-    return compact_checked(inst)
+    compact, ids = compact_checked(inst)
+    if np.may_share_memory(compact, inst):  # already 1..N int32: a new array all the same
+        compact = compact.copy()
+    return compact, ids
 
 
 def compact_checked(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

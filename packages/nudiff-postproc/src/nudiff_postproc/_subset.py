@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,11 +90,15 @@ def select_subset(
     """
     from scipy.cluster.vq import kmeans2
 
-    if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+    real = isinstance(fraction, (int, float, np.integer, np.floating)) and not isinstance(fraction, (bool, np.bool_))
+    if not real or not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"`fraction` (--fraction) must be a number in (0, 1], got {fraction!r}")
     n = len(patches)
     if n == 0:
         raise ValueError("`patches` is empty")
+    whole = isinstance(n_clusters, (int, np.integer)) and not isinstance(n_clusters, (bool, np.bool_))
+    if n_clusters is not None and not (whole and 1 <= n_clusters <= n):
+        raise ValueError(f"`n_clusters` must be None or an integer in [1, {n}] (the patches), got {n_clusters!r}")
     counts = np.array(
         [
             compact_checked(as_instance_map(inst, f"patches[{i}] instance map"))[1].size
@@ -119,7 +124,10 @@ def select_subset(
     std = features.std(axis=0)
     z = (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
     k = n_clusters or max(1, min(n, round(fraction * n)))
-    centres, assign = kmeans2(z, k, minit="++", seed=np.random.default_rng(seed))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # duplicate patches leave clusters empty (scipy warns; their queues are empty here)
+        warnings.simplefilter("ignore", UserWarning)
+        centres, assign = kmeans2(z, k, minit="++", seed=np.random.default_rng(seed))
     distance = np.linalg.norm(z - centres[assign], axis=1)
     # each cluster's patches, closest to its centre first
     queues = [list(np.flatnonzero(assign == c)[np.argsort(distance[assign == c], kind="stable")]) for c in range(k)]

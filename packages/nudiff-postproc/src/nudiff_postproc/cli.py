@@ -126,6 +126,8 @@ def _parse_shape(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shape must be H,W (e.g. 1000,1000), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"--shape must be two positive sizes H,W (e.g. 1000,1000), got {text!r}")
     return h, w
 
 
@@ -142,16 +144,38 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
                 f"no image in '{args.images}' for {len(missing)} XML file(s), e.g. '{xmls[missing[0]]}' "
                 f"(expected an image named '{missing[0]}' with one of {', '.join(IMAGE_SUFFIXES)})"
             )
-    for name, path in _progress(xmls.items(), len(xmls), "xml2inst", args.quiet):
-        shape = read_image(images[name]).shape[:2] if images else args.shape
-        write_instance_map(Path(args.out) / f"{name}{args.format}", read_monuseg_xml(path, shape))
-    print(f"wrote {len(xmls)} instance map(s) to {args.out}")
+    out = Path(args.out)
+    taken = [out / f"{name}{args.format}" for name in xmls if (out / f"{name}{args.format}").exists()]
+    if taken and not args.overwrite:
+        raise ValueError(
+            f"'{taken[0]}' exists ({len(taken)} of the maps to write do); pass --overwrite to replace them"
+        )
+    # every map is made in a staging folder first: a bad XML file leaves no map of the others
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".xml2inst.{os.getpid()}.partial"
+    try:
+        for name, path in _progress(xmls.items(), len(xmls), "xml2inst", args.quiet):
+            shape = read_image(images[name]).shape[:2] if images else args.shape
+            write_instance_map(staging / f"{name}{args.format}", read_monuseg_xml(path, shape))
+        for name in xmls:
+            os.replace(staging / f"{name}{args.format}", out / f"{name}{args.format}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {len(xmls)} instance map(s) to {out}")
     return 0
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _cmd_patches(args: argparse.Namespace) -> int:
     pairs = dataset_pairs(args.data)
     out = Path(args.out)
+    if _inside(Path(args.data), out):  # --overwrite would delete the data it cuts
+        raise ValueError(f"--out '{out}' is or holds the --data folder '{args.data}'; give another output folder")
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out '{out}' already exists and is not empty; give a new folder or --overwrite")
     # built beside --out and renamed into place: a failed or killed run leaves no partial dataset
@@ -161,13 +185,18 @@ def _cmd_patches(args: argparse.Namespace) -> int:
         index = []
         for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
             image, inst = read_pair(image_path, map_path)
-            img_patches, origins = extract_patches(image, args.size, args.stride)
+            try:
+                img_patches, origins = extract_patches(image, args.size, args.stride)
+            except ValueError as exc:
+                raise ValueError(f"'{image_path}': {exc} (--size {args.size}, --stride {args.stride})") from exc
             map_patches, _ = extract_patches(inst, args.size, args.stride)
+            # the tile's ids are kept; PNG holds ids up to 65,535, TIFF the rest
+            suffix = ".png" if int(inst.max()) <= np.iinfo(np.uint16).max else ".tif"
             for img, lab, (r, c) in zip(img_patches, map_patches, origins, strict=True):
                 stem = f"{name}_r{r:05d}_c{c:05d}"
                 write_image(staging / "images" / f"{stem}.png", img)
-                write_instance_map(staging / "instance_maps" / f"{stem}.png", lab)
-                index.append((stem, name, int(r), int(c), int(len(np.unique(lab)) - 1)))
+                write_instance_map(staging / "instance_maps" / f"{stem}{suffix}", lab)
+                index.append((stem, name, int(r), int(c), int(np.count_nonzero(np.unique(lab)))))
         with open(staging / "patches.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["patch", "source", "row", "col", "nuclei"])
@@ -187,9 +216,12 @@ def _read_features(path: str, names: list[str]) -> np.ndarray:
     """Rows of a features ``.npz`` (``names``, ``features``, e.g. ``nudiff-seg features``)
     in the order of ``names``; every name must be there."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds one {type(data).__name__}, not an .npz archive")
+        with data:
             stored, features = [str(n) for n in data["names"]], np.asarray(data["features"], np.float64)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"'{path}' is not a features file with 'names' and 'features' arrays ({exc})") from exc
     if features.ndim != 2 or features.shape[0] != len(stored):
         raise ValueError(f"'{path}': features of shape {features.shape} for {len(stored)} names")
@@ -228,9 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-postproc", description=__doc__, formatter_class=fmt)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    quiet = argparse.ArgumentParser(add_help=False)  # --quiet also after the command's name
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("instances", help="structures (.npy or PNG) -> instance maps", formatter_class=fmt)
+    def add_command(name: str, **kwargs: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[quiet], formatter_class=fmt, **kwargs)
+
+    p = add_command("instances", help="structures (.npy or PNG) -> instance maps")
     p.add_argument("structures", help="folder of structures: (H, W, 3) float .npy [prob, h, v] or RGB PNG")
     p.add_argument("out", help="output folder of instance maps")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold on channel 0")
@@ -255,28 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_instances)
 
-    p = sub.add_parser("evaluate", help="Dice/AJI/AJI+/DQ/SQ/PQ per image and their mean", formatter_class=fmt)
+    p = add_command("evaluate", help="Dice/AJI/AJI+/DQ/SQ/PQ per image and their mean")
     p.add_argument("--true", required=True, help="folder of reference instance maps")
     p.add_argument("--pred", required=True, help="folder of predicted instance maps (same stems)")
     p.add_argument("--out", help="CSV to write (per image, then the mean)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("xml2inst", help="MoNuSeg / Aperio XML -> instance maps", formatter_class=fmt)
+    p = add_command("xml2inst", help="MoNuSeg / Aperio XML -> instance maps")
     p.add_argument("xml", help="an .xml file or a folder of them")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", help="folder of the tiles (their sizes are used)")
     p.add_argument("--shape", type=_parse_shape, help="tile size H,W when no --images")
     p.add_argument("--format", choices=_MAP_FORMATS, default=".png", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace maps of the same names in --out")
     p.set_defaults(func=_cmd_xml2inst)
 
-    p = sub.add_parser("patches", help="dataset folder -> patch dataset folder", formatter_class=fmt)
+    p = add_command("patches", help="dataset folder -> patch dataset folder")
     p.add_argument("--data", required=True, help="folder with images/ and instance_maps/")
     p.add_argument("--out", required=True, help="output dataset folder (images/, instance_maps/, patches.csv)")
     p.add_argument("--size", type=int, default=256, help="patch size in pixels")
     p.add_argument("--stride", type=int, default=128, help="step between patches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     p.set_defaults(func=_cmd_patches)
-    p = sub.add_parser("subset", help="representative patches holding a fraction of the nuclei", formatter_class=fmt)
+    p = add_command("subset", help="representative patches holding a fraction of the nuclei")
     p.add_argument("--data", required=True, help="dataset folder (images/, instance_maps/), usually patches")
     p.add_argument("--fraction", type=float, required=True, help="share of all nuclei the subset holds, e.g. 0.1")
     p.add_argument("--out", required=True, help="text file: the chosen names, one per line")
@@ -300,7 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nudiff-postproc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished files are complete, rerun to resume", file=sys.stderr)
+        if args.command == "instances":
+            print("interrupted; finished files are complete, rerun to resume", file=sys.stderr)
+        else:  # the others write their output whole at the end (staging folders, atomic files)
+            print("interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
