@@ -286,14 +286,17 @@ def _check_ranges(config: dict[str, Any], source: str) -> None:
 
 def _check_splits(folder: Path, train_split: str, test_splits: list[str], source: str) -> None:
     """Split files name each tile once, and no tile is in both the training and the test set."""
+    from nudiff_postproc._folders import read_name_list
+
     for i, split in enumerate(test_splits):
         if not split:
             raise ConfigError(f"{source}: data.test_split[{i}] is empty; expected a file name (relative to the folder)")
     seen: dict[str, str] = {}
     for split in [train_split, *test_splits]:
-        names = (folder / split).read_text().split()
-        if not names:
-            raise ConfigError(f"{source}: split file '{folder / split}' names no tile")
+        try:
+            names = read_name_list(folder / split, "split file")
+        except ValueError:
+            raise ConfigError(f"{source}: split file '{folder / split}' names no tile") from None
         for name in names:
             if name in seen:
                 where = "twice in it" if seen[name] == split else f"also in '{folder / seen[name]}'"

@@ -53,14 +53,14 @@ def _link_pair(src_dir: Path, name: str, dst_dir: Path) -> None:
 
 
 def _split_names(config: dict[str, Any]) -> tuple[list[str], list[str]]:
-    from nudiff_postproc._folders import dataset_pairs
+    from nudiff_postproc._folders import dataset_pairs, read_name_list
 
     data = config["data"]
     folder = Path(data["source"])
     names = [n for n, _, _ in dataset_pairs(folder)]
     if data["train_split"]:
-        train = (folder / data["train_split"]).read_text().split()
-        test = [n for f in data["test_split"] for n in (folder / f).read_text().split()]
+        train = read_name_list(folder / data["train_split"], "split file")
+        test = [n for f in data["test_split"] for n in read_name_list(folder / f, "split file")]
     else:
         if len(names) <= data["test_tiles"]:
             raise ValueError(
@@ -77,6 +77,7 @@ def prepare(run: Run, *, config: dict[str, Any]) -> None:
     """Train/test tiles, 256 px patches of the training tiles and the labelled subset,
     built in ``data.partial`` and renamed to ``data``."""
     from nudiff_postproc import write_synthetic_dataset
+    from nudiff_postproc._folders import read_name_list
 
     out = Path(config["out"])
     tmp = _fresh(out / "data")
@@ -97,7 +98,7 @@ def prepare(run: Run, *, config: dict[str, Any]) -> None:
     run(cli("nudiff_postproc", "patches", *patches))
     subset = ["--data", tmp / "patches", "--fraction", p["fraction"], "--seed", p["seed"], "--out", tmp / "subset.txt"]
     run(cli("nudiff_postproc", "subset", *subset))
-    for name in (tmp / "subset.txt").read_text().split():
+    for name in read_name_list(tmp / "subset.txt"):
         _link_pair(tmp / "patches", name, tmp / "subset")
     _publish(tmp, out / "data")
 

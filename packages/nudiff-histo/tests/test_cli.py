@@ -372,3 +372,22 @@ def test_pairs_to_rows_refuses_ids_that_are_not_instance_ids():
             pairs_to_rows(images, bad)
     with pytest.raises(ValueError, match="`images` must be \\(N, s, s, 3\\) uint8"):
         pairs_to_rows(images.astype(np.float32), np.zeros((2, 8, 8), np.int32))
+
+
+def test_init_from_a_structure_model_is_named_before_the_pairs_are_read(run, tmp_path, capsys, monkeypatch):
+    from nudiff_histo import _train
+
+    structure = tmp_path / "structure-run"
+    shutil.copytree(run / "run", structure)
+    config = json.loads((structure / "config.json").read_text())
+    config["diffusion"]["kind"] = "structure"
+    (structure / "config.json").write_text(json.dumps(config))
+
+    def no_pairs(*args, **kwargs):
+        raise AssertionError("the pairs were read before --init was checked")
+
+    monkeypatch.setattr(_train, "build_pairs", no_pairs)
+    args = ["--quiet", "train", "--pairs", str(run / "pairs"), "--out", str(tmp_path / "h"), "--init"]
+    assert main([*args, str(structure), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{structure}' is not a histology checkpoint (its config.json has diffusion.kind='structure'" in err

@@ -215,11 +215,21 @@ def test_patches_leave_no_partial_dataset_and_keep_a_finished_one(tmp_path, caps
 def test_patches_never_delete_their_data_and_keep_large_ids(tmp_path, capsys):
     data = _dataset(tmp_path / "data", [((64, 64), (64, 64))])
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    for out in (data, tmp_path):  # --out is --data, or holds it
+    # --out is --data, holds it, or is (or lies inside) its images/ or instance_maps/
+    for out in (data, tmp_path, data / "instance_maps", data / "images" / "p"):
         args = ["patches", "--data", str(data), "--out", str(out), "--size", "32", "--overwrite", "--quiet"]
         assert main(args) == 2
-        assert f"--out '{out}' is or holds the --data folder" in capsys.readouterr().err
+        assert f"--out '{out}' is, holds or lies inside the --data folder" in capsys.readouterr().err
         assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    args = ["patches", "--data", str(data), "--out", str(data / "patches"), "--size", "32", "--stride", "32"]
+    assert main(args) == 0  # a patches folder inside the dataset folder is fine
+    shutil.rmtree(data / "patches")
+    grey = _dataset(tmp_path / "grey", [((64, 64), (64, 64))])
+    import imageio.v3 as iio
+
+    iio.imwrite(grey / "images" / "t0.png", np.zeros((64, 64), np.uint8))  # a grayscale tile
+    assert main(["patches", "--data", str(grey), "--out", str(tmp_path / "gp"), "--quiet"]) == 2
+    assert "t0.png" in capsys.readouterr().err and not (tmp_path / "gp").exists()
     big = tmp_path / "big"
     inst = np.zeros((16, 16), np.int64)
     inst[:, :8], inst[:, 8:] = 100_000, 7  # ids past PNG's 65,535; every pixel a nucleus
@@ -262,6 +272,15 @@ def test_xml2inst_writes_all_maps_or_none_and_keeps_existing_ones(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["xml2inst", str(tmp_path / "xml"), "--out", str(out), "--shape", "0,10"])
     assert "--shape must be two positive sizes H,W" in capsys.readouterr().err
+
+
+def test_an_out_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    write_instance_map(tmp_path / "maps" / "a.png", synthetic_instance_map((32, 32), n_nuclei=4, seed=0))
+    args = ["evaluate", "--true", str(tmp_path / "maps"), "--pred", str(tmp_path / "maps"), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert f"nudiff-postproc evaluate: error: --out '{tmp_path}' is a folder" in capsys.readouterr().err
+    assert main(args, prog="nudiff-seg") == 2
+    assert capsys.readouterr().err.startswith("nudiff-seg evaluate: error: --out")
 
 
 def test_xml2inst_checks_every_image_before_writing(tmp_path, capsys):

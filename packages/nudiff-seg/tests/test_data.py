@@ -166,3 +166,15 @@ def test_stain_jitter_is_skimages_hed_jitter_without_its_clipping():
     unclipped = (hed > 0).all(axis=-1)
     assert unclipped.sum() > 100
     np.testing.assert_allclose(got[unclipped], expected[unclipped], atol=1e-5)
+
+
+def test_name_lists_keep_names_with_spaces_and_hashes(tmp_path):
+    from nudiff_seg import read_name_list
+
+    (tmp_path / "subset.txt").write_text("# chosen by nudiff-postproc subset\nslide#1_r00000_c00000\n\n  my tile 2  \n")
+    assert read_name_list(tmp_path / "subset.txt") == ["slide#1_r00000_c00000", "my tile 2"]
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="empty.txt' names nothing; expected one name per line"):
+        read_name_list(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="subset list not found"):
+        read_name_list(tmp_path / "none.txt")

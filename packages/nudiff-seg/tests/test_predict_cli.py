@@ -214,6 +214,18 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
     ):
         assert main(["--quiet", *command, "--out", str(tmp_path)]) == 2
         assert "is a folder; expected the path of the file to write" in capsys.readouterr().err
+    # evaluate forwards to nudiff-postproc's, but errors name the command the user ran
+    maps = tmp_path / "d" / "instance_maps"
+    assert main(["evaluate", "--true", str(maps), "--pred", str(maps), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nudiff-seg evaluate: error: --out") and "is a folder" in err
+    # a mixing ratio without synthetic pairs would train on real pairs alone, silently
+    args = ["--quiet", "train", "--real", str(tmp_path / "d"), "--preset", "tiny", "--out", str(out)]
+    assert main([*args, "--synthetic-ratio", "0.5"]) == 2
+    assert "--synthetic-ratio 0.5 mixes synthetic pairs into each batch: give --synthetic FOLDER too" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])
@@ -272,6 +284,9 @@ def test_onnx_engine_predicts_like_pytorch(model, tmp_path, capsys):
         "--images",
         str(tmp_path / "images"),
     ]
+    assert main([*args, "--out", str(tmp_path / "pred5"), "--batch", "5"]) == 2  # before --out is made
+    assert "exported for batches of at most 4, got 5" in capsys.readouterr().err
+    assert not (tmp_path / "pred5").exists()
     assert main([*args, "--out", str(tmp_path / "pred"), "--batch", "4"]) == 0
     assert read_instance_map(tmp_path / "pred" / "instance_maps" / "a.png").shape == (200, 330)
     # the graph and its checkpoint are one model (the same weights' digest): a rerun may switch

@@ -176,15 +176,21 @@ def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
     }
 
 
-def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> UNet:
-    """Rebuild a histology UNet from a checkpoint directory (no flags) and load its weights."""
-    config = read_config(directory)
-    settings = config.get("diffusion", {})
+def read_histo_settings(directory: str | os.PathLike[str]) -> dict:
+    """The ``diffusion`` settings of a histology checkpoint's ``config.json``; another
+    kind of checkpoint (a structure model) is refused by name."""
+    settings = read_config(directory).get("diffusion", {})
     if settings.get("kind") != "histo":
         raise ValueError(
             f"'{directory}' is not a histology checkpoint (its config.json has diffusion.kind="
             f"{settings.get('kind')!r}, expected 'histo'); a structure model cannot paint images"
         )
+    return settings
+
+
+def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> UNet:
+    """Rebuild a histology UNet from a checkpoint directory (no flags) and load its weights."""
+    settings = read_histo_settings(directory)
     hidden = settings.get("spade_hidden")
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(

@@ -13,7 +13,6 @@ from nudiff_diffusion import (
     TrainConfig,
     UNet,
     names_digest,
-    read_config,
     tensor_to_images,
     tensor_to_structures,
     train,
@@ -21,7 +20,7 @@ from nudiff_diffusion import (
 from nudiff_postproc import outline_overlay, picture_grid, structure_rgb, write_image
 
 from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
-from ._model import PRESETS, HistoDenoiser, build_histo_unet, histo_settings, load_histo_model
+from ._model import PRESETS, HistoDenoiser, build_histo_unet, histo_settings, load_histo_model, read_histo_settings
 from ._paint import paint_images
 
 __all__ = ["train_histo_model", "preview_grid"]
@@ -83,6 +82,10 @@ def train_histo_model(
     if preset not in PRESETS:
         raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
+    if init is not None:  # before the pairs are read
+        init_preset = read_histo_settings(init).get("histo_preset")
+        if init_preset != preset:
+            raise ValueError(f"--init '{init}' is a {init_preset!r} histology model, not {preset!r}")
     images, maps, names = build_pairs(pairs_dir, p)
     if len(images) <= holdout:
         raise ValueError(f"'{pairs_dir}' gives {len(images)} patches; need more than the {holdout} held back")
@@ -92,9 +95,6 @@ def train_histo_model(
     rows = pairs_to_rows(images[keep], maps[keep])
     torch.manual_seed(config.seed)
     if init is not None:
-        init_preset = read_config(init).get("diffusion", {}).get("histo_preset")
-        if init_preset != preset:
-            raise ValueError(f"--init '{init}' is a {init_preset!r} histology model, not {preset!r}")
         model = load_histo_model(init).train()
     else:
         model = build_histo_unet(preset, **(model_overrides or {}))

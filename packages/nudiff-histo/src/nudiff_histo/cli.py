@@ -51,6 +51,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nudiff_diffusion import report_evaluation
+    from nudiff_postproc._io import check_output_file
+
+    check_output_file(args.out)  # before the work
 
     from ._evaluate import evaluate_histology
 

@@ -10,7 +10,7 @@ import numpy as np
 from ._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES, _check_readable, _load, read_image, read_instance_map
 from ._validate import as_prediction
 
-__all__ = ["list_files", "dataset_pairs", "read_pair", "read_structure"]
+__all__ = ["list_files", "dataset_pairs", "read_pair", "read_structure", "read_name_list"]
 
 STRUCTURE_SUFFIXES = (".npy", ".png")
 
@@ -31,6 +31,28 @@ def list_files(folder: str | os.PathLike[str], suffixes: tuple[str, ...], what: 
     if not files:
         raise ValueError(f"'{folder}' holds no {what} files (expected {', '.join(suffixes)})")
     return files
+
+
+def read_name_list(path: str | os.PathLike[str], what: str = "name list") -> list[str]:
+    """Names, one per line, as ``nudiff-postproc subset`` writes them and split files list
+    tiles: surrounding whitespace is stripped, blank lines and lines that start with ``#``
+    are skipped; a name may hold spaces or ``#`` (file names do).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is not a file (``what`` names it).
+    ValueError
+        ``path`` names nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: '{path}'")
+    lines = (line.strip() for line in path.read_text().splitlines())
+    names = [line for line in lines if line and not line.startswith("#")]
+    if not names:
+        raise ValueError(f"'{path}' names nothing; expected one name per line")
+    return names
 
 
 def dataset_pairs(folder: str | os.PathLike[str]) -> list[tuple[str, Path, Path]]:

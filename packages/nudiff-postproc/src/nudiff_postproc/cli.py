@@ -18,6 +18,7 @@ from ._io import (
     IMAGE_SUFFIXES,
     INSTANCE_MAP_SUFFIXES,
     atomic_path,
+    check_output_file,
     read_image,
     read_instance_map,
     read_monuseg_xml,
@@ -88,6 +89,7 @@ def _cmd_instances(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    check_output_file(args.out)
     true_files = list_files(args.true, INSTANCE_MAP_SUFFIXES, "true instance map")
     pred_files = list_files(args.pred, INSTANCE_MAP_SUFFIXES, "predicted instance map")
     missing = sorted(set(true_files) - set(pred_files))
@@ -174,8 +176,13 @@ def _inside(path: Path, folder: Path) -> bool:
 def _cmd_patches(args: argparse.Namespace) -> int:
     pairs = dataset_pairs(args.data)
     out = Path(args.out)
-    if _inside(Path(args.data), out):  # --overwrite would delete the data it cuts
-        raise ValueError(f"--out '{out}' is or holds the --data folder '{args.data}'; give another output folder")
+    inputs = [Path(args.data), Path(args.data) / "images", Path(args.data) / "instance_maps"]
+    if _inside(Path(args.data), out) or any(_inside(out, folder) for folder in inputs[1:]):
+        # --overwrite would delete the data it cuts
+        raise ValueError(
+            f"--out '{out}' is, holds or lies inside the --data folder '{args.data}' or its images/ or "
+            "instance_maps/; give another output folder"
+        )
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out '{out}' already exists and is not empty; give a new folder or --overwrite")
     # built beside --out and renamed into place: a failed or killed run leaves no partial dataset
@@ -184,7 +191,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
     try:
         index = []
         for name, image_path, map_path in _progress(pairs, len(pairs), "patches", args.quiet):
-            image, inst = read_pair(image_path, map_path)
+            image, inst = read_pair(image_path, map_path, strict=True)  # H&E colour: no grey, no translucency
             try:
                 img_patches, origins = extract_patches(image, args.size, args.stride)
             except ValueError as exc:
@@ -239,6 +246,7 @@ def _read_features(path: str, names: list[str]) -> np.ndarray:
 def _cmd_subset(args: argparse.Namespace) -> int:
     from ._subset import select_subset
 
+    check_output_file(args.out)
     pairs = dataset_pairs(args.data)
     patches = [read_pair(i, m) for _, i, m in _progress(pairs, len(pairs), "read", args.quiet)]
     features = None
@@ -328,14 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "nudiff-postproc") -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input). ``prog`` names the
+    program in error messages (another package's command that forwards here)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except (ValueError, TypeError, OSError) as exc:  # bad input, or a path that cannot be written
-        print(f"nudiff-postproc {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "instances":

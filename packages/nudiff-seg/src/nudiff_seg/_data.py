@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from nudiff_postproc import compact_labels, read_instance_map, transform_image, transform_instance_map
 from nudiff_postproc._folders import dataset_pairs
+from nudiff_postproc._folders import read_name_list as _read_name_list
 from nudiff_postproc._io import read_image
 from scipy import ndimage as ndi
 
@@ -41,15 +42,9 @@ class Tiles:
 
 
 def read_name_list(path: str | os.PathLike[str]) -> list[str]:
-    """Names, one per line (blank lines and ``#`` comments ignored), e.g. ``nudiff-postproc subset``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subset list not found: '{path}'")
-    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"'{path}' names no images; expected one name per line")
-    return names
+    """Names, one per line (``nudiff_postproc``'s reader: blank lines and lines starting
+    with ``#`` skipped), e.g. ``nudiff-postproc subset``'s output."""
+    return _read_name_list(path, "subset list")
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
@@ -84,9 +79,15 @@ def load_tiles(
         if image.shape[:2] != inst.shape:
             raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
         if min(inst.shape) < min_size:
+            hint = (
+                " (a tiny-64 or small-128 histology model paints at a downscaled resolution: upsample its pairs "
+                "to the tiles' and lay them side by side first, as tools/pipeline.py's synthetic-seg stage does)"
+                if what == "--synthetic"
+                else ""
+            )
             raise ValueError(
                 f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; "
-                f"the model's input window needs {min_size}x{min_size}"
+                f"the model's input window needs {min_size}x{min_size}{hint}"
             )
         images.append(image)
         if int(inst.max(initial=0)) > np.iinfo(np.int32).max:  # ids past int32 would wrap and merge nuclei

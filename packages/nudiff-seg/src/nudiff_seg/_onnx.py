@@ -114,8 +114,12 @@ class OnnxHoVerNet:
                 f"{self.config.mode!r} HoVer-Net; export the graph and its config together again"
             )
 
+    def check_batch(self, n: int) -> None:
+        """Refuse a batch of ``n`` images beyond the graph's exported limit (naming it)."""
+        self._check_batch(self.path, n, self.batch_max)
+
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._check_batch(self.path, images.shape[0], self.batch_max)
+        self.check_batch(images.shape[0])
         np_logits, hv = self.session.run(None, {"images": np.ascontiguousarray(images.cpu().numpy(), np.float32)})
         return {"np": torch.from_numpy(np_logits), "hv": torch.from_numpy(hv)}
 

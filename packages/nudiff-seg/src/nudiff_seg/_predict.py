@@ -134,13 +134,21 @@ def write_prediction(out: str | os.PathLike[str], name: str, image: np.ndarray, 
 
 
 def score_pairs(
-    model: HoVerNet | OnnxHoVerNet, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, batch: int = 8
+    model: HoVerNet | OnnxHoVerNet,
+    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    batch: int = 8,
+    progress: str | None = None,
 ) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
     """Predict every ``(name, image, true instance map)`` and score it with
     :func:`nudiff_postproc.evaluate` as HoVer-Net's ``compute_stats.py`` does (an image
     where only one of the maps has nuclei scores 0); returns the per-image rows and
     :func:`nudiff_postproc.mean_metrics` of them (images with no nuclei in either map
-    left out)."""
+    left out). ``progress``: a progress bar with this description (on stderr)."""
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, desc=progress, unit="image")
     rows = []
     for name, image, true in pairs:
         inst, _ = predict_instances(model, image, batch=batch)

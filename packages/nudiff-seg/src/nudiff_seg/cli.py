@@ -46,6 +46,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         encoder_weights=args.encoder_weights,
     )
+    if args.synthetic_ratio != "pool" and not args.synthetic:
+        raise ValueError(
+            f"--synthetic-ratio {args.synthetic_ratio} mixes synthetic pairs into each batch: "
+            "give --synthetic FOLDER too"
+        )
     device = _device(args)
     warn_if_emulated_precision(device, args.precision)
     size = PRESETS[args.preset].input_size
@@ -86,6 +91,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.engine):
         raise ValueError("give either --checkpoint RUN (PyTorch) or --engine model.onnx (ONNX Runtime)")
     model = load_engine(args.engine or args.checkpoint, device=_device(args))
+    if hasattr(model, "check_batch"):  # an exported graph: its batch limit, before --out is made
+        model.check_batch(args.batch)
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
     # the maps already in --out are skipped: only if this model made them
     claim_output_folder(args.out, {"model": model_digest(model)}, flags=MODEL_FLAG)
@@ -114,33 +121,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nudiff_postproc.cli import main as postproc_main
 
     return postproc_main(
-        ["--quiet", "evaluate", "--true", args.true, "--pred", args.pred, *(["--out", args.out] if args.out else [])]
+        ["--quiet", "evaluate", "--true", args.true, "--pred", args.pred, *(["--out", args.out] if args.out else [])],
+        prog="nudiff-seg",
     )
 
 
-def _check_out_file(out: str | None) -> None:
-    """An ``--out`` file, checked before the work whose result it will hold."""
-    from pathlib import Path
-
-    if out and Path(out).is_dir():
-        raise ValueError(f"--out '{out}' is a folder; expected the path of the file to write")
-
-
 def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from nudiff_postproc._io import check_output_file
+
     from ._data import load_tiles
     from ._hovernet import load_hovernet
     from ._predict import score_pairs
 
-    _check_out_file(args.out)
+    check_output_file(args.out)
     model = load_hovernet(args.checkpoint, device=_device(args))
-    sets = [("synthetic", args.pairs)] + ([("real", args.real)] if args.real else [])
+    sets = [("synthetic", args.pairs, "--pairs")] + ([("real", args.real, "--real")] if args.real else [])
+    # every folder read (and checked) before the first is scored
+    loaded = [(label, load_tiles(folder, what=flag)) for label, folder, flag in sets]
     print(
         f"{'pairs':<10} {'images':>6}  " + "  ".join(f"{k:>8}" for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq"))
     )
     scores = {}
-    for label, folder in sets:
-        tiles = load_tiles(folder, what=f"--{'pairs' if label == 'synthetic' else 'real'}")
-        _, mean = score_pairs(model, zip(tiles.names, tiles.images, tiles.maps, strict=True), batch=args.batch)
+    for label, tiles in loaded:
+        pairs = zip(tiles.names, tiles.images, tiles.maps, strict=True)
+        _, mean = score_pairs(model, pairs, batch=args.batch, progress=None if args.quiet else f"{label} pairs")
         scores[label] = {"images": len(tiles), **{k: float(v) for k, v in mean.items()}}
         print(
             f"{label:<10} {len(tiles):>6}  "
@@ -160,11 +164,11 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 def _cmd_features(args: argparse.Namespace) -> int:
     import numpy as np
     from nudiff_postproc._folders import dataset_pairs, read_pair
-    from nudiff_postproc._io import atomic_path
+    from nudiff_postproc._io import atomic_path, check_output_file
 
     from ._features import load_backbone, patch_embeddings
 
-    _check_out_file(args.out)
+    check_output_file(args.out)
     model = load_backbone(args.weights, args.arch).to(_device(args))
     pairs = dataset_pairs(args.data)
     images = [read_pair(i, m, strict=True)[0] for _, i, m in pairs]

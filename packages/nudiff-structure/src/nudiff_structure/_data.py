@@ -22,7 +22,7 @@ from nudiff_postproc import (
     read_instance_map,
     transform_structure,
 )
-from nudiff_postproc._folders import list_files
+from nudiff_postproc._folders import list_files, read_name_list
 from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path, read_npz_cache
 
 __all__ = [
@@ -118,9 +118,7 @@ def build_structures(
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, structures=structures, names=np.array(names))
     if subset is not None:
-        wanted = [line.strip() for line in Path(subset).read_text().splitlines() if line.strip()]
-        if not wanted:
-            raise ValueError(f"subset '{subset}' names no patch; expected one name per line")
+        wanted = read_name_list(subset, "subset list")
         index = {n: i for i, n in enumerate(names)}
         missing = [n for n in wanted if n not in index]
         if missing:
