@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tools" / "pipeline.py"
 DEMO = ROOT / "configs" / "demo.toml"
@@ -134,6 +136,27 @@ def test_a_data_folder_inside_the_output_folder_is_refused(tmp_path):
     result = _run(tmp_path / "project", "--data", str(data), "--until", "prepare")
     assert result.returncode == 2 and "lies inside the output folder" in result.stderr, result.stderr
     assert (data / "images" / "keep.png").read_bytes() == b"a user's tile"
+
+
+def test_tiles_edited_after_prepare_stop_the_run_until_prepare_is_redone(tmp_path):
+    """The prepared patches and subset are copies, the test tiles links: an edited label left
+    the old patches and models beside edited test maps, and the run went on."""
+    from nudiff_postproc import read_instance_map, write_instance_map, write_synthetic_dataset
+
+    data = tmp_path / "tiles"
+    names = write_synthetic_dataset(data, 3, size=256, seed=5)
+    out = tmp_path / "run"
+    assert _run(out, "--data", str(data), "--until", "prepare").returncode == 0
+    assert _run(out, "--data", str(data), "--until", "prepare").returncode == 0  # unchanged: done
+    edited = data / "instance_maps" / f"{names[0]}.png"
+    inst = read_instance_map(edited)
+    write_instance_map(edited, np.where(inst == inst.max(), 0, inst))  # one nucleus removed
+    result = _run(out, "--data", str(data), "--until", "prepare")
+    assert result.returncode == 2, result.stderr
+    assert f"'{edited}' changed since the data in '{out / 'data'}' was prepared from it" in result.stderr
+    assert "`--redo prepare`" in result.stderr
+    assert _run(out, "--data", str(data), "--until", "prepare", "--redo", "prepare").returncode == 0
+    assert _run(out, "--data", str(data), "--until", "prepare").returncode == 0
 
 
 def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path):

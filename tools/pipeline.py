@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the pipeline_* modul
 
 from pipeline_config import ConfigError, load_config  # noqa: E402
 from pipeline_runner import run_pipeline  # noqa: E402
-from pipeline_stages import build_stages  # noqa: E402
+from pipeline_stages import build_stages, check_prepared_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, data=args.data, out=args.out, overrides=args.set)
         config["config_path"] = str(Path(args.config).resolve())
         stages = build_stages(config)
+        if "prepare" not in args.redo:
+            check_prepared_data(config)
         return run_pipeline(
             config, stages, until=args.until, redo=args.redo, dry_run=args.dry_run, progress=not args.quiet
         )

@@ -39,17 +39,50 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _link_pair(src_dir: Path, name: str, dst_dir: Path) -> None:
-    """Link ``src_dir/{images,instance_maps}/name.*`` into ``dst_dir`` (relative links)."""
+def _pair_files(src_dir: Path, name: str) -> list[Path]:
+    """``src_dir/images/name.*`` and ``src_dir/instance_maps/name.*``."""
     from nudiff_postproc._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES
 
+    files = []
     for sub, suffixes in (("images", IMAGE_SUFFIXES), ("instance_maps", INSTANCE_MAP_SUFFIXES)):
         found = [src_dir / sub / f"{name}{s}" for s in suffixes if (src_dir / sub / f"{name}{s}").is_file()]
         if not found:
             raise FileNotFoundError(f"'{src_dir / sub}' has no file for '{name}' (one of {list(suffixes)})")
-        (dst_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = dst_dir / sub / found[0].name
-        link.symlink_to(os.path.relpath(found[0].resolve(), link.parent.resolve()))
+        files.append(found[0])
+    return files
+
+
+def _link_pair(src_dir: Path, name: str, dst_dir: Path) -> None:
+    """Link ``src_dir/{images,instance_maps}/name.*`` into ``dst_dir`` (relative links)."""
+    for found in _pair_files(src_dir, name):
+        (dst_dir / found.parent.name).mkdir(parents=True, exist_ok=True)
+        link = dst_dir / found.parent.name / found.name
+        link.symlink_to(os.path.relpath(found.resolve(), link.parent.resolve()))
+
+
+#: in the prepared data: the content digest of each tile file of a dataset folder it was made from
+SOURCES = "sources.json"
+
+
+def check_prepared_data(config: dict[str, Any]) -> None:
+    """Refuse to go on from prepared data whose tiles changed since (edited labels or images
+    would otherwise leave stale patches, subsets and models beside test tiles that are
+    links to the edited files). Prepared data without a record (before 2026-12-03), or
+    from another source folder (the prepare stage's settings name that), is not checked."""
+    record = Path(config["out"]) / "data" / SOURCES
+    if config["data"]["source"] == "procedural" or not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    source = Path(config["data"]["source"]).resolve()
+    if saved.get("source") != str(source):
+        return
+    remedy = "restore it, or rerun with `--redo prepare` (which redoes every stage) or another --out"
+    for relative, digest in saved.get("files", {}).items():
+        path = source / relative
+        if not path.is_file():
+            raise ConfigError(f"'{path}', a tile the data in '{record.parent}' was prepared from, is gone; {remedy}")
+        if _file_digest(str(path)) != digest:
+            raise ConfigError(f"'{path}' changed since the data in '{record.parent}' was prepared from it; {remedy}")
 
 
 def _split_names(config: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -93,6 +126,10 @@ def prepare(run: Run, *, config: dict[str, Any]) -> None:
     for split, names in (("train", train), ("test", test)):
         for name in names:
             _link_pair(source, name, tmp / split)
+    if data["source"] != "procedural":  # what check_prepared_data compares with on later runs
+        files = [f for name in train + test for f in _pair_files(source, name)]
+        digests = {str(f.relative_to(source)): _file_digest(str(f)) for f in files}
+        (tmp / SOURCES).write_text(json.dumps({"source": str(source), "files": digests}, indent=1) + "\n")
     p = config["prepare"]
     patches = ["--data", tmp / "train", "--out", tmp / "patches", "--size", p["patch_size"], "--stride", p["stride"]]
     run(cli("nudiff_postproc", "patches", *patches))
