@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from nudiff_postproc import (
     extract_patches,
+    nuclei_share,
     patch_features,
     read_image,
     read_instance_map,
@@ -91,6 +92,17 @@ def test_kumar_subsets_are_representative(kumar):
     assert 0.1 <= held <= 0.1 + counts.max() / counts.sum()
     assert len({tiles[i] for i in idx}) >= 12  # the 10% subset spans the organs, not one tile
 
+    def distinct(chosen) -> int:  # the (tile, id) pairs the patches hold, counted here on their own
+        return len({(tiles[i], int(v)) for i in chosen for v in np.unique(patches[i][1]) if v})
+
+    every = distinct(range(len(patches)))
+    assert every == 9794  # the nuclei of the 16 training tiles
+    assert distinct(idx) / every > 0.3  # counted per patch, "10%" held 31% of the labels
+    by_tile = select_subset(patches, 0.1, seed=0, sources=tiles)
+    assert 0.1 <= distinct(by_tile) / every <= 0.1 + counts.max() / every
+    assert nuclei_share(patches, by_tile, tiles) == (distinct(by_tile), every)
+    assert len(by_tile) < len(idx) / 3 and len({tiles[i] for i in by_tile}) >= 8
+
 
 def test_subset_cli(tmp_path, capsys):
     for i, (image, inst) in enumerate(_synthetic_patches(12)):
@@ -102,6 +114,17 @@ def test_subset_cli(tmp_path, capsys):
     assert chosen and all(name.startswith("p") for name in chosen)
     assert "asked 30.0%" in capsys.readouterr().out
     assert main(["--quiet", "subset", "--data", str(tmp_path / "nope"), "--fraction", "0.3", "--out", str(out)]) == 2
+    # patches cut by `patches` (patches.csv names their tiles): nuclei counted once per tile
+    tile = tmp_path / "tile"
+    write_image(tile / "images" / "t.png", np.full((96, 96, 3), 200, np.uint8))
+    write_instance_map(tile / "instance_maps" / "t.png", synthetic_instance_map((96, 96), n_nuclei=40, seed=3))
+    cut = ["--quiet", "patches", "--data", str(tile), "--out", str(tmp_path / "cut"), "--size", "32", "--stride", "16"]
+    assert main(cut) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "subset", "--data", str(tmp_path / "cut"), "--fraction", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    total = len(np.unique(read_instance_map(tile / "instance_maps" / "t.png"))) - 1
+    assert f" of {total} distinct nuclei of the tiles (patches.csv) (" in printed, printed
     # .npy maps with ids far beyond their count: counted, not allocated (bincount wanted 8 TiB)
     for i, (image, inst) in enumerate(_synthetic_patches(4)):
         write_image(tmp_path / "big" / "images" / f"b{i}.png", image)
@@ -111,7 +134,7 @@ def test_subset_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--quiet", "subset", "--data", str(tmp_path / "big"), "--fraction", "0.5", "--out", str(out)]) == 0
     total = sum(len(np.unique(inst)) - 1 for _, inst in _synthetic_patches(4))
-    assert f" of {total} nuclei (" in capsys.readouterr().out
+    assert f" of {total} nuclei counted per patch (no patches.csv) (" in capsys.readouterr().out
     # a features file that is not an .npz archive, and --quiet after the command's name
     np.save(tmp_path / "f.npy", np.zeros((4, 3)))
     args = ["subset", "--data", str(tmp_path / "big"), "--fraction", "0.5", "--out", str(out), "--quiet"]

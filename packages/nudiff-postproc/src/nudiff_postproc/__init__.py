@@ -35,7 +35,7 @@ from ._structure import (
     transform_instance_map,
     transform_structure,
 )
-from ._subset import patch_features, select_subset
+from ._subset import nuclei_share, patch_features, select_subset
 from ._synthetic import synthetic_he_image, synthetic_instance_map, write_synthetic_dataset
 from ._watershed import instances_from_structure, instances_from_structures
 
@@ -72,6 +72,7 @@ __all__ = [
     "read_instance_map",
     "read_monuseg_xml",
     "select_subset",
+    "nuclei_share",
     "stitch",
     "upsample",
     "usable_cores",

@@ -25,7 +25,6 @@ from ._io import (
     write_image,
     write_instance_map,
 )
-from ._labels import compact_labels
 from ._metrics import METRIC_KEYS, evaluate, mean_metrics
 from ._patches import extract_patches
 from ._runs import claim_output_folder
@@ -243,23 +242,39 @@ def _read_features(path: str, names: list[str]) -> np.ndarray:
     return chosen
 
 
+def _patch_sources(data: str, names: list[str]) -> list[str] | None:
+    """The tile of each patch, from the ``patches.csv`` that ``patches`` writes beside them
+    (None without one: nuclei are then counted per patch)."""
+    index = Path(data) / "patches.csv"
+    if not index.is_file():
+        return None
+    with open(index, newline="") as fh:
+        rows = {row["patch"]: row["source"] for row in csv.DictReader(fh) if "patch" in row and "source" in row}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise ValueError(f"'{index}' does not list {len(missing)} patches of '{data}', e.g. {missing[:3]}")
+    return [rows[n] for n in names]
+
+
 def _cmd_subset(args: argparse.Namespace) -> int:
-    from ._subset import select_subset
+    from ._subset import nuclei_share, select_subset
 
     check_output_file(args.out)
     pairs = dataset_pairs(args.data)
+    names = [name for name, _, _ in pairs]
+    sources = _patch_sources(args.data, names)
     patches = [read_pair(i, m) for _, i, m in _progress(pairs, len(pairs), "read", args.quiet)]
     features = None
     if args.features:
-        features = _read_features(args.features, [name for name, _, _ in pairs])
-    chosen = select_subset(patches, args.fraction, seed=args.seed, features=features)
-    counts = [compact_labels(inst)[1].size for _, inst in patches]  # nuclei per patch, whatever the ids
-    held = sum(counts[i] for i in chosen)
+        features = _read_features(args.features, names)
+    chosen = select_subset(patches, args.fraction, seed=args.seed, features=features, sources=sources)
+    held, total = nuclei_share(patches, chosen, sources)
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text("".join(f"{pairs[i][0]}\n" for i in chosen))
+    what = "distinct nuclei of the tiles (patches.csv)" if sources else "nuclei counted per patch (no patches.csv)"
     print(
-        f"wrote {len(chosen)} of {len(pairs)} patches to {args.out}: {held} of {sum(counts)} nuclei "
-        f"({held / sum(counts):.1%}, asked {args.fraction:.1%})"
+        f"wrote {len(chosen)} of {len(pairs)} patches to {args.out}: {held} of {total} {what} "
+        f"({held / total:.1%}, asked {args.fraction:.1%})"
     )
     return 0
 
@@ -324,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_patches)
     p = add_command("subset", help="representative patches holding a fraction of the nuclei")
     p.add_argument("--data", required=True, help="dataset folder (images/, instance_maps/), usually patches")
-    p.add_argument("--fraction", type=float, required=True, help="share of all nuclei the subset holds, e.g. 0.1")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        required=True,
+        help="share of all nuclei the subset holds, e.g. 0.1 (each counted once when the data has the patches.csv "
+        "of `patches`, else once per patch)",
+    )
     p.add_argument("--out", required=True, help="text file: the chosen names, one per line")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (same seed, same subset)")
     p.add_argument(
