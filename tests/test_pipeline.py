@@ -118,7 +118,7 @@ def test_overlapping_or_repeated_splits_are_refused(tmp_path):
     for sub in ("images", "instance_maps"):
         (data / sub).mkdir(parents=True)
     (data / "train.txt").write_text("a\nb\nc\n")
-    for test, message in (("c\nd\n", "names 'c' also in"), ("d\nd\n", "names 'd' twice in it"), ("", "names no tile")):
+    for test, message in (("c\nd\n", "names 'c' also in"), ("d\nd\n", "names 'd' twice in it"), ("", "names nothing")):
         (data / "test.txt").write_text(test)
         error = _config_error("data.train_split='train.txt'", "data.test_split=['test.txt']", data=str(data))
         assert message in error and "test.txt" in error, error
@@ -157,6 +157,9 @@ def test_tiles_edited_after_prepare_stop_the_run_until_prepare_is_redone(tmp_pat
     assert "`--redo prepare`" in result.stderr
     assert _run(out, "--data", str(data), "--until", "prepare", "--redo", "prepare").returncode == 0
     assert _run(out, "--data", str(data), "--until", "prepare").returncode == 0
+    (out / "data" / "sources.json").write_text("{")  # truncated
+    result = _run(out, "--data", str(data), "--until", "prepare")
+    assert result.returncode == 2 and "sources.json' (the digests of the tiles" in result.stderr, result.stderr
 
 
 def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path):

@@ -295,8 +295,8 @@ def _check_splits(folder: Path, train_split: str, test_splits: list[str], source
     for split in [train_split, *test_splits]:
         try:
             names = read_name_list(folder / split, "split file")
-        except ValueError:
-            raise ConfigError(f"{source}: split file '{folder / split}' names no tile") from None
+        except ValueError as exc:  # no name in it, or not text
+            raise ConfigError(f"{source}: split file {exc}") from None
         for name in names:
             if name in seen:
                 where = "twice in it" if seen[name] == split else f"also in '{folder / seen[name]}'"

@@ -72,7 +72,15 @@ def check_prepared_data(config: dict[str, Any]) -> None:
     record = Path(config["out"]) / "data" / SOURCES
     if config["data"]["source"] == "procedural" or not record.is_file():
         return
-    saved = json.loads(record.read_text())
+    try:
+        saved = json.loads(record.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds {type(saved).__name__}, not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(
+            f"'{record}' (the digests of the tiles the data was prepared from) is unreadable ({exc}); "
+            "rerun with `--redo prepare` (which redoes every stage) or give another --out"
+        ) from None
     source = Path(config["data"]["source"]).resolve()
     if saved.get("source") != str(source):
         return
@@ -274,9 +282,11 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     sampling = ["--sampler", smp["sampler"], "--steps", smp["steps"], "--seed", smp["seed"], "--batch", smp["batch"]]
     structures = out / "synthetic-structures"
     command = cli("nudiff_structure", "sample", "--checkpoint", out / "structure", "--num", smp["num"], *sampling)
-    # each sample starts from its own seeded noise and draws ddpm's step noise from its own
-    # stream, so no sampler's results depend on the batch size
-    free = ("--batch",)
+    # each sample starts from its own seeded noise, so a deterministic sampler's results do not
+    # depend on the batch size (nor, since 2026-12-03, ddpm's, whose step noise is drawn per
+    # sample; its --batch stays in the fingerprint so that ddpm stages that finished before
+    # keep their markers)
+    free = ("--batch",) if smp["sampler"] != "ddpm" else ()
     add(
         Stage(
             "structure-sample",

@@ -142,6 +142,8 @@ def test_generators_must_match_the_batch():
         sample(gaussian_eps, generator=[torch.Generator(), torch.Generator()], **kw)
     with pytest.raises(TypeError, match="`generator` must be a torch.Generator or a sequence of them, got list"):
         sample(gaussian_eps, generator=[1, 2, 3], **kw)
+    empty = dict(kw, shape=(0, 1, 2, 2))  # an empty batch: as with one generator or none
+    assert sample(gaussian_eps, generator=[], **empty).shape == (0, 1, 2, 2)
 
 
 def test_clipping_bounds_the_output():

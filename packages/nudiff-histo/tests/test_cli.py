@@ -291,6 +291,14 @@ def test_moved_folders_resume_and_changed_structures_are_refused(run, tmp_path, 
     structures, out = tmp_path / "moved-pairs", tmp_path / "moved-painted"
     assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "5"]) == 0
     assert len(list((out / "images").iterdir())) == 5
+    # another tile's structures would move every name's noise (it is keyed by position)
+    write_image(structures / "images" / "t9.png", read_image(structures / "images" / "t0.png"))
+    maps = structures / "instance_maps"
+    write_instance_map(maps / "t9.png", read_instance_map(maps / "t0.png"))
+    assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "6"]) == 2
+    assert "was started with the --structures '12 structures, names sha256" in capsys.readouterr().err
+    for sub in ("images", "instance_maps"):
+        (structures / sub / "t9.png").unlink()
     inst = read_instance_map(structures / "instance_maps" / "t0.png")
     write_instance_map(structures / "instance_maps" / "t0.png", np.where(inst == inst.max(), 0, inst))
     assert main([*args, "--structures", str(structures), "--out", str(out), "--num", "6"]) == 2

@@ -264,11 +264,18 @@ def test_xml2inst_writes_all_maps_or_none_and_keeps_existing_ones(tmp_path, caps
     (tmp_path / "xml" / "b.xml").write_text(f"<Regions>{region}</Regions>")
     write_instance_map(out / "c.png", np.ones((10, 10), np.int32))
     assert main(args) == 2
-    assert f"'{out / 'c.png'}' exists (1 of the maps to write do); pass --overwrite" in capsys.readouterr().err
+    assert f"'{out / 'c.png'}' exists (1 map(s) of these names do); pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["c.png"] and read_instance_map(out / "c.png").all()
     assert main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
     assert read_instance_map(out / "c.png").sum() < 100
+    (out / "c.png").rename(out / "c.tif")  # a map of the same name in another format
+    (out / "a.png").unlink()
+    (out / "b.png").unlink()
+    assert main(args) == 2
+    assert f"'{out / 'c.tif'}' exists (1 map(s) of these names do)" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]  # one map per name
     with pytest.raises(SystemExit):
         main(["xml2inst", str(tmp_path / "xml"), "--out", str(out), "--shape", "0,10"])
     assert "--shape must be two positive sizes H,W" in capsys.readouterr().err

@@ -125,6 +125,9 @@ def test_subset_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     total = len(np.unique(read_instance_map(tile / "instance_maps" / "t.png"))) - 1
     assert f" of {total} distinct nuclei of the tiles (patches.csv) (" in printed, printed
+    (tmp_path / "cut" / "patches.csv").write_text("name,tile\n")  # not the columns `patches` writes
+    assert main(["--quiet", "subset", "--data", str(tmp_path / "cut"), "--fraction", "0.5", "--out", str(out)]) == 2
+    assert "patches.csv' has the columns ['name', 'tile']; expected 'patch' and 'source'" in capsys.readouterr().err
     # .npy maps with ids far beyond their count: counted, not allocated (bincount wanted 8 TiB)
     for i, (image, inst) in enumerate(_synthetic_patches(4)):
         write_image(tmp_path / "big" / "images" / f"b{i}.png", image)

@@ -171,9 +171,12 @@ def test_stain_jitter_is_skimages_hed_jitter_without_its_clipping():
 def test_name_lists_keep_names_with_spaces_and_hashes(tmp_path):
     from nudiff_seg import read_name_list
 
-    (tmp_path / "subset.txt").write_text("# chosen by nudiff-postproc subset\nslide#1_r00000_c00000\n\n  my tile 2  \n")
-    assert read_name_list(tmp_path / "subset.txt") == ["slide#1_r00000_c00000", "my tile 2"]
-    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    (tmp_path / "subset.txt").write_text("#1_r00000_c00000\nslide#1_r00000_c00000\n\n  my tile 2  \n")
+    assert read_name_list(tmp_path / "subset.txt") == ["#1_r00000_c00000", "slide#1_r00000_c00000", "my tile 2"]
+    (tmp_path / "utf16.txt").write_text("a\nb\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="utf16.txt' is not UTF-8 text"):
+        read_name_list(tmp_path / "utf16.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="empty.txt' names nothing; expected one name per line"):
         read_name_list(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="subset list not found"):

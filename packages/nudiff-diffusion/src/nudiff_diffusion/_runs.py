@@ -203,7 +203,7 @@ def claim_samples_folder(out: str | Path, settings: Mapping[str, Any]) -> Path:
     """:func:`claim_output_folder` for a folder of samples (``settings`` from
     :func:`sampling_record`): a folder whose record lacks the ``step_noise`` this run
     records drew its ddpm step noise per batch, and is refused by name."""
-    flags = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme"}
+    flags = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme", "structure_names": "the --structures"}
     return claim_output_folder(out, settings, flags=flags, required=("step_noise",))
 
 

@@ -104,7 +104,7 @@ def _randn(
         where = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
     rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generator]
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else torch.empty(shape, device=device, dtype=dtype)
 
 
 def _check_generators(generator: Generators, n: int) -> None:
@@ -220,7 +220,7 @@ def sample(
     _check_generators(generator, int(shape[0]))
     if device is None:
         first = generator if isinstance(generator, torch.Generator) or not generator else generator[0]
-        device = first.device if first is not None else "cpu"
+        device = first.device if isinstance(first, torch.Generator) else "cpu"
     if x_T is None:
         x = _randn(shape, generator, device, dtype)
     else:

@@ -12,6 +12,7 @@ from nudiff_diffusion import (
     check_sampler_settings,
     claim_samples_folder,
     initial_noise,
+    names_digest,
     sampling_record,
     shard_indices,
     step_noise_generators,
@@ -87,8 +88,8 @@ def _check_painted_for(
 ) -> None:
     """Refuse to continue a folder whose finished images were painted for other instance
     maps than ``structures_dir`` holds now under their names (the folder keeps the map each
-    image was painted for): the folder may move, and structures may be added, but a pair
-    is never left beside images painted for changed structures."""
+    image was painted for): the folders may move, but a pair is never left beside images
+    painted for changed structures."""
     for name in done:
         if not np.array_equal(read_instance_map(out / "instance_maps" / f"{name}.png"), conditions[name]):
             raise ValueError(
@@ -121,10 +122,11 @@ def sample_histology(
     and ``preview.png`` (images with the instance outlines). Rank ``r`` of ``k`` paints the
     names at sorted positions ``i % k == r``; each image starts from its own noise (seed,
     position) and is written last, so a rerun skips finished names and a killed run resumes
-    without loss or duplicates. The folder remembers the model (its weights' digest) and the
-    sampling settings it was started with (``.nudiff-run.json``), and the instance map each
-    finished image was painted for: a rerun with other settings, or with structures that
-    changed under a finished name, is refused, naming the flag or the file, rather than
+    without loss or duplicates. The folder remembers the model (its weights' digest), the
+    sampling settings and the structures' names it was started with (``.nudiff-run.json``),
+    and the instance map each finished image was painted for: a rerun with other settings,
+    other structures (added ones would take finished images' noise) or structures that
+    changed under a finished name is refused, naming the flag or the file, rather than
     mixing two runs' images. The folders may move between runs.
     """
     shard_indices(0, rank, world_size)  # checks the shard before any work
@@ -150,6 +152,9 @@ def sample_histology(
         steps=steps,
         seed=seed,
         guidance=guidance,
+        # each image's noise is keyed by its name's position among all the structures' names:
+        # structures added to or removed from the folder would move it (not the folder's path)
+        structure_names=names_digest(sorted(conditions), "structures"),
     )
     out = claim_samples_folder(out_dir, settings)  # a rerun must not mix settings
     for sub in ("images", "instance_maps", "structures"):

@@ -35,21 +35,25 @@ def list_files(folder: str | os.PathLike[str], suffixes: tuple[str, ...], what: 
 
 def read_name_list(path: str | os.PathLike[str], what: str = "name list") -> list[str]:
     """Names, one per line, as ``nudiff-postproc subset`` writes them and split files list
-    tiles: surrounding whitespace is stripped, blank lines and lines that start with ``#``
-    are skipped; a name may hold spaces or ``#`` (file names do).
+    tiles: surrounding whitespace is stripped and blank lines are skipped; every other line
+    is a name, whatever it holds (file names may hold spaces and ``#``: there is no comment
+    syntax).
 
     Raises
     ------
     FileNotFoundError
         ``path`` is not a file (``what`` names it).
     ValueError
-        ``path`` names nothing.
+        ``path`` is not UTF-8 text, or names nothing.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: '{path}'")
-    lines = (line.strip() for line in path.read_text().splitlines())
-    names = [line for line in lines if line and not line.startswith("#")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"'{path}' is not UTF-8 text ({exc}); expected one name per line") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"'{path}' names nothing; expected one name per line")
     return names

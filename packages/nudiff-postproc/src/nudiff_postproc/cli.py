@@ -146,10 +146,11 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
                 f"(expected an image named '{missing[0]}' with one of {', '.join(IMAGE_SUFFIXES)})"
             )
     out = Path(args.out)
-    taken = [out / f"{name}{args.format}" for name in xmls if (out / f"{name}{args.format}").exists()]
+    # a map of the same name in any format: two maps per name would be two answers
+    taken = [out / f"{name}{s}" for name in xmls for s in _MAP_FORMATS if (out / f"{name}{s}").exists()]
     if taken and not args.overwrite:
         raise ValueError(
-            f"'{taken[0]}' exists ({len(taken)} of the maps to write do); pass --overwrite to replace them"
+            f"'{taken[0]}' exists ({len(taken)} map(s) of these names do); pass --overwrite to replace them"
         )
     # every map is made in a staging folder first: a bad XML file leaves no map of the others
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,8 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
         for name, path in _progress(xmls.items(), len(xmls), "xml2inst", args.quiet):
             shape = read_image(images[name]).shape[:2] if images else args.shape
             write_instance_map(staging / f"{name}{args.format}", read_monuseg_xml(path, shape))
+        for path in taken:  # --overwrite: maps of these names in other formats go too
+            path.unlink(missing_ok=True)
         for name in xmls:
             os.replace(staging / f"{name}{args.format}", out / f"{name}{args.format}")
     finally:
@@ -249,7 +252,12 @@ def _patch_sources(data: str, names: list[str]) -> list[str] | None:
     if not index.is_file():
         return None
     with open(index, newline="") as fh:
-        rows = {row["patch"]: row["source"] for row in csv.DictReader(fh) if "patch" in row and "source" in row}
+        reader = csv.DictReader(fh)
+        if not {"patch", "source"} <= set(reader.fieldnames or ()):
+            raise ValueError(
+                f"'{index}' has the columns {reader.fieldnames}; expected 'patch' and 'source' (as `patches` writes)"
+            )
+        rows = {row["patch"]: row["source"] for row in reader}
     missing = [n for n in names if n not in rows]
     if missing:
         raise ValueError(f"'{index}' does not list {len(missing)} patches of '{data}', e.g. {missing[:3]}")

@@ -42,8 +42,8 @@ class Tiles:
 
 
 def read_name_list(path: str | os.PathLike[str]) -> list[str]:
-    """Names, one per line (``nudiff_postproc``'s reader: blank lines and lines starting
-    with ``#`` skipped), e.g. ``nudiff-postproc subset``'s output."""
+    """Names, one per line (``nudiff_postproc``'s reader: blank lines skipped, no comment
+    syntax), e.g. ``nudiff-postproc subset``'s output."""
     return _read_name_list(path, "subset list")
 
 
