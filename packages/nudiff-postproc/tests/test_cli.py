@@ -248,20 +248,28 @@ def test_patches_never_delete_their_data_and_keep_large_ids(tmp_path, capsys):
     assert f"'{small / 'images' / 't0.png'}': patch size (48, 48) does not fit" in err and "--size 48" in err
 
 
+_TRIANGLE = (
+    '<Regions><Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/>'
+    "</Vertices></Region></Regions>"
+)
+
+
+def _xml_folder(folder, names):
+    """``folder/NAME.xml`` for each name: one triangular region each."""
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.xml").write_text(_TRIANGLE)
+
+
 def test_xml2inst_writes_all_maps_or_none_and_keeps_existing_ones(tmp_path, capsys):
-    region = (
-        '<Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/></Vertices></Region>'
-    )
-    (tmp_path / "xml").mkdir()
-    for name in ("a", "c"):
-        (tmp_path / "xml" / f"{name}.xml").write_text(f"<Regions>{region}</Regions>")
+    _xml_folder(tmp_path / "xml", ("a", "c"))
     (tmp_path / "xml" / "b.xml").write_text("<Regions><Region>")  # broken
     out = tmp_path / "maps"
     args = ["xml2inst", str(tmp_path / "xml"), "--out", str(out), "--shape", "10,10", "--quiet"]
     assert main(args) == 2
     assert "b.xml' is not valid XML" in capsys.readouterr().err
     assert not out.exists() or not list(out.iterdir())  # not a.png: all or nothing
-    (tmp_path / "xml" / "b.xml").write_text(f"<Regions>{region}</Regions>")
+    (tmp_path / "xml" / "b.xml").write_text(_TRIANGLE)
     write_instance_map(out / "c.png", np.ones((10, 10), np.int32))
     assert main(args) == 2
     assert f"'{out / 'c.png'}' exists (1 map(s) of these names do); pass --overwrite" in capsys.readouterr().err
@@ -291,12 +299,7 @@ def test_an_out_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsy
 
 
 def test_xml2inst_checks_every_image_before_writing(tmp_path, capsys):
-    region = (
-        '<Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="8" Y="2"/><Vertex X="8" Y="6"/></Vertices></Region>'
-    )
-    (tmp_path / "xml").mkdir()
-    for name in ("a", "b"):
-        (tmp_path / "xml" / f"{name}.xml").write_text(f"<Regions>{region}</Regions>")
+    _xml_folder(tmp_path / "xml", ("a", "b"))
     write_image(tmp_path / "images" / "a.png", np.zeros((10, 10, 3), np.uint8))  # none for b
     args = ["--quiet", "xml2inst", str(tmp_path / "xml"), "--out", str(tmp_path / "maps")]
     assert main([*args, "--images", str(tmp_path / "images")]) == 2
