@@ -247,12 +247,10 @@ _WITHIN = [
 def synthetic_grid(config: dict[str, Any]) -> int:
     """Synthetic pairs side by side (per axis) in one segmentation tile: enough to cover a
     HoVer-Net input window at the tiles' resolution."""
-    from nudiff_postproc import PATCH_GEOMETRY
+    from nudiff_histo import seg_tile_grid
     from nudiff_seg import PRESETS as SEG_PRESETS
 
-    geometry = PATCH_GEOMETRY[config["histo"]["preset"]]
-    window = SEG_PRESETS[config["seg"]["preset"]].input_size
-    return -(-window // (geometry.image_size * geometry.downscale))
+    return seg_tile_grid(config["histo"]["preset"], SEG_PRESETS[config["seg"]["preset"]].input_size)
 
 
 def _check_ranges(config: dict[str, Any], source: str) -> None:

@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pipeline_config import ConfigError, synthetic_grid
 from pipeline_runner import Stage, cli
 
@@ -162,60 +161,15 @@ def export_engine(run: Run, *, config: dict[str, Any]) -> None:
 
 
 def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:
-    """Synthetic pairs at the segmentation's scale: images upsampled to the tiles' resolution
-    (bilinear), instance maps from the structure post-processed there, and ``grid`` x
-    ``grid`` of them side by side when one is smaller than a HoVer-Net input window."""
-    from nudiff_postproc import (
-        PATCH_GEOMETRY,
-        instances_from_structure,
-        read_image,
-        upsample,
-        write_image,
-        write_instance_map,
-    )
-    from nudiff_postproc._folders import list_files, read_structure
+    """Synthetic pairs at the segmentation's scale (``nudiff-histo seg-tiles``): images
+    upsampled to the tiles' resolution, instance maps from the structure post-processed
+    there, and ``grid`` x ``grid`` of them side by side when one is smaller than a HoVer-Net
+    input window."""
+    from nudiff_histo import write_seg_tiles
 
     out = Path(config["out"])
-    geometry = PATCH_GEOMETRY[config["histo"]["preset"]]
-    side = geometry.image_size * geometry.downscale
     grid = synthetic_grid(config)
-    src = out / "synthetic"
-    tmp = _fresh(out / "synthetic-seg")
-    files = list_files(src / "structures", (".npy",), "synthetic structure")
-    names = sorted(files)
-    groups = [names[i : i + grid * grid] for i in range(0, len(names) - grid * grid + 1, grid * grid)]
-    if not groups:
-        raise ValueError(
-            f"'{src}' holds {len(names)} synthetic pair(s); a segmentation tile needs {grid * grid} ({grid}x{grid})"
-        )
-    for k, group in enumerate(groups):
-        image = np.zeros((grid * side, grid * side, 3), np.uint8)
-        inst = np.zeros((grid * side, grid * side), np.int32)
-        for j, name in enumerate(group):
-            r, c = divmod(j, grid)
-            structure = read_structure(files[name])
-            cell = instances_from_structure(upsample(structure, geometry.downscale))
-            cell = np.where(cell > 0, cell + inst.max(), 0)
-            rows, cols = slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)
-            inst[rows, cols] = cell
-            image[rows, cols] = upsample(read_image(src / "images" / f"{name}.png"), geometry.downscale)
-        write_image(tmp / "images" / f"mosaic_{k:04d}.png", image)
-        write_instance_map(tmp / "instance_maps" / f"mosaic_{k:04d}.png", inst)
-    (tmp / "manifest.json").write_text(
-        json.dumps(
-            {
-                "source": str(src),
-                "pairs_used": len(groups) * grid * grid,
-                "tiles": len(groups),
-                "grid": grid,
-                "upsampled": geometry.downscale,
-                "tile_size": grid * side,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    _publish(tmp, out / "synthetic-seg")
+    write_seg_tiles(out / "synthetic", out / "synthetic-seg", preset=config["histo"]["preset"], grid=grid)
 
 
 def build_stages(config: dict[str, Any]) -> list[Stage]:

@@ -399,3 +399,38 @@ def test_init_from_a_structure_model_is_named_before_the_pairs_are_read(run, tmp
     assert main([*args, str(structure), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert f"'{structure}' is not a histology checkpoint (its config.json has diffusion.kind='structure'" in err
+
+
+def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
+    """tiny-64 pairs are 64 px at half the tiles' resolution: 2 x 2 of them, upsampled 2x,
+    make one 256 px tile for HoVer-Net's window."""
+    from nudiff_postproc import instances_from_structure, upsample
+
+    samples = tmp_path / "samples"
+    rng = np.random.default_rng(0)
+    for i in range(5):  # the fifth cannot fill a tile: left out
+        structure = encode_structure(synthetic_instance_map((64, 64), n_nuclei=4, seed=i), min_size=8)
+        (samples / "structures").mkdir(parents=True, exist_ok=True)
+        np.save(samples / "structures" / f"s{i}.npy", structure)
+        write_image(samples / "images" / f"s{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "seg"
+    assert main(["seg-tiles", "--samples", str(samples), "--out", str(out)]) == 0
+    assert "wrote 1 tiles of 256 px (2 x 2 pairs upsampled 2x)" in capsys.readouterr().out
+    image = read_image(out / "images" / "mosaic_0000.png")
+    inst = read_instance_map(out / "instance_maps" / "mosaic_0000.png")
+    assert image.shape == (256, 256, 3) and inst.shape == (256, 256)
+    for j in range(4):  # s0 top left, s1 top right, s2 bottom left, s3 bottom right
+        rows, cols = slice(128 * (j // 2), 128 * (j // 2 + 1)), slice(128 * (j % 2), 128 * (j % 2 + 1))
+        np.testing.assert_array_equal(image[rows, cols], upsample(read_image(samples / "images" / f"s{j}.png"), 2))
+        want = instances_from_structure(upsample(np.load(samples / "structures" / f"s{j}.npy"), 2))
+        got = inst[rows, cols]
+        assert len(np.unique(got)) == len(np.unique(want))  # the same nuclei, numbered apart from the others
+        np.testing.assert_array_equal(got > 0, want > 0)
+    cells = [set(np.unique(inst[r : r + 128, c : c + 128])) - {0} for r in (0, 128) for c in (0, 128)]
+    assert all(not (a & b) for k, a in enumerate(cells) for b in cells[k + 1 :])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["pairs_used"], manifest["tiles"], manifest["grid"]) == (4, 1, 2)
+    write_image(samples / "images" / "s0.png", np.zeros((32, 32, 3), np.uint8))  # not what tiny-64 paints
+    assert main(["seg-tiles", "--samples", str(samples), "--out", str(out), "--preset", "tiny-64"]) == 2
+    assert "s0.png' is 32x32; the tiny-64 preset paints 64x64" in capsys.readouterr().err
+    assert (out / "images" / "mosaic_0000.png").is_file()  # the earlier tiles stay until a run succeeds

@@ -14,6 +14,7 @@ from ._model import (
     load_histo_model,
 )
 from ._paint import paint_images
+from ._seg_tiles import seg_tile_grid, write_seg_tiles
 from ._train import preview_grid, train_histo_model
 
 __version__ = "0.1.0"
@@ -37,4 +38,6 @@ __all__ = [
     "pairs_to_rows",
     "preview_grid",
     "train_histo_model",
+    "seg_tile_grid",
+    "write_seg_tiles",
 ]

@@ -61,6 +61,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_seg_tiles(args: argparse.Namespace) -> int:
+    from nudiff_postproc import PATCH_GEOMETRY
+    from nudiff_postproc._folders import list_files
+    from nudiff_postproc._io import IMAGE_SUFFIXES, read_image
+
+    from ._seg_tiles import seg_tile_grid, write_seg_tiles
+
+    preset = args.preset
+    if preset is None:  # by the painted images' size
+        first = next(iter(list_files(f"{args.samples}/images", IMAGE_SUFFIXES, "synthetic image").values()))
+        size = read_image(first).shape[0]
+        matches = [name for name, g in PATCH_GEOMETRY.items() if g.image_size == size]
+        if not matches:
+            raise ValueError(f"no histology preset paints {size} px images ('{first}'); pass --preset")
+        preset = matches[0]
+    manifest = write_seg_tiles(args.samples, args.out, preset=preset, grid=seg_tile_grid(preset, args.window))
+    print(
+        f"wrote {manifest['tiles']} tiles of {manifest['tile_size']} px ({manifest['grid']} x {manifest['grid']} "
+        f"pairs upsampled {manifest['upsampled']}x) to {args.out}"
+    )
+    return 0
+
+
 def _guidance(value: str) -> float:
     from ._paint import check_guidance
 
@@ -109,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         preset="preset to cut the real tiles with (default: by the samples' size)",
     )
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "seg-tiles",
+        help="synthetic pairs at the tiles' resolution, side by side, for `nudiff-seg train --synthetic`",
+        formatter_class=fmt,
+    )
+    p.add_argument("--samples", required=True, help="output folder of `sample`")
+    p.add_argument("--out", required=True, help="dataset folder to write (replaced if it exists)")
+    p.add_argument("--preset", choices=sorted(PATCH_GEOMETRY), help="default: by the images' size")
+    p.add_argument("--window", type=int, default=256, help="the segmentation network's input window (px)")
+    p.set_defaults(func=_cmd_seg_tiles)
     return parser
 
 

@@ -80,8 +80,8 @@ def load_tiles(
             raise ValueError(f"'{image_path}' is {image.shape[:2]} but its instance map '{map_path}' is {inst.shape}")
         if min(inst.shape) < min_size:
             hint = (
-                " (a tiny-64 or small-128 histology model paints at a downscaled resolution: upsample its pairs "
-                "to the tiles' and lay them side by side first, as tools/pipeline.py's synthetic-seg stage does)"
+                " (a tiny-64 or small-128 histology model paints at a downscaled resolution: "
+                "`nudiff-histo seg-tiles` upsamples its pairs to the tiles' and lays them side by side)"
                 if what == "--synthetic"
                 else ""
             )

@@ -1,0 +1,114 @@
+"""Synthetic pairs at a segmentation network's scale: upsampled to the tiles' resolution and
+laid side by side into tiles as large as its input window."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from nudiff_postproc import (
+    PATCH_GEOMETRY,
+    instances_from_structure,
+    read_image,
+    upsample,
+    write_image,
+    write_instance_map,
+)
+from nudiff_postproc._folders import list_files, read_structure
+
+__all__ = ["write_seg_tiles", "seg_tile_grid"]
+
+
+def seg_tile_grid(preset: str, window: int) -> int:
+    """Pairs side by side (per axis) in one tile: enough for a ``window`` px input window
+    at the tiles' resolution (a pair covers ``patch_size`` px there)."""
+    if preset not in PATCH_GEOMETRY:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PATCH_GEOMETRY)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"`window` (--window) must be a positive integer, got {window!r}")
+    return -(-window // PATCH_GEOMETRY[preset].patch_size)
+
+
+def write_seg_tiles(
+    samples: str | os.PathLike[str], out: str | os.PathLike[str], *, preset: str, grid: int
+) -> dict[str, object]:
+    """Turn a folder of synthetic pairs (``nudiff-histo sample``) into a dataset folder for
+    segmentation training.
+
+    Each image is upsampled by the preset's downscale factor (bilinear) to the tiles'
+    resolution; its instance map is made again from its structure post-processed there (the
+    post-processing's kernels are fixed in pixels of 40x); ``grid`` x ``grid`` pairs, in
+    name order, are laid side by side into one tile (ids kept apart), and a remainder that
+    cannot fill a tile is left out. The folder is built beside ``out`` and renamed into
+    place (an existing ``out`` is replaced).
+
+    Parameters
+    ----------
+    samples : path
+        ``images/NAME.png`` and ``structures/NAME.npy`` (float32 ``[fg, h, v]``).
+    out : path
+        The dataset folder to write: ``images/mosaic_KKKK.png``,
+        ``instance_maps/mosaic_KKKK.png`` and ``manifest.json``.
+    preset : str
+        The histology preset the pairs were painted with (its patch geometry).
+    grid : int
+        Pairs per axis in one tile (:func:`seg_tile_grid`).
+
+    Returns
+    -------
+    dict
+        The manifest written.
+    """
+    if preset not in PATCH_GEOMETRY:
+        raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PATCH_GEOMETRY)}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"`grid` must be a positive integer, got {grid!r}")
+    geometry = PATCH_GEOMETRY[preset]
+    side = geometry.image_size * geometry.downscale
+    src, out = Path(samples), Path(out)
+    files = list_files(src / "structures", (".npy",), "synthetic structure")
+    names = sorted(files)
+    groups = [names[i : i + grid * grid] for i in range(0, len(names) - grid * grid + 1, grid * grid)]
+    if not groups:
+        raise ValueError(
+            f"'{src}' holds {len(names)} synthetic pair(s); a segmentation tile needs {grid * grid} ({grid}x{grid})"
+        )
+    tmp = out.with_name(f"{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for k, group in enumerate(groups):
+            image = np.zeros((grid * side, grid * side, 3), np.uint8)
+            inst = np.zeros((grid * side, grid * side), np.int32)
+            for j, name in enumerate(group):
+                painted = read_image(src / "images" / f"{name}.png")
+                if painted.shape[:2] != (geometry.image_size, geometry.image_size):
+                    raise ValueError(
+                        f"'{src / 'images' / name}.png' is {painted.shape[0]}x{painted.shape[1]}; the {preset} preset "
+                        f"paints {geometry.image_size}x{geometry.image_size}"
+                    )
+                r, c = divmod(j, grid)
+                cell = instances_from_structure(upsample(read_structure(files[name]), geometry.downscale))
+                cell = np.where(cell > 0, cell + inst.max(), 0)
+                rows, cols = slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)
+                inst[rows, cols] = cell
+                image[rows, cols] = upsample(painted, geometry.downscale)
+            write_image(tmp / "images" / f"mosaic_{k:04d}.png", image)
+            write_instance_map(tmp / "instance_maps" / f"mosaic_{k:04d}.png", inst)
+        manifest = {
+            "source": str(src),
+            "pairs_used": len(groups) * grid * grid,
+            "tiles": len(groups),
+            "grid": grid,
+            "upsampled": geometry.downscale,
+            "tile_size": grid * side,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
