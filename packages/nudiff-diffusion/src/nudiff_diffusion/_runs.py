@@ -199,12 +199,15 @@ def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extr
     return settings
 
 
-def claim_samples_folder(out: str | Path, settings: Mapping[str, Any]) -> Path:
+def claim_samples_folder(
+    out: str | Path, settings: Mapping[str, Any], *, flags: Mapping[str, str] | None = None
+) -> Path:
     """:func:`claim_output_folder` for a folder of samples (``settings`` from
     :func:`sampling_record`): a folder whose record lacks the ``step_noise`` this run
-    records drew its ddpm step noise per batch, and is refused by name."""
-    flags = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme", "structure_names": "the --structures"}
-    return claim_output_folder(out, settings, flags=flags, required=("step_noise",))
+    records drew its ddpm step noise per batch, and is refused by name. ``flags``: how the
+    caller's own keys read in a refusal."""
+    named = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme", **(flags or {})}
+    return claim_output_folder(out, settings, flags=named, required=("step_noise",))
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:

@@ -219,8 +219,8 @@ def sample(
     sub = schedule.subset(kept)  # betas recomputed from the kept alphas-bar
     _check_generators(generator, int(shape[0]))
     if device is None:
-        first = generator if isinstance(generator, torch.Generator) or not generator else generator[0]
-        device = first.device if isinstance(first, torch.Generator) else "cpu"
+        generators = [generator] if isinstance(generator, torch.Generator) else list(generator or ())
+        device = generators[0].device if generators else "cpu"
     if x_T is None:
         x = _randn(shape, generator, device, dtype)
     else:

@@ -156,7 +156,7 @@ def sample_histology(
         # structures added to or removed from the folder would move it (not the folder's path)
         structure_names=names_digest(sorted(conditions), "structures"),
     )
-    out = claim_samples_folder(out_dir, settings)  # a rerun must not mix settings
+    out = claim_samples_folder(out_dir, settings, flags={"structure_names": "the --structures"})
     for sub in ("images", "instance_maps", "structures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     mine = shard_indices(len(names), rank, world_size)

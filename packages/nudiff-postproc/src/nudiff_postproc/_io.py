@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._labels import compact_checked
 from ._validate import as_instance_map
 
 __all__ = [
@@ -314,17 +315,18 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
 _EDGE_NUDGE = 1e-9
 
 
-def _region_pixels(region: ET.Element, xy: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and columns of the pixels a region covers: an ellipse (``Type="2"``, two
-    vertices: the corners of its box) or a polygon, vertices 1-based."""
-    from skimage.draw import ellipse, polygon
+def _region_pixels(xy: np.ndarray, shape: tuple[int, int], *, ellipse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels a region covers: an ellipse (two vertices: the
+    corners of its box) or a polygon, vertices 1-based."""
+    from skimage.draw import ellipse as fill_ellipse
+    from skimage.draw import polygon
 
     rows, cols = xy[:, 1] - 1 + _EDGE_NUDGE, xy[:, 0] - 1 + _EDGE_NUDGE
-    if region.attrib.get("Type") == "2" and len(xy) == 2:
+    if ellipse:
         (r0, r1), (c0, c1) = sorted(rows), sorted(cols)
         if r1 - r0 <= 0 or c1 - c0 <= 0:
             return np.zeros(0, np.intp), np.zeros(0, np.intp)
-        return ellipse((r0 + r1) / 2, (c0 + c1) / 2, (r1 - r0) / 2, (c1 - c0) / 2, shape=shape)
+        return fill_ellipse((r0 + r1) / 2, (c0 + c1) / 2, (r1 - r0) / 2, (c1 - c0) / 2, shape=shape)
     return polygon(rows, cols, shape=shape)
 
 
@@ -389,7 +391,7 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
         ellipse = region.attrib.get("Type") == "2" and len(xy) == 2
         if region.attrib.get("NegativeROA", "0") not in ("0", "") or (len(xy) < 3 and not ellipse):
             continue
-        rr, cc = _region_pixels(region, xy, inst.shape)
+        rr, cc = _region_pixels(xy, inst.shape, ellipse=ellipse)
         label += 1
         free = inst[rr, cc] == 0  # the earlier region keeps what it covers
         inst[rr[free], cc[free]] = label
@@ -398,8 +400,6 @@ def read_monuseg_xml(path: str | os.PathLike[str], shape: tuple[int, int]) -> np
             f"'{path}': none of its {len(regions)} <Region> elements is a nucleus outline (a positive region with "
             "3 or more vertices, or an ellipse)"
         )
-    from ._labels import compact_checked
-
     return compact_checked(inst)[0]  # 1..N in file order, without regions left no pixel
 
 
