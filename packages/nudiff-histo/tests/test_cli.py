@@ -434,3 +434,17 @@ def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
     assert main(["seg-tiles", "--samples", str(samples), "--out", str(out), "--preset", "tiny-64"]) == 2
     assert "s0.png' is 32x32; the tiny-64 preset paints 64x64" in capsys.readouterr().err
     assert (out / "images" / "mosaic_0000.png").is_file()  # the earlier tiles stay until a run succeeds
+
+
+def test_a_first_try_that_fails_before_its_first_image_leaves_nothing(run, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the first batch did not fit")
+
+    out = tmp_path / "painted"
+    monkeypatch.setattr(sample_module, "paint_images", out_of_memory)
+    with pytest.raises(MemoryError):
+        _sample(run, out)
+    assert not out.exists()  # no record of the settings binds the next try
+    monkeypatch.undo()
+    assert _sample(run, out, "--steps", "2", "--num", "2") == 0  # other settings: accepted
+    assert json.loads((out / RUN_STAMP).read_text())["steps"] == 2

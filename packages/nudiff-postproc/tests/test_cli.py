@@ -127,8 +127,12 @@ def test_bad_input_exits_nonzero_and_leaves_no_partial_output(tmp_path, capsys):
     assert main(["--quiet", "instances", str(folder), str(out), "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "bad.npy" in err and "NaN" in err
-    # 'bad' sorts first: no map written, no temporaries; only the record of the settings
-    assert sorted(p.name for p in out.iterdir()) == [RUN_STAMP]
+    # 'bad' sorts first: no map written, so no folder either (not even the settings' record)
+    assert not out.exists()
+    # nor does the failed try bind the next one to its settings
+    (folder / "bad.npy").unlink()
+    assert main(["--quiet", "instances", str(folder), str(out), "--threshold", "0.6"]) == 0
+    assert json.loads((out / RUN_STAMP).read_text())["threshold"] == 0.6
     assert main(["--quiet", "evaluate", "--true", str(tmp_path / "nope"), "--pred", str(out)]) == 2
     assert "true instance map folder not found" in capsys.readouterr().err
 

@@ -294,3 +294,19 @@ def test_a_batchs_step_noise_never_repeats_a_samples_starting_noise(run, tmp_pat
         for row in step_noise:
             assert not any(torch.equal(row, start) for start in x_T)
         assert abs(float(torch.corrcoef(torch.stack([x_T.ravel(), step_noise.ravel()]))[0, 1])) < 0.2
+
+
+def test_a_first_try_that_fails_before_its_first_sample_leaves_nothing(run, tmp_path, monkeypatch):
+    import nudiff_structure._sample as sampling
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the first batch did not fit")
+
+    out = tmp_path / "samples"
+    monkeypatch.setattr(sampling, "sample", out_of_memory)
+    with pytest.raises(MemoryError):
+        _sample(run, out)
+    assert not out.exists()  # no record of the settings binds the next try
+    monkeypatch.undo()
+    assert _sample(run, out, "--steps", "2") == 0  # other settings: accepted
+    assert json.loads((out / RUN_STAMP).read_text())["steps"] == 2

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from nudiff_postproc._runs import RUN_STAMP, check_resume_settings, claim_output_folder, names_digest
+from nudiff_postproc._runs import (
+    RUN_STAMP,
+    check_resume_settings,
+    claim_output_folder,
+    claimed_output_folder,
+    names_digest,
+)
 
 __all__ = [
     "read_train_state",
@@ -19,6 +25,7 @@ __all__ = [
     "refuse_train_state",
     "check_resume_settings",
     "claim_output_folder",
+    "claimed_output_folder",
     "names_digest",
     "RUN_STAMP",
     "MODEL_FLAG",

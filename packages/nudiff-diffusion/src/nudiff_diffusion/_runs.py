@@ -10,12 +10,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._resume import MODEL_FLAG, claim_output_folder, runtime_weights_digest
+from ._resume import MODEL_FLAG, claimed_output_folder, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._sampling import seeded_generator
 from ._trainer import TrainConfig
@@ -24,7 +25,7 @@ __all__ = [
     "noise_generator",
     "step_noise_generators",
     "sampling_record",
-    "claim_samples_folder",
+    "claimed_samples_folder",
     "int_at_least",
     "evaluation_preset",
     "finite_or_null",
@@ -199,15 +200,16 @@ def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extr
     return settings
 
 
-def claim_samples_folder(
+def claimed_samples_folder(
     out: str | Path, settings: Mapping[str, Any], *, flags: Mapping[str, str] | None = None
-) -> Path:
-    """:func:`claim_output_folder` for a folder of samples (``settings`` from
-    :func:`sampling_record`): a folder whose record lacks the ``step_noise`` this run
+) -> AbstractContextManager[Path]:
+    """:func:`claimed_output_folder` for the work that fills a folder of samples
+    (``settings`` from :func:`sampling_record`; a first try that fails before its first
+    sample leaves nothing): a folder whose record lacks the ``step_noise`` this run
     records drew its ddpm step noise per batch, and is refused by name. ``flags``: how the
     caller's own keys read in a refusal."""
     named = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme", **(flags or {})}
-    return claim_output_folder(out, settings, flags=named, required=("step_noise",))
+    return claimed_output_folder(out, settings, flags=named, required=("step_noise",))
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from nudiff_diffusion import (
     check_sampler_settings,
-    claim_samples_folder,
+    claimed_samples_folder,
     initial_noise,
     names_digest,
     sampling_record,
@@ -156,66 +156,66 @@ def sample_histology(
         # structures added to or removed from the folder would move it (not the folder's path)
         structure_names=names_digest(sorted(conditions), "structures"),
     )
-    out = claim_samples_folder(out_dir, settings, flags={"structure_names": "the --structures"})
-    for sub in ("images", "instance_maps", "structures"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    mine = shard_indices(len(names), rank, world_size)
-    todo = [i for i in mine if not (out / "images" / f"{names[i]}.png").is_file()]
-    waiting = set(todo)
-    _check_painted_for(out, [names[i] for i in mine if i not in waiting], conditions, structures_dir)
-    shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with claimed_samples_folder(out_dir, settings, flags={"structure_names": "the --structures"}) as out:
+        for sub in ("images", "instance_maps", "structures"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        mine = shard_indices(len(names), rank, world_size)
+        todo = [i for i in mine if not (out / "images" / f"{names[i]}.png").is_file()]
+        waiting = set(todo)
+        _check_painted_for(out, [names[i] for i in mine if i not in waiting], conditions, structures_dir)
+        shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="images", unit="image")
-    t0 = time.perf_counter()
-    preview: list[list[np.ndarray]] = []
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        maps = [conditions[names[i]] for i in chunk]
-        cond = encode_condition(maps, preset.geometry.min_size)
-        x_T = initial_noise(seed, chunk, shape, stream=HISTO_NOISE_STREAM)
-        painted = paint_images(
-            runtime,
-            cond,
-            guidance=guidance,
-            sampler=sampler,
-            steps=steps,
-            x_T=x_T,
-            generator=step_noise_generators(seed, chunk, stream=HISTO_NOISE_STREAM),
-        )
-        images, structures = tensor_to_images(painted), tensor_to_structures(cond)
-        for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):
-            name = names[i]
-            write_instance_map(out / "instance_maps" / f"{name}.png", inst)
-            with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, s.astype(np.float32))
-            write_image(out / "images" / f"{name}.png", image)  # last: marks the name done
-            if len(preview) < 8:
-                preview.append([image, outline_overlay(image, inst)])
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="images", unit="image")
+        t0 = time.perf_counter()
+        preview: list[list[np.ndarray]] = []
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            maps = [conditions[names[i]] for i in chunk]
+            cond = encode_condition(maps, preset.geometry.min_size)
+            x_T = initial_noise(seed, chunk, shape, stream=HISTO_NOISE_STREAM)
+            painted = paint_images(
+                runtime,
+                cond,
+                guidance=guidance,
+                sampler=sampler,
+                steps=steps,
+                x_T=x_T,
+                generator=step_noise_generators(seed, chunk, stream=HISTO_NOISE_STREAM),
+            )
+            images, structures = tensor_to_images(painted), tensor_to_structures(cond)
+            for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):
+                name = names[i]
+                write_instance_map(out / "instance_maps" / f"{name}.png", inst)
+                with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, s.astype(np.float32))
+                write_image(out / "images" / f"{name}.png", image)  # last: marks the name done
+                if len(preview) < 8:
+                    preview.append([image, outline_overlay(image, inst)])
+            if bar is not None:
+                bar.update(len(chunk))
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    manifest = {
-        "runtime": getattr(runtime, "config", {}),
-        "structures": str(structures_dir),
-        "guidance": guidance,
-        "sampler": sampler,
-        "steps": steps,
-        "seed": seed,
-        "num": len(names),
-        "rank": rank,
-        "world_size": world_size,
-        "drawn_now": len(todo),
-        "this_rank": len(mine),
-        "seconds": round(seconds, 3),
-        "seconds_per_image": round(seconds / len(todo), 4) if todo else None,
-    }
-    with atomic_path(out / ("manifest.json" if rank == 0 else f"manifest-rank{rank}.json")) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
-    if rank == 0 and preview:
-        write_image(out / "preview.png", picture_grid(preview, columns=4))
+            bar.close()
+        seconds = time.perf_counter() - t0
+        manifest = {
+            "runtime": getattr(runtime, "config", {}),
+            "structures": str(structures_dir),
+            "guidance": guidance,
+            "sampler": sampler,
+            "steps": steps,
+            "seed": seed,
+            "num": len(names),
+            "rank": rank,
+            "world_size": world_size,
+            "drawn_now": len(todo),
+            "this_rank": len(mine),
+            "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / len(todo), 4) if todo else None,
+        }
+        with atomic_path(out / ("manifest.json" if rank == 0 else f"manifest-rank{rank}.json")) as tmp:
+            Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
+        if rank == 0 and preview:
+            write_image(out / "preview.png", picture_grid(preview, columns=4))
     return manifest

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from ._io import atomic_path
 
-__all__ = ["check_resume_settings", "claim_output_folder", "names_digest", "RUN_STAMP"]
+__all__ = ["check_resume_settings", "claim_output_folder", "claimed_output_folder", "names_digest", "RUN_STAMP"]
 
 #: The file in an output folder that records the settings it is being filled with.
 RUN_STAMP = ".nudiff-run.json"
@@ -146,3 +147,59 @@ def claim_output_folder(
     saved = _read_stamp(stamp, out)
     check_resume_settings(out, saved, record, may_change=may_change, flags=flags, remedy=remedy, required=required)
     return out
+
+
+def _holds_only_the_stamp(out: Path) -> bool:
+    """Whether ``out`` holds no file but :data:`RUN_STAMP` (empty folders aside)."""
+    for folder, _, files in os.walk(out):
+        if any(Path(folder, f) != out / RUN_STAMP for f in files):
+            return False
+    return True
+
+
+def _folders_below(out: Path) -> set[Path]:
+    return {Path(folder) for folder, _, _ in os.walk(out)} - {out}
+
+
+def _take_back(out: Path, kept: set[Path], existed: bool) -> None:
+    """Remove the folders below ``out`` but ``kept`` (empty: see :func:`_holds_only_the_stamp`),
+    then the stamp and, unless it ``existed``, ``out``; a folder that is not empty after all
+    (another process wrote into it) keeps the stamp and ``out``."""
+    for folder in sorted(_folders_below(out) - kept, key=lambda p: -len(p.parts)):  # the deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+    (out / RUN_STAMP).unlink(missing_ok=True)
+    if not existed:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
+
+
+@contextmanager
+def claimed_output_folder(out: str | os.PathLike[str], settings: Mapping[str, Any], **options: Any) -> Iterator[Path]:
+    """:func:`claim_output_folder` around the work that fills the folder (``options`` as
+    there): when the work fails (an error, Ctrl-C) before it has put any file into the
+    folder, the claim is taken back: the settings' record and the empty folders go (and
+    ``out`` itself if this run made it), so that a failed first try leaves nothing behind
+    and does not bind the next try to its settings. Once a file is there, the record stays
+    with it: a rerun resumes that work.
+
+    Yields
+    ------
+    Path
+        ``out``.
+    """
+    out = Path(out)
+    existed = out.is_dir()
+    resumed = (out / RUN_STAMP).is_file() and not options.get("replace", False)
+    kept = set() if resumed or not existed else _folders_below(out)  # the user's own folders stay
+    claim_output_folder(out, settings, **options)
+    try:
+        yield out
+    except BaseException:
+        if not resumed and _holds_only_the_stamp(out):
+            _take_back(out, kept, existed)
+        raise

@@ -27,7 +27,7 @@ from ._io import (
 )
 from ._metrics import METRIC_KEYS, evaluate, mean_metrics
 from ._patches import extract_patches
-from ._runs import claim_output_folder
+from ._runs import claimed_output_folder
 from ._watershed import _check_options, _check_scale, instances_from_structures
 
 _MAP_FORMATS = (".png", ".tif", ".mat", ".npy")  # what the commands write instance maps as
@@ -51,38 +51,40 @@ def _cmd_instances(args: argparse.Namespace) -> int:
             for suffix in _MAP_FORMATS:  # in any format the folder's maps were made in
                 (Path(args.out) / f"{name}{suffix}").unlink(missing_ok=True)
     remedy = "give the settings its maps were made with, --overwrite to redo them all, or another output folder"
-    out_dir = claim_output_folder(args.out, settings, replace=args.overwrite, remedy=remedy)
-    todo = [(name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()]
-    if len(todo) < len(files):
-        print(
-            f"skipping {len(files) - len(todo)} structure(s) whose instance map exists (--overwrite to redo)",
-            file=sys.stderr,
-        )
-    chunk = max(1, args.batch)
-    bar = _progress(range(len(todo)), len(todo), "instances", args.quiet)
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        preds = [read_structure(p) for _, p in part]
-        shapes = {p.shape for p in preds}
-        if len(shapes) == 1:
-            maps = instances_from_structures(
-                np.stack(preds),
-                threshold=args.threshold,
-                orientations=args.orientations,
-                workers=args.workers,
-                scale=args.scale,
+    with claimed_output_folder(args.out, settings, replace=args.overwrite, remedy=remedy) as out_dir:
+        todo = [
+            (name, p) for name, p in files.items() if args.overwrite or not (out_dir / f"{name}{args.format}").exists()
+        ]
+        if len(todo) < len(files):
+            print(
+                f"skipping {len(files) - len(todo)} structure(s) whose instance map exists (--overwrite to redo)",
+                file=sys.stderr,
             )
-        else:
-            maps = [
-                instances_from_structures(
-                    p[None], threshold=args.threshold, orientations=args.orientations, workers=1, scale=args.scale
-                )[0]
-                for p in preds
-            ]
-        for (name, _), inst in zip(part, maps, strict=True):
-            write_instance_map(out_dir / f"{name}{args.format}", inst)
-        bar.update(len(part))
-    bar.close()
+        chunk = max(1, args.batch)
+        bar = _progress(range(len(todo)), len(todo), "instances", args.quiet)
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            preds = [read_structure(p) for _, p in part]
+            shapes = {p.shape for p in preds}
+            if len(shapes) == 1:
+                maps = instances_from_structures(
+                    np.stack(preds),
+                    threshold=args.threshold,
+                    orientations=args.orientations,
+                    workers=args.workers,
+                    scale=args.scale,
+                )
+            else:
+                maps = [
+                    instances_from_structures(
+                        p[None], threshold=args.threshold, orientations=args.orientations, workers=1, scale=args.scale
+                    )[0]
+                    for p in preds
+                ]
+            for (name, _), inst in zip(part, maps, strict=True):
+                write_instance_map(out_dir / f"{name}{args.format}", inst)
+            bar.update(len(part))
+        bar.close()
     print(f"wrote {len(todo)} instance map(s) to {out_dir}")
     return 0
 

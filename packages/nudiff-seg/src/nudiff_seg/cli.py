@@ -80,7 +80,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from nudiff_diffusion import MODEL_FLAG, claim_output_folder
+    from nudiff_diffusion import MODEL_FLAG, claimed_output_folder
     from nudiff_postproc._folders import IMAGE_SUFFIXES, list_files
     from tqdm.auto import tqdm
 
@@ -95,16 +95,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         model.check_batch(args.batch)
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
     # the maps already in --out are skipped: only if this model made them
-    claim_output_folder(args.out, {"model": model_digest(model)}, flags=MODEL_FLAG)
-    todo = [
-        n
-        for n in images
-        if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))
-    ]
-    for name in tqdm(todo, desc="predict", disable=args.quiet):
-        image = read_rgb(images[name])
-        inst, _ = predict_instances(model, image, batch=args.batch)
-        write_prediction(args.out, name, image, inst)
+    with claimed_output_folder(args.out, {"model": model_digest(model)}, flags=MODEL_FLAG):
+        todo = [
+            n
+            for n in images
+            if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))
+        ]
+        for name in tqdm(todo, desc="predict", disable=args.quiet):
+            image = read_rgb(images[name])
+            inst, _ = predict_instances(model, image, batch=args.batch)
+            write_prediction(args.out, name, image, inst)
     print(f"predicted {len(todo)} image(s) ({len(images) - len(todo)} already done) into {args.out}")
     return 0
 

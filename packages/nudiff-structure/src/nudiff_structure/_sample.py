@@ -11,7 +11,7 @@ import numpy as np
 from nudiff_diffusion import (
     NoiseSchedule,
     check_sampler_settings,
-    claim_samples_folder,
+    claimed_samples_folder,
     initial_noise,
     sample,
     sampling_record,
@@ -82,72 +82,72 @@ def sample_structures(
         clip=clip,
         postprocess_scale=scale,
     )
-    out = claim_samples_folder(out_dir, settings)  # a rerun must not mix settings
-    (out / "structures").mkdir(parents=True, exist_ok=True)
-    (out / "instance_maps").mkdir(parents=True, exist_ok=True)
-    todo = [
-        i
-        for i in mine
-        if not (
-            (out / "structures" / f"{structure_name(seed, i)}.npy").is_file()
-            and (out / "instance_maps" / f"{structure_name(seed, i)}.png").is_file()
-        )
-    ]
-    shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
-    schedule = NoiseSchedule.linear(1000)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with claimed_samples_folder(out_dir, settings) as out:  # a rerun must not mix settings
+        (out / "structures").mkdir(parents=True, exist_ok=True)
+        (out / "instance_maps").mkdir(parents=True, exist_ok=True)
+        todo = [
+            i
+            for i in mine
+            if not (
+                (out / "structures" / f"{structure_name(seed, i)}.npy").is_file()
+                and (out / "instance_maps" / f"{structure_name(seed, i)}.png").is_file()
+            )
+        ]
+        shape = (runtime.in_channels, runtime.image_size, runtime.image_size)
+        schedule = NoiseSchedule.linear(1000)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="structures", unit="sample")
-    t0 = time.perf_counter()
-    preview = None
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        x_T = initial_noise(seed, chunk, shape)
-        x = sample(
-            runtime.eps,
-            shape=tuple(x_T.shape),
-            schedule=schedule,
-            method=sampler,
-            steps=steps,
-            clip=clip,
-            x_T=x_T,
-            generator=step_noise_generators(seed, chunk),
-            device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
-        )
-        structures = from_model_output(x)
-        maps = instances_from_structures(structures, scale=scale)
-        for i, s, inst in zip(chunk, structures, maps, strict=True):
-            name = structure_name(seed, i)
-            with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, s.astype(np.float32))
-            write_instance_map(out / "instance_maps" / f"{name}.png", inst)
-        if preview is None:
-            preview = (structures[:8], maps[:8])
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="structures", unit="sample")
+        t0 = time.perf_counter()
+        preview = None
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            x_T = initial_noise(seed, chunk, shape)
+            x = sample(
+                runtime.eps,
+                shape=tuple(x_T.shape),
+                schedule=schedule,
+                method=sampler,
+                steps=steps,
+                clip=clip,
+                x_T=x_T,
+                generator=step_noise_generators(seed, chunk),
+                device=getattr(runtime, "device", None),  # a GPU runtime: the sampler runs there too
+            )
+            structures = from_model_output(x)
+            maps = instances_from_structures(structures, scale=scale)
+            for i, s, inst in zip(chunk, structures, maps, strict=True):
+                name = structure_name(seed, i)
+                with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, s.astype(np.float32))
+                write_instance_map(out / "instance_maps" / f"{name}.png", inst)
+            if preview is None:
+                preview = (structures[:8], maps[:8])
+            if bar is not None:
+                bar.update(len(chunk))
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    manifest = {
-        "runtime": getattr(runtime, "config", {}),
-        "sampler": sampler,
-        "steps": steps,
-        "clip": clip,
-        "postprocess_scale": scale,
-        "seed": seed,
-        "num": num,
-        "rank": rank,
-        "world_size": world_size,
-        "drawn_now": len(todo),
-        "this_rank": len(mine),
-        "seconds": round(seconds, 3),
-        "seconds_per_structure": round(seconds / len(todo), 4) if todo else None,
-    }
-    manifest_name = "manifest.json" if rank == 0 else f"manifest-rank{rank}.json"
-    with atomic_path(out / manifest_name) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
-    if rank == 0 and preview is not None:
-        write_image(out / "preview.png", structure_grid(*preview))
+            bar.close()
+        seconds = time.perf_counter() - t0
+        manifest = {
+            "runtime": getattr(runtime, "config", {}),
+            "sampler": sampler,
+            "steps": steps,
+            "clip": clip,
+            "postprocess_scale": scale,
+            "seed": seed,
+            "num": num,
+            "rank": rank,
+            "world_size": world_size,
+            "drawn_now": len(todo),
+            "this_rank": len(mine),
+            "seconds": round(seconds, 3),
+            "seconds_per_structure": round(seconds / len(todo), 4) if todo else None,
+        }
+        manifest_name = "manifest.json" if rank == 0 else f"manifest-rank{rank}.json"
+        with atomic_path(out / manifest_name) as tmp:
+            Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
+        if rank == 0 and preview is not None:
+            write_image(out / "preview.png", structure_grid(*preview))
     return manifest
