@@ -34,20 +34,23 @@ def test_gradient_kernels_and_msge_on_ramps():
     kx, ky = sobel_kernels_5x5()
     assert kx[2, 2] == 0 and kx[2, 3] == pytest.approx(1.0) and kx[2, 4] == pytest.approx(0.5)
     assert kx[1, 3] == pytest.approx(0.5) and torch.equal(ky, kx.T)
-    # a ramp of slope a along x has gradient a * sum x^2 / (x^2 + y^2) = 12 a away from borders
-    cols = torch.arange(16.0)
-    h_true = (0.1 * cols).expand(16, 16)
-    h_pred = (0.15 * cols).expand(16, 16)
-    v = torch.zeros(16, 16)
-    true = torch.stack([h_true, v])[None]
-    pred = torch.stack([h_pred, v])[None]
+    # a ramp of slope a has gradient a * sum x^2 / (x^2 + y^2) = 12 a along it away from borders
+    ramp = torch.arange(16.0)
+    along_y, along_x = ramp[:, None].expand(16, 16), ramp.expand(16, 16)
+    zero = torch.zeros(16, 16)
     focus = torch.zeros(1, 16, 16)
     focus[:, 4:12, 4:12] = 1
-    # only the h channel differs: (12 * 0.05)^2 on the 64 focus pixels, divided by 2 * 64
-    assert msge_loss(true, pred, focus).item() == pytest.approx((12 * 0.05) ** 2 / 2, rel=1e-5)
-    # v is differentiated along y: a ramp of v along x has no gradient there
-    pred_v = torch.stack([h_true, 0.3 * cols.expand(16, 16)])[None]
-    assert msge_loss(true, pred_v, focus).item() == pytest.approx(0.0, abs=1e-10)
+
+    def msge(h_true, h_pred, v_true, v_pred):
+        return msge_loss(torch.stack([h_true, v_true])[None], torch.stack([h_pred, v_pred])[None], focus).item()
+
+    # HoVer-Net's code differentiates h along y and v along x (the TensorFlow original's
+    # get_gradient_hv(pred, 1, 0), the PyTorch port's "ij" meshgrid): an error of slope 0.05
+    # there costs (12 * 0.05)^2 on the 64 focus pixels of one channel, divided by 2 * 64
+    assert msge(0.1 * along_y, 0.15 * along_y, zero, zero) == pytest.approx((12 * 0.05) ** 2 / 2, rel=1e-5)
+    assert msge(zero, zero, 0.1 * along_x, 0.15 * along_x) == pytest.approx((12 * 0.05) ** 2 / 2, rel=1e-5)
+    # and not h along x nor v along y (the paper's equation)
+    assert msge(0.1 * along_x, 0.15 * along_x, 0.1 * along_y, 0.3 * along_y) == pytest.approx(0.0, abs=1e-10)
 
 
 def test_targets_are_cropped_after_the_distance_maps():
@@ -116,6 +119,16 @@ def test_targets_are_hovernets_gen_targets():
     assert hv_t[10:17, 10:16, 0].min() == -1 and hv_t[10:17, 10:16, 0].max() == 1
     assert hv_t[:, :, 0][inst[10:30, 10:30] == 3].min() == -1
     np.testing.assert_array_equal(hv_t, _reference_hv(inst, 20))
+    # nuclei one pixel tall or wide get maps too (their boxes grow by 2 px before the test
+    # that would skip them): h from -1 to 1 along a row and v = +1 (one row below the zero)
+    lines = np.zeros((80, 80), np.int32)
+    lines[20, 15:55] = 1  # 40 px
+    lines[25:60, 60] = 2  # 35 px
+    _, hv_t = targets(lines, 60)
+    row, col = hv_t[10, 5:45], hv_t[15:50, 50]
+    assert row[0, 0] == -1 and row[-1, 0] == 1 and (row[:, 1] == 1).all()
+    assert col[0, 1] == -1 and col[-1, 1] == 1 and (col[:, 0] == 1).all()
+    np.testing.assert_array_equal(hv_t, _reference_hv(lines, 60))
     for seed in range(12):
         inst = synthetic_instance_map((164, 164), n_nuclei=60, seed=seed)
         inst[:, 40 + seed] = 0  # cut some nuclei in two

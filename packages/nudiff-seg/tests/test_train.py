@@ -50,6 +50,20 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
     assert _train(data, out, "--resume", "--max-batches", "1") == 0  # the same settings resume
 
 
+def test_a_state_trained_with_the_papers_msge_directions_is_not_resumed(data, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert _train(data, out, "--max-batches", "1") == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    settings = json.loads(state["settings"])
+    assert settings["train"].pop("msge_gradients") == "h along y, v along x (HoVer-Net's code)"
+    state["settings"] = json.dumps(settings)  # as saved before 2026-12-03 (h along x, v along y)
+    torch.save(state, out / "train_state.pt")
+    assert _train(data, out, "--resume") == 2
+    assert "older version that recorded no MSGE gradient directions" in capsys.readouterr().err
+
+
 def test_a_resumed_epoch_logs_the_uninterrupted_row(data, tmp_path):
     import csv
 

@@ -66,7 +66,9 @@ def _axis_table(
     return table, base
 
 
-def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet") -> np.ndarray:
+def hv_maps(
+    inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet", map_lines: bool = False
+) -> np.ndarray:
     """Horizontal and vertical distance maps of HoVer-Net.
 
     For each nucleus, the horizontal map runs from -1 at its leftmost pixel through 0 at
@@ -81,7 +83,7 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
         Nuclei of at most ``min_size`` pixels keep 0 in both maps. This is what the
         reference computation does (scikit-image >= 0.26 ``remove_small_objects``
         removes objects of size <= its bound); nuclei whose bounding box is a single
-        row or column also keep 0, as in the reference.
+        row or column also keep 0, as in Nudiff's ``get_hv`` (unless ``map_lines``).
     centre : {"hovernet", "nearest"}, default "hovernet"
         Where the zero sits. ``"hovernet"``: one pixel left of / above the centre of
         mass rounded to the nearest pixel, exactly as HoVer-Net's and Nudiff's target
@@ -89,6 +91,11 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
         centre of mass itself, which makes the maps exactly equivariant under flips and
         quarter turns (see :func:`transform_structure`), except where a centre of mass
         lies exactly halfway between two pixels.
+    map_lines : bool, default False
+        Give nuclei one pixel tall or wide their maps too, as HoVer-Net's training
+        targets (``gen_instance_hv_map``) do: it grows each nucleus's box by 2 px before
+        the same single-row-or-column test, which then never skips one. Such a nucleus
+        gets +1 across its one row (column) with ``centre="hovernet"``, 0 with ``"nearest"``.
 
     Returns
     -------
@@ -106,6 +113,8 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
         raise ValueError(f"`min_size` must be a non-negative integer, got {min_size!r}")
     if centre not in ("hovernet", "nearest"):
         raise ValueError(f"`centre` must be 'hovernet' or 'nearest', got {centre!r}")
+    if not isinstance(map_lines, (bool, np.bool_)):
+        raise TypeError(f"`map_lines` must be a bool, got {map_lines!r}")
     h, w = inst.shape
     max_id = int(inst.max())
     if max_id <= _LUT_FACTOR * inst.size + 1024:
@@ -117,7 +126,9 @@ def hv_maps(inst: np.ndarray, *, min_size: int = 30, centre: Centre = "hovernet"
     if n == 0:
         return out
     s = instance_stats(labels, n)
-    keep = (s.area > min_size) & (s.row_max > s.row_min) & (s.col_max > s.col_min)
+    keep = s.area > min_size
+    if not map_lines:
+        keep &= (s.row_max > s.row_min) & (s.col_max > s.col_min)
     keep[0] = False
     if not keep.any():
         return out

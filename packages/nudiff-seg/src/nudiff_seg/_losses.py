@@ -11,10 +11,13 @@ window); then the maps are centre-cropped to the output.
 
 Losses (``hovernet_loss``), with the reference's weights (all 1): NP = cross entropy +
 soft Dice; HV = MSE + MSGE, the MSE of 5x5 Sobel-like gradients inside nuclei. The
-gradient kernels are those of the original TensorFlow HoVer-Net (``x / (x^2 + y^2)``
-with x along columns): the h map is differentiated along x and the v map along y. (The
-reference's PyTorch port builds the kernels with ``torch.meshgrid``'s "ij" indexing and
-so differentiates h along y and v along x; we follow the paper.)
+gradients are those of HoVer-Net's code, which differentiates the h map along y (rows)
+and the v map along x (columns): the TensorFlow original calls ``get_gradient_hv(pred, 1,
+0)`` with its x-kernel (``np.meshgrid``'s "xy" indexing) on channel 1 (v) and its
+y-kernel on channel 0 (h), and the PyTorch port builds its kernels with ``torch.meshgrid``'s
+"ij" indexing, which gives the h channel the y-kernel. The paper's equation writes
+dh/dx and dv/dy; every published HoVer-Net model, and the Nudiff paper's segmentation
+runs, trained with the code's directions, so they are kept here.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def targets(inst: np.ndarray, output_size: int) -> tuple[np.ndarray, np.ndarray]
     parts = label(inst, connectivity=1, background=0)  # equal-valued 4-connected regions
     big = np.bincount(parts[crop].ravel(), minlength=int(parts.max()) + 1) >= _MIN_NUCLEUS
     big[0] = False
-    hv = hv_maps(np.where(big[parts], parts, 0), min_size=0)[crop]  # the chosen ones, whatever their size
+    # the chosen ones, whatever their size and however thin (gen_instance_hv_map grows each box by 2 px)
+    hv = hv_maps(np.where(big[parts], parts, 0), min_size=0, map_lines=True)[crop]
     return (inst[crop] > 0).astype(np.float32), np.ascontiguousarray(hv, dtype=np.float32)
 
 
@@ -90,16 +94,22 @@ def sobel_kernels_5x5() -> tuple[torch.Tensor, torch.Tensor]:
     return x / norm, y / norm
 
 
+#: what the MSGE differentiates (recorded with a training run: a resume must not switch)
+MSGE_GRADIENTS = "h along y, v along x (HoVer-Net's code)"
+
+
 def _gradients(hv: torch.Tensor) -> torch.Tensor:
+    """``[d h / d y, d v / d x]`` of ``(N, 2, H, W)`` maps, zero-padded: HoVer-Net's code."""
     kx, ky = sobel_kernels_5x5()
     kx, ky = kx.to(hv), ky.to(hv)
-    dh = F.conv2d(hv[:, :1], kx[None, None], padding=2)
-    dv = F.conv2d(hv[:, 1:], ky[None, None], padding=2)
+    dh = F.conv2d(hv[:, :1], ky[None, None], padding=2)
+    dv = F.conv2d(hv[:, 1:], kx[None, None], padding=2)
     return torch.cat([dh, dv], dim=1)
 
 
 def msge_loss(true: torch.Tensor, pred: torch.Tensor, focus: torch.Tensor) -> torch.Tensor:
-    """Mean squared gradient error inside ``focus``.
+    """Mean squared gradient error inside ``focus``, the gradients as in HoVer-Net's code
+    (h along y, v along x; see the module's docstring).
 
     Parameters
     ----------

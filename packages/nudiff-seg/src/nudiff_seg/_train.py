@@ -33,7 +33,7 @@ from nudiff_diffusion import check_resume_settings, names_digest, read_train_sta
 
 from ._data import Augment, MixedBatches, Tiles
 from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
-from ._losses import hovernet_loss
+from ._losses import MSGE_GRADIENTS, hovernet_loss
 from ._predict import score_pairs
 
 __all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
@@ -116,7 +116,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 _STATE_KEYS = ("model", "optimizer", "phase", "epoch", "batch", "best_aji", "settings")
 _LOSS_KEYS = ("ce", "dice", "mse", "msge", "loss")
-_FLAG_NAMES = {"real_images": "the images of --real (and --subset)", "synthetic_images": "the images of --synthetic"}
+_FLAG_NAMES = {
+    "real_images": "the images of --real (and --subset)",
+    "synthetic_images": "the images of --synthetic",
+    "msge_gradients": "MSGE gradient directions",
+}
 
 
 def _image_set(tiles: Tiles | None) -> str | None:
@@ -177,6 +181,7 @@ def train_hovernet(
         "synthetic": str(synthetic.folder) if synthetic else None,
         "real_images": _image_set(real),
         "synthetic_images": _image_set(synthetic),
+        "msge_gradients": MSGE_GRADIENTS,
     }
     settings = {"train": train_settings}
     if state_path.exists() and not resume:
@@ -214,7 +219,9 @@ def train_hovernet(
         given = {k: v for k, v in train_settings.items() if k not in ignore}
         if saved.get("encoder_weights") and given.get("encoder_weights"):
             given["encoder_weights"] = saved["encoder_weights"]  # the state holds the weights: their file may move
-        check_resume_settings(out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES)
+        check_resume_settings(
+            out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES, required=("msge_gradients",)
+        )
         try:
             model.load_state_dict(state["model"])
             epoch, start_batch, best_aji = int(state["epoch"]), int(state["batch"]), float(state["best_aji"])
