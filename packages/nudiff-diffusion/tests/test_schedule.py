@@ -32,6 +32,10 @@ def test_space_timesteps_like_guided_diffusion():
     assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
     sections = space_timesteps(300, "10,10,5")
     assert len(sections) == 25 and sections[:2] == [0, 11] and sections[-1] == 299
+    # guided-diffusion adds up the fractional stride: 999 / 20 * 10 lands on 499.4999..., not
+    # 499.5, and rounds down (a product rounds it to 500), as for 278 of the counts 1..1000
+    assert space_timesteps(1000, "21")[9:12] == [450, 499, 549]
+    assert space_timesteps(1000, "43")[20:23] == [476, 499, 523]
     with pytest.raises(ValueError, match="ddim6"):
         space_timesteps(10, "ddim6")
     with pytest.raises(ValueError, match="cannot take 20"):
@@ -90,6 +94,18 @@ def test_learned_range_ends_are_posterior_and_beta_variances():
     ones = torch.ones(4, 1, dtype=torch.float64)
     np.testing.assert_allclose(s.learned_log_variance(-ones, t)[:, 0], s.posterior_log_variance_clipped[t])
     np.testing.assert_allclose(s.learned_log_variance(ones, t)[:, 0], np.log(s.betas[t]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_learned_variance_keeps_its_gradient_in_half_precision(dtype):
+    # log beta_t and the clipped posterior log variance are about 1e-3 apart past t = 200:
+    # read in bfloat16 they were one number, and the variance head learned nothing there
+    s = NoiseSchedule.linear(1000)
+    t = torch.tensor([300, 500, 700], dtype=torch.int64)  # (at t = 900 the gap is float32's rounding)
+    exact = np.log(s.betas[t]) / 2 - s.posterior_log_variance_clipped[t] / 2  # d/dv of the interpolation
+    v = torch.zeros(3, 1, dtype=dtype, requires_grad=True)
+    s.learned_log_variance(v, t).sum().backward()
+    np.testing.assert_allclose(v.grad[:, 0].double().numpy(), exact, rtol=1e-2)
 
 
 def test_bad_inputs():

@@ -2,7 +2,7 @@
 step on this machine's CPU, and seconds per image of the paper's procedure against nudiff's.
 
 Expected before measuring: the cache removes the SPADE MLPs (conv3x3 3 -> hidden -> 2 x C at
-every normalisation layer) from every step after the first, so the per-call time should fall
+SPADE layer: the middle and decoder residual blocks) from every step after the first, so the per-call time should fall
 by about their share of the forward FLOPs (printed as "predicted"); batching the two halves of
 guidance does the same arithmetic as two calls, so on a CPU it should save little (larger
 matrix products use the cores a little better), on a GPU more (fewer launches, fuller kernels).

@@ -448,3 +448,24 @@ def test_a_first_try_that_fails_before_its_first_image_leaves_nothing(run, tmp_p
     monkeypatch.undo()
     assert _sample(run, out, "--steps", "2", "--num", "2") == 0  # other settings: accepted
     assert json.loads((out / RUN_STAMP).read_text())["steps"] == 2
+
+
+def test_a_run_started_with_spade_everywhere_resumes_with_it(run, tmp_path):
+    from nudiff_diffusion import TrainConfig as Config
+    from nudiff_diffusion import read_config
+    from nudiff_histo import SpadeNorm, train_histo_model
+
+    out = tmp_path / "old"
+    config = Config(steps=2, batch_size=2, save_every=2)
+    overrides = {"spade_layers": "all", "model_channels": 32}
+    train_histo_model(run / "pairs", out, "tiny-64", config, progress=False, model_overrides=overrides)
+    for stamp in out.glob("checkpoints/*/config.json"):  # as a run of before 2026-12-03 recorded it
+        saved = json.loads(stamp.read_text())
+        del saved["diffusion"]["spade_layers"]
+        stamp.write_text(json.dumps(saved))
+    config = Config(steps=4, batch_size=2, save_every=2)
+    model = train_histo_model(
+        run / "pairs", out, "tiny-64", config, resume=True, progress=False, model_overrides={"model_channels": 32}
+    )
+    assert isinstance(model.out_norm, SpadeNorm)
+    assert read_config(out / "checkpoints" / "step_0000004")["diffusion"]["spade_layers"] == "all"

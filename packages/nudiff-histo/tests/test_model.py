@@ -24,9 +24,52 @@ def _inputs(n=3, seed=1):
     return x, cond, t
 
 
-def test_every_normalisation_is_spade(model):
-    norms = [m for m in model.modules() if isinstance(m, SpadeNorm)]
-    assert norms and not any(isinstance(m, torch.nn.GroupNorm) and m.affine for m in model.modules())
+def test_spade_sits_in_the_middle_and_decoder_residual_blocks_as_in_the_papers_code(model):
+    from nudiff_diffusion import GroupNorm32
+    from nudiff_diffusion._unet import AttentionBlock, ResBlock
+
+    def norms(blocks, kind):
+        return [
+            n
+            for layers in blocks
+            for b in layers
+            if isinstance(b, kind)
+            for n in b.children()
+            if "Norm" in type(n).__name__
+        ]
+
+    # Nudiff's image_syn UNetModel: plain ResBlocks in the encoder, SDMResBlocks (SPADE in
+    # both norms) in the middle and the decoder, plain GroupNorm in attention and output
+    assert all(isinstance(n, GroupNorm32) for n in norms(model.down, ResBlock))
+    assert all(isinstance(n, SpadeNorm) for n in norms([model.middle], ResBlock) + norms(model.up, ResBlock))
+    assert all(isinstance(b.norm, GroupNorm32) for b in model.modules() if isinstance(b, AttentionBlock))
+    assert isinstance(model.out_norm, GroupNorm32)
+    assert sum(isinstance(m, SpadeNorm) for m in model.modules()) == 26  # the reference's count at these flags
+    everywhere = build_histo_unet("tiny-64", spade_layers="all")  # nudiff's models before 2026-12-03
+    assert sum(isinstance(m, SpadeNorm) for m in everywhere.modules()) == 45
+    assert isinstance(everywhere.out_norm, SpadeNorm)
+    with pytest.raises(ValueError, match="`spade_layers` must be one of"):
+        build_histo_unet("tiny-64", spade_layers="encoder")
+
+
+def test_a_checkpoint_that_records_no_placement_loads_with_spade_everywhere(tmp_path):
+    import json
+
+    from nudiff_diffusion import save_model
+    from nudiff_histo import load_histo_model
+    from nudiff_histo._model import histo_settings
+
+    old = build_histo_unet("tiny-64", spade_layers="all", model_channels=32)
+    settings = histo_settings("tiny-64", old)
+    assert settings.pop("spade_layers") == "all"  # as written before 2026-12-03
+    save_model(tmp_path / "old", old, diffusion=settings)
+    loaded = load_histo_model(tmp_path / "old")
+    assert isinstance(loaded.out_norm, SpadeNorm)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), loaded.state_dict().values(), strict=True))
+    new = build_histo_unet("tiny-64", model_channels=32)
+    save_model(tmp_path / "new", new, diffusion=histo_settings("tiny-64", new))
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["diffusion"]["spade_layers"] == "decoder"
+    assert not isinstance(load_histo_model(tmp_path / "new").out_norm, SpadeNorm)
 
 
 def test_spade_layer_is_group_norm_times_one_plus_gamma_plus_beta():

@@ -140,9 +140,14 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_model(
-    directory: str | os.PathLike[str], *, norm_factory: NormFactory | None = None, device: str | torch.device = "cpu"
+    directory: str | os.PathLike[str],
+    *,
+    norm_factory: NormFactory | None = None,
+    cond_norm_factory: NormFactory | None = None,
+    device: str | torch.device = "cpu",
 ) -> UNet:
     """Rebuild a UNet from a checkpoint directory (no flags needed) and load its weights.
+    ``norm_factory``, ``cond_norm_factory``: as for :class:`UNet`.
 
     The weights are read with safetensors (no code runs); missing or unexpected tensors,
     a truncated file, a config with unknown keys or weights other than those the config
@@ -167,7 +172,7 @@ def load_model(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"'{weights}' could not be read as safetensors ({exc}); is it truncated?") from exc
-    model = UNet(unet_config, norm_factory)
+    model = UNet(unet_config, norm_factory, cond_norm_factory)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

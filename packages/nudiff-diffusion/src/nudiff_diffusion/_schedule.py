@@ -68,7 +68,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         if size < count:
             raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a section of {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(stride * j) for j in range(count)]
+        # accumulated as guided-diffusion accumulates it: a sum of strides that should land
+        # on .5 lands just below it (499.4999... for 21 of 1000 steps) and rounds down
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 
@@ -193,7 +198,11 @@ class NoiseSchedule:
         if t.dtype not in (torch.int64, torch.int32) or t.ndim != 1 or t.shape[0] != like.shape[0]:
             raise ValueError(f"`t` must be an int64 tensor of shape ({like.shape[0]},), got {tuple(t.shape)} {t.dtype}")
         values = torch.as_tensor(array, dtype=torch.float64, device=like.device)[t.long()]
-        return values.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+        # at least float32: in bfloat16 (autocast) log beta_t and the clipped posterior log
+        # variance, about 1e-3 apart past t = 200, round to one value, and the learned variance
+        # got no gradient there (guided-diffusion reads its tables in float32 too)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return values.to(dtype).reshape((-1,) + (1,) * (like.ndim - 1))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with the given noise."""
@@ -223,5 +232,5 @@ class NoiseSchedule:
         between the clipped posterior variance (-1) and ``beta_t`` (+1)."""
         min_log = self._at(self.posterior_log_variance_clipped, t, v)
         max_log = self._at(np.log(self.betas), t, v)
-        frac = (v + 1) / 2
+        frac = (v.to(max_log.dtype) + 1) / 2  # in half precision the two ends' gradients cancel
         return frac * max_log + (1 - frac) * min_log

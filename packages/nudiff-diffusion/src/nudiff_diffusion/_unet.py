@@ -2,8 +2,10 @@
 
 The normalisation layers are built by a ``norm_factory(channels) -> nn.Module`` whose modules
 are called as ``norm(x, cond)``; the default is GroupNorm(32) computed in float32 (the guard
-against fp16 overflow of guided-diffusion) that ignores ``cond``. The histology package puts
-SPADE there, so that the structure conditions every normalisation without copying this file.
+against fp16 overflow of guided-diffusion) that ignores ``cond``. A ``cond_norm_factory``
+builds those of the middle and decoder residual blocks instead, as semantic diffusion models
+(and the Nudiff paper's histology UNet) put SPADE only there: the histology package conditions
+the UNet on its structure this way without copying this file.
 """
 
 from __future__ import annotations
@@ -144,23 +146,30 @@ class UNet(nn.Module):
     norm_factory : callable, optional
         ``norm_factory(channels)`` -> a module called as ``norm(x, cond)``; default
         :class:`GroupNorm32`.
+    cond_norm_factory : callable, optional
+        The same for the normalisations of the middle and decoder residual blocks (semantic
+        diffusion models' ``SDMResBlock``); default ``norm_factory``. The encoder's blocks,
+        the attention blocks and the output normalisation keep ``norm_factory``.
 
     ``forward(x, t, cond=None)``: x (N, in_channels, H, W) float, t (N,) int64 timesteps,
     ``cond`` passed to every normalisation layer; returns (N, out_channels, H, W), where
     ``out_channels`` is twice ``in_channels`` with ``learn_sigma``.
     """
 
-    def __init__(self, config: UNetConfig, norm_factory: NormFactory | None = None) -> None:
+    def __init__(
+        self, config: UNetConfig, norm_factory: NormFactory | None = None, cond_norm_factory: NormFactory | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         norm = norm_factory or GroupNorm32
+        cond_norm = cond_norm_factory or norm
         mc = config.model_channels
         emb_ch = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
-        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+        def res(ch_in: int, ch_out: int, block_norm: NormFactory = norm, **kw: bool) -> ResBlock:
             return ResBlock(
-                ch_in, emb_ch, ch_out, norm, dropout=config.dropout, scale_shift=config.use_scale_shift_norm, **kw
+                ch_in, emb_ch, ch_out, block_norm, dropout=config.dropout, scale_shift=config.use_scale_shift_norm, **kw
             )
 
         def attn(ch: int) -> AttentionBlock:
@@ -186,17 +195,19 @@ class UNet(nn.Module):
                     self.down.append(nn.ModuleList([_Resample(ch, up=False, use_conv=True)]))
                 skips.append(ch)
                 ds *= 2
-        self.middle = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+        self.middle = nn.ModuleList([res(ch, ch, cond_norm), attn(ch), res(ch, ch, cond_norm)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
-                layers = nn.ModuleList([res(ch + skips.pop(), mult * mc)])
+                layers = nn.ModuleList([res(ch + skips.pop(), mult * mc, cond_norm)])
                 ch = mult * mc
                 if ds in attn_ds:
                     layers.append(attn(ch))
                 if level and i == config.num_res_blocks:
                     layers.append(
-                        res(ch, ch, up=True) if config.resblock_updown else _Resample(ch, up=True, use_conv=True)
+                        res(ch, ch, cond_norm, up=True)
+                        if config.resblock_updown
+                        else _Resample(ch, up=True, use_conv=True)
                     )
                     ds //= 2
                 self.up.append(layers)

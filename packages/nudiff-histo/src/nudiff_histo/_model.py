@@ -4,8 +4,12 @@ modulation cache that computes the structure's scales and shifts once per batch.
 SPADE (Park et al. 2019, as used by semantic diffusion models and the Nudiff paper): a
 GroupNorm without affine parameters, then ``x * (1 + gamma) + beta`` where ``gamma`` and
 ``beta`` are predicted from the structure, resized (nearest) to the layer's resolution, by
-``conv3x3 -> ReLU -> conv3x3``. Every normalisation layer of the UNet is a SPADE layer; the
-timestep scale-shift of the residual blocks applies on top, unchanged. A layer's modulation
+``conv3x3 -> ReLU -> conv3x3``. As in the Nudiff paper's code (semantic diffusion models'
+``SDMResBlock``), the normalisations of the middle and decoder residual blocks are SPADE
+layers, while the encoder, the attention blocks and the output keep GroupNorm: the encoder
+sees the noisy image alone. The timestep scale-shift of the residual blocks applies on top,
+unchanged. (Models trained before 2026-12-03 have SPADE in every normalisation, ``spade_layers
+= "all"`` in their config, and load as they were trained.) A layer's modulation
 is kept as the scale ``1 + gamma`` and the shift ``beta``, so that a cached modulation costs
 every later step one multiplication and one addition, not two additions.
 """
@@ -46,6 +50,9 @@ __all__ = [
 ]
 
 COND_CHANNELS = 3  # the structure: [2 fg - 1, h, v]
+#: where the SPADE layers sit: "decoder" (the middle and decoder residual blocks, as the
+#: paper's code) or "all" (every normalisation, the models trained before 2026-12-03)
+SPADE_LAYERS = ("decoder", "all")
 
 
 @dataclass(frozen=True)
@@ -148,16 +155,25 @@ class SpadeNorm(nn.Module):
         return normalized * scale.to(x.dtype) + shift.to(x.dtype)
 
 
-def build_histo_unet(preset: str, **overrides: Any) -> UNet:
-    """A fresh histology UNet of ``preset`` (RGB in, eps and learned variance out, SPADE
-    everywhere). ``overrides`` change UNet flags (e.g. ``model_channels`` for tests) or
-    ``spade_hidden``."""
+def _spade_norms(hidden: int, layers: str) -> dict[str, Any]:
+    """The norm factories of :class:`UNet` for SPADE layers of width ``hidden`` at ``layers``."""
+    if layers not in SPADE_LAYERS:
+        raise ValueError(f"`spade_layers` must be one of {SPADE_LAYERS}, got {layers!r}")
+    key = "cond_norm_factory" if layers == "decoder" else "norm_factory"
+    return {key: lambda ch: SpadeNorm(ch, hidden)}
+
+
+def build_histo_unet(preset: str, *, spade_layers: str = "decoder", **overrides: Any) -> UNet:
+    """A fresh histology UNet of ``preset`` (RGB in, eps and learned variance out, SPADE in
+    the middle and decoder residual blocks; ``spade_layers="all"``: in every normalisation,
+    as nudiff's models before 2026-12-03). ``overrides`` change UNet flags (e.g.
+    ``model_channels`` for tests) or ``spade_hidden``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     hidden = int(overrides.pop("spade_hidden", p.spade_hidden))
     config = UNetConfig.preset(p.unet, **{"image_size": p.image_size, "in_channels": 3, **overrides})
-    return UNet(config, norm_factory=lambda ch: SpadeNorm(ch, hidden))
+    return UNet(config, **_spade_norms(hidden, spade_layers))
 
 
 def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
@@ -165,6 +181,7 @@ def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
     p = PRESETS[preset]
     spade = next(m for m in model.modules() if isinstance(m, SpadeNorm))
     return {
+        "spade_layers": "all" if isinstance(model.out_norm, SpadeNorm) else "decoder",
         "kind": "histo",
         "schedule": "linear",
         "num_timesteps": 1000,
@@ -197,7 +214,12 @@ def load_histo_model(directory: str | os.PathLike[str], *, device: str | torch.d
             f"'{Path(directory) / 'config.json'}': diffusion.spade_hidden must be a positive integer (the SPADE "
             f"layers' width), got {hidden!r}"
         )
-    return load_model(directory, norm_factory=lambda ch: SpadeNorm(ch, hidden), device=device)
+    layers = settings.get("spade_layers", "all")  # recorded since 2026-12-03; SPADE was everywhere before
+    if layers not in SPADE_LAYERS:
+        raise ValueError(
+            f"'{Path(directory) / 'config.json'}': diffusion.spade_layers must be one of {SPADE_LAYERS}, got {layers!r}"
+        )
+    return load_model(directory, **_spade_norms(hidden, layers), device=device)
 
 
 class HistoDenoiser(TorchDenoiser):

@@ -12,7 +12,9 @@ from nudiff_diffusion import (
     NoiseSchedule,
     TrainConfig,
     UNet,
+    latest_checkpoint,
     names_digest,
+    read_config,
     tensor_to_images,
     tensor_to_structures,
     train,
@@ -94,11 +96,14 @@ def train_histo_model(
     keep = np.setdiff1d(np.arange(len(images)), held)
     rows = pairs_to_rows(images[keep], maps[keep])
     torch.manual_seed(config.seed)
-    if init is not None:
-        model = load_histo_model(init).train()
-    else:
-        model = build_histo_unet(preset, **(model_overrides or {}))
     out = Path(out_dir)
+    if init is not None:
+        model = load_histo_model(init).train()  # with its SPADE placement
+    else:
+        # a resumed run keeps its own placement (SPADE was in every normalisation before 2026-12-03)
+        ckpt = latest_checkpoint(out) if resume else None
+        layers = read_config(ckpt).get("diffusion", {}).get("spade_layers", "all") if ckpt else "decoder"
+        model = build_histo_unet(preset, **{"spade_layers": layers, **(model_overrides or {})})
     held_cond = encode_condition(maps[held], p.geometry.min_size) if holdout else None
 
     def preview(step: int, ema: UNet) -> None:
