@@ -63,3 +63,20 @@ def test_a_failed_overwrite_takes_back_the_record_it_replaced(tmp_path):
     # --overwrite: the caller removed the old work; the new record replaces the old one
     _fail_in(out, {"steps": 10}, replace=True)
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_folder_of_other_files_is_not_claimed(tmp_path):
+    from nudiff_postproc._runs import claim_output_folder
+
+    data = tmp_path / "dataset"
+    (data / "instance_maps").mkdir(parents=True)
+    (data / "instance_maps" / "t0.png").write_bytes(b"x")  # a user's dataset: samples would mix in
+    with pytest.raises(ValueError, match=r"already holds files that no nudiff run recorded making \(e.g. '.*t0.png'\)"):
+        claim_output_folder(data, {"steps": 20})
+    assert not (data / RUN_STAMP).exists()
+    claim_output_folder(data, {"steps": 20}, replace=True)  # --overwrite: the caller cleared what it makes
+    # a record another rank is writing, and empty folders, are no strangers
+    fresh = tmp_path / "fresh"
+    (fresh / "maps").mkdir(parents=True)
+    (fresh / f".{RUN_STAMP}.123.abc.part").write_text("{}")
+    assert claim_output_folder(fresh, {"steps": 20}) == fresh

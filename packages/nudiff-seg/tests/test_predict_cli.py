@@ -300,6 +300,13 @@ def test_onnx_engine_predicts_like_pytorch(model, tmp_path, capsys):
     save_hovernet(tmp_path / "other", other)
     assert main([*common, "--checkpoint", str(tmp_path / "other")]) == 2
     assert "was started with the model (the weights' sha256) of --checkpoint / --engine" in capsys.readouterr().err
+    # given to the diffusion packages' samplers, a HoVer-Net graph is named as one
+    from nudiff_diffusion import load_denoiser
+
+    histo = pytest.importorskip("nudiff_histo")  # not a dependency of nudiff-seg; installed with the monorepo
+    for load in (load_denoiser, histo.load_histo_denoiser):
+        with pytest.raises(ValueError, match="hovernet.onnx' is a HoVer-Net graph \\(nudiff-seg export\\), not a diff"):
+            load(tmp_path / "g" / "hovernet.onnx")
     # a graph whose config.json describes another network is refused when loaded
     import shutil
 

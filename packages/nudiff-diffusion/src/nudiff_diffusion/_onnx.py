@@ -442,6 +442,16 @@ def read_graph_config(path: Path, *, fmt: str = ONNX_FORMAT) -> dict[str, Any]:
     return config
 
 
+def require_unet_graph(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a graph whose config (:func:`read_graph_config`) is not a diffusion UNet's
+    (a HoVer-Net graph of ``nudiff-seg export``), naming it."""
+    if "unet" not in config:
+        raise ValueError(
+            f"'{path}' is a HoVer-Net graph (nudiff-seg export), not a diffusion model's; give a graph that "
+            "tools/export_onnx.py wrote from a structure or histology checkpoint"
+        )
+
+
 class GraphRuntime(GuidedRuntime):
     """What the exported-graph runtimes share (ONNX Runtime, TensorRT): the config beside
     the graph, the batch limit and the ``eps`` / ``guided`` layouts. A subclass sets
@@ -473,6 +483,7 @@ class GraphRuntime(GuidedRuntime):
         return int(self.config["unet"]["in_channels"])
 
     def _check_layout(self) -> None:
+        require_unet_graph(self.path, self.config)
         if self.layout not in ("eps", "guided"):
             raise ValueError(
                 f"'{self.path}' is a {self.layout!r} graph of a histology model: load it with "

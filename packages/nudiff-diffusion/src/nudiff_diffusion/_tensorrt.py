@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._checkpoint import CONFIG_NAME, _atomic_write, read_json_object
-from ._onnx import ONNX_FORMAT, GraphRuntime, onnx_session, read_graph_config
+from ._onnx import ONNX_FORMAT, GraphRuntime, onnx_session, read_graph_config, require_unet_graph
 
 __all__ = [
     "TRT_FORMAT",
@@ -84,6 +84,7 @@ def check_engine_args(
     if onnx_path.suffix != ".onnx":
         raise ValueError(f"'{onnx_path}': give the .onnx graph written by tools/export_onnx.py")
     config = read_graph_config(onnx_path)
+    require_unet_graph(onnx_path, config)
     if config.get("layout", "eps") not in ("eps", "guided"):
         raise ValueError(
             f"'{onnx_path}' is a {config.get('layout')!r} export (two graphs); build engines from an "

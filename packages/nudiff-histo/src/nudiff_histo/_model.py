@@ -287,8 +287,11 @@ def load_histo_denoiser(
     if path.suffix.lower() == ".onnx" or path.suffix.lower() in ENGINE_SUFFIXES:
         if path.suffix.lower() == ".onnx" and path.is_file():
             from nudiff_diffusion import providers_for, read_graph_config
+            from nudiff_diffusion._onnx import require_unet_graph
 
-            if read_graph_config(path).get("layout") == "modulated":
+            config = read_graph_config(path)
+            require_unet_graph(path, config)  # not a HoVer-Net graph
+            if config.get("layout") == "modulated":
                 from ._export import OnnxModulatedDenoiser
 
                 return OnnxModulatedDenoiser(path, providers=providers_for(device))

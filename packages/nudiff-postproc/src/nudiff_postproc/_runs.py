@@ -100,6 +100,15 @@ def _read_stamp(stamp: Path, out: Path) -> dict[str, Any]:
     return saved
 
 
+def _first_file(out: Path) -> Path | None:
+    """A file below ``out`` (folders aside) other than a run's record being written, if any."""
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if not (name.startswith(f".{RUN_STAMP}.") and name.endswith(".part")) and name != RUN_STAMP:
+                return Path(folder, name)
+    return None
+
+
 def claim_output_folder(
     out: str | os.PathLike[str],
     settings: Mapping[str, Any],
@@ -118,8 +127,10 @@ def claim_output_folder(
     would skip were made differently and a ``ValueError`` names the first differing flag
     (see :func:`check_resume_settings`; ``remedy`` ends its message). Values are compared
     as JSON. The file is created exclusively, so of two runs (ranks, shards) starting at
-    once with different settings one is refused. ``replace``: the caller has removed what
-    the folder held (``--overwrite``), so ``settings`` replace the recorded ones.
+    once with different settings one is refused. A folder that holds files but no record
+    (a dataset, another program's output) is refused: the work would be mixed into them.
+    ``replace``: the caller has removed what the folder held (``--overwrite``), so
+    ``settings`` replace the recorded ones.
     ``required``: keys an earlier record must hold (see :func:`check_resume_settings`).
     Returns ``out``.
     """
@@ -132,6 +143,12 @@ def claim_output_folder(
             tmp.write_text(json.dumps(record, indent=2) + "\n")
         return out
     if not stamp.is_file():
+        stranger = _first_file(out)
+        if stranger is not None:
+            raise ValueError(
+                f"'{out}' already holds files that no nudiff run recorded making (e.g. '{stranger}'): the work "
+                "would be mixed into them; give a new or empty folder"
+            )
         tmp = out / f".{RUN_STAMP}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         try:
@@ -151,10 +168,7 @@ def claim_output_folder(
 
 def _holds_only_the_stamp(out: Path) -> bool:
     """Whether ``out`` holds no file but :data:`RUN_STAMP` (empty folders aside)."""
-    for folder, _, files in os.walk(out):
-        if any(Path(folder, f) != out / RUN_STAMP for f in files):
-            return False
-    return True
+    return _first_file(out) is None
 
 
 def _folders_below(out: Path) -> set[Path]:
