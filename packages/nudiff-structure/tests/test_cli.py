@@ -310,3 +310,24 @@ def test_a_first_try_that_fails_before_its_first_sample_leaves_nothing(run, tmp_
     monkeypatch.undo()
     assert _sample(run, out, "--steps", "2") == 0  # other settings: accepted
     assert json.loads((out / RUN_STAMP).read_text())["steps"] == 2
+
+
+def test_sigterm_before_the_first_sample_leaves_nothing(run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "samples"
+    command = [sys.executable, "-m", "nudiff_structure.cli", "--quiet", "sample", "--checkpoint", str(run / "run")]
+    command += ["--num", "4", "--batch", "4", "--sampler", "ddim", "--steps", "1000", "--out", str(out)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / RUN_STAMP).is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the first batch's 1000 steps
+    proc.send_signal(signal.SIGTERM)  # as a scheduler or the pipeline stops a command
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "nudiff-structure sample: interrupted" in err and "Traceback" not in err
+    assert not out.exists()  # cleaned up as after Ctrl-C: the next try may use other settings

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nudiff_postproc._runs import report_interrupt, sigterm_as_interrupt
 
 from ._resume import MODEL_FLAG, claimed_output_folder, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
@@ -216,7 +217,9 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: s
     """Parse ``argv`` and run the chosen command (``args.func``); bad input (ValueError,
     TypeError, OSError, NotImplementedError, and an engine that this machine cannot
     run: ``EngineUnavailableError``) prints ``prog command: error: ...``
-    and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``."""
+    and gives exit status 2. A ``sample`` command needs ``--checkpoint`` or ``--engine``.
+    Ctrl-C or SIGTERM (:func:`nudiff_postproc._runs.sigterm_as_interrupt`) ends the command
+    with its clean-up, one line instead of a traceback, and exit status 130."""
     args = parser.parse_args(argv)
     if args.command == "sample" and not (args.checkpoint or args.engine):
         print(f"{prog} sample: error: give --checkpoint RUN (or --engine FILE)", file=sys.stderr)
@@ -224,10 +227,13 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: s
     from ._tensorrt import EngineUnavailableError
 
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():
+            return int(args.func(args))
     except (ValueError, TypeError, OSError, NotImplementedError, EngineUnavailableError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(prog, args.command)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser, *, samples: str, real: str, preset: str) -> None:

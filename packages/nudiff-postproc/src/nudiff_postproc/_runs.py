@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,7 +26,18 @@ import numpy as np
 
 from ._io import atomic_path
 
-__all__ = ["check_resume_settings", "claim_output_folder", "claimed_output_folder", "names_digest", "RUN_STAMP"]
+__all__ = [
+    "check_resume_settings",
+    "claim_output_folder",
+    "claimed_output_folder",
+    "names_digest",
+    "sigterm_as_interrupt",
+    "report_interrupt",
+    "RUN_STAMP",
+]
+
+#: a command line's exit status when it was interrupted (SIGINT or SIGTERM) and cleaned up
+INTERRUPTED = 130
 
 #: The file in an output folder that records the settings it is being filled with.
 RUN_STAMP = ".nudiff-run.json"
@@ -217,3 +231,32 @@ def claimed_output_folder(out: str | os.PathLike[str], settings: Mapping[str, An
         if not resumed and _holds_only_the_stamp(out):
             _take_back(out, kept, existed)
         raise
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal module's signature
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, a scheduler, the pipeline stopping a stage)
+    raises ``KeyboardInterrupt`` as Ctrl-C does, so that the same clean-up runs (temporary
+    files removed, a claim without output taken back; see :func:`claimed_output_folder`)
+    instead of the process dying on the spot. Only in the main thread (elsewhere Python
+    cannot install handlers: nothing changes); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report_interrupt(prog: str, command: str) -> int:
+    """Say that ``prog command`` was interrupted and that rerunning it resumes (``train``:
+    with ``--resume``); returns :data:`INTERRUPTED`, the exit status."""
+    resume = " --resume" if command == "train" else ""
+    print(f"{prog} {command}: interrupted; what it finished is kept, rerun it{resume} to go on", file=sys.stderr)
+    return INTERRUPTED

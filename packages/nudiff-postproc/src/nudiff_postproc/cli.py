@@ -27,7 +27,7 @@ from ._io import (
 )
 from ._metrics import METRIC_KEYS, evaluate, mean_metrics
 from ._patches import extract_patches
-from ._runs import claimed_output_folder
+from ._runs import INTERRUPTED, claimed_output_folder, sigterm_as_interrupt
 from ._watershed import _check_options, _check_scale, instances_from_structures
 
 _MAP_FORMATS = (".png", ".tif", ".mat", ".npy")  # what the commands write instance maps as
@@ -373,7 +373,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "nudiff-postproc") ->
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():  # a kill cleans up as Ctrl-C does
+            return int(args.func(args))
     except (ValueError, TypeError, OSError) as exc:  # bad input, or a path that cannot be written
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -382,7 +383,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "nudiff-postproc") ->
             print("interrupted; finished files are complete, rerun to resume", file=sys.stderr)
         else:  # the others write their output whole at the end (staging folders, atomic files)
             print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

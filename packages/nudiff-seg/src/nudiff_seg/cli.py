@@ -272,14 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
     from nudiff_postproc import retain_freed_memory
+    from nudiff_postproc._runs import report_interrupt, sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # PyTorch's large CPU tensors: no page faults on every reuse
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():  # a kill cleans up as Ctrl-C does
+            return int(args.func(args))
     except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as exc:
         print(f"nudiff-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt("nudiff-seg", args.command)
 
 
 if __name__ == "__main__":
