@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -243,3 +244,15 @@ def test_tensorrt_cuda_graphs_replay_the_engine(runs):
         x = torch.randn(n, plain.in_channels, plain.image_size, plain.image_size, generator=g).cuda()
         t = torch.randint(1000, (n,), generator=g).cuda()
         assert (graphed.eps(x, t) - plain.eps(x, t)).abs().max().item() < 1e-5
+
+
+def test_export_paths_are_checked_before_the_export(runs, tmp_path, capsys):
+    export = _export_tool()
+    (tmp_path / "taken.onnx").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for output, message in (
+        (tmp_path / "taken.onnx", "-o '.*taken.onnx' is a folder; expected the path of the file to write"),
+        (tmp_path / "afile" / "model.onnx", "'.*afile' is a file, not a folder"),
+    ):
+        assert export([str(runs / "s"), "-o", str(output)]) == 2
+        assert re.search(message, capsys.readouterr().err)

@@ -62,8 +62,10 @@ from nudiff_diffusion import (
     sample,
 )
 from nudiff_diffusion.testing import perturbed_copy
+from nudiff_histo import PRESETS as HISTO_PRESETS
 from nudiff_histo import HistoDenoiser, build_histo_unet, export_histo_onnx, load_histo_denoiser
 from nudiff_postproc import describe_cpu, retain_freed_memory
+from nudiff_postproc._io import check_output_file
 from torch.utils.flop_counter import FlopCounterMode
 
 SCHEDULE = NoiseSchedule.linear(1000)
@@ -458,7 +460,9 @@ def finish(header: dict[str, Any], json_path: str | None, results: dict[str, Any
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny-64", "small-128"], help="UNet presets")
+    parser.add_argument(
+        "--presets", nargs="+", default=["tiny-64", "small-128"], choices=sorted(HISTO_PRESETS), help="UNet presets"
+    )
     parser.add_argument(
         "--batch", type=int_at_least(2), default=8, help="images per call (guided histology: 2x in the UNet)"
     )
@@ -487,11 +491,17 @@ def main() -> int:
         help="leave glibc's malloc as it is (freed large tensors go back to the OS; nudiff's CLIs retain them)",
     )
     args = parser.parse_args()
+    try:  # before minutes of work: the JSON's folder, the device
+        check_output_file(args.json, "--json")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise ValueError(f"--json '{args.json}': its folder does not exist")
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
     import onnxruntime
 
     retained = False if args.system_malloc else retain_freed_memory()
 
-    device = resolve_device(args.device)
     peak, peak_note = cuda_peak_gflops(device) if device.type == "cuda" else cpu_peak_gflops()
     header = {
         "machine": describe_cpu(),

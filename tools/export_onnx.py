@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _opset(text: str) -> int:
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from nudiff_diffusion import export_onnx, load_model, read_config
+        from nudiff_postproc._io import check_output_file
+
+        check_output_file(args.output, "-o")  # before the export's minutes, not at its end
+        for parent in Path(args.output).parents:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f"-o '{args.output}': '{parent}' is a file, not a folder")
 
         config = read_config(args.checkpoint)
         settings = config.get("diffusion", {})

@@ -155,6 +155,20 @@ def test_output_records_compare_numpy_scalars_as_numbers_and_identify_models(tmp
     assert runtime_weights_digest(TorchDenoiser(model)) == weights_digest(model.state_dict())
 
 
+def test_samples_folders_record_the_precision_a_runtime_computes_in():
+    from types import SimpleNamespace
+
+    from nudiff_diffusion import TorchDenoiser
+    from nudiff_diffusion._resume import runtime_precision
+
+    model = UNet(UNetConfig.preset("tiny-64", image_size=16))
+    assert runtime_precision(TorchDenoiser(model)) == "float32"
+    assert runtime_precision(TorchDenoiser(model, dtype=torch.bfloat16)) == "bfloat16"
+    # a graph or an engine: what its config.json records (a float16 export shares the weights' digest)
+    assert runtime_precision(SimpleNamespace(config={"precision": "float16", "weights_sha256": "x"})) == "float16"
+    assert runtime_precision(SimpleNamespace(config={})) == "float32"
+
+
 def test_respacing_and_load_device_arguments_are_named(tmp_path):
     from nudiff_diffusion import space_timesteps
 

@@ -80,3 +80,12 @@ def test_a_folder_of_other_files_is_not_claimed(tmp_path):
     (fresh / "maps").mkdir(parents=True)
     (fresh / f".{RUN_STAMP}.123.abc.part").write_text("{}")
     assert claim_output_folder(fresh, {"steps": 20}) == fresh
+
+
+def test_an_output_folder_under_a_file_is_named(tmp_path):
+    from nudiff_postproc._runs import claim_output_folder
+
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "out"):
+        with pytest.raises(ValueError, match=r"output folder '.*': '.*afile' is a file, not a folder"):
+            claim_output_folder(out, {"steps": 20})

@@ -200,6 +200,7 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(run, tmp_path, capsys)
         ({"steps": "4"}, "was started with --steps 3, this resume gives 4"),
         ({"clip": "0"}, "was started with --clip 1.0, this resume gives None"),
         ({"seed": "1"}, "was started with --seed 0, this resume gives 1"),
+        ({"precision": "bf16"}, "was started with the precision (--precision, or the graph's) 'float32', this re"),
     ):
         assert main(_sample_args(run / "run", out, num="8", **flags)) == 2
         assert message in capsys.readouterr().err

@@ -22,6 +22,7 @@ from nudiff_postproc._runs import (
 __all__ = [
     "read_train_state",
     "runtime_weights_digest",
+    "runtime_precision",
     "refuse_train_state",
     "check_resume_settings",
     "claim_output_folder",
@@ -48,6 +49,19 @@ def runtime_weights_digest(runtime: Any) -> str | None:
 
         return weights_digest(model.state_dict())
     return None
+
+
+_AUTOCAST_NAMES = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def runtime_precision(runtime: Any) -> str:
+    """The precision a runtime computes in: a PyTorch runtime's autocast dtype
+    (``--precision``), else what its exported graph or engine records (``float32``,
+    ``float16``, ``bfloat16``). Samples of one model differ between precisions (float16
+    moves a structure by about 0.01), so a folder of samples records it."""
+    if hasattr(runtime, "autocast_dtype"):
+        return _AUTOCAST_NAMES.get(runtime.autocast_dtype, str(runtime.autocast_dtype))
+    return str(getattr(runtime, "config", {}).get("precision", "float32"))
 
 
 def _refuse(path: Path, why: str) -> NoReturn:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from nudiff_postproc._runs import report_interrupt, sigterm_as_interrupt
 
-from ._resume import MODEL_FLAG, claimed_output_folder, runtime_weights_digest
+from ._resume import MODEL_FLAG, claimed_output_folder, runtime_precision, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._sampling import seeded_generator
 from ._trainer import TrainConfig
@@ -193,9 +193,18 @@ STEP_NOISE = "per sample"
 
 def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extra: Any) -> dict[str, Any]:
     """The settings an output folder of samples records (:func:`claim_output_folder`): the
-    model (its weights' digest), sampler, steps, seed and ``extra``; with ``ddpm``, how its
-    step noise is drawn (``step_noise``: a folder that records none drew it per batch)."""
-    settings = {"model": runtime_weights_digest(runtime), "sampler": sampler, "steps": steps, "seed": seed, **extra}
+    model (its weights' digest) and the precision it runs in (:func:`runtime_precision`;
+    a float16 graph of a checkpoint shares its weights' digest), sampler, steps, seed and
+    ``extra``; with ``ddpm``, how its step noise is drawn (``step_noise``: a folder that
+    records none drew it per batch)."""
+    settings = {
+        "model": runtime_weights_digest(runtime),
+        "precision": runtime_precision(runtime),
+        "sampler": sampler,
+        "steps": steps,
+        "seed": seed,
+        **extra,
+    }
     if sampler == "ddpm":
         settings["step_noise"] = STEP_NOISE
     return settings
@@ -209,7 +218,12 @@ def claimed_samples_folder(
     sample leaves nothing): a folder whose record lacks the ``step_noise`` this run
     records drew its ddpm step noise per batch, and is refused by name. ``flags``: how the
     caller's own keys read in a refusal."""
-    named = {**MODEL_FLAG, "step_noise": "ddpm step-noise scheme", **(flags or {})}
+    named = {
+        **MODEL_FLAG,
+        "precision": "the precision (--precision, or the graph's)",
+        "step_noise": "ddpm step-noise scheme",
+        **(flags or {}),
+    }
     return claimed_output_folder(out, settings, flags=named, required=("step_noise",))
 
 

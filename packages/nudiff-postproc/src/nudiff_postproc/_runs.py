@@ -151,6 +151,9 @@ def claim_output_folder(
     out = Path(out)
     stamp = out / RUN_STAMP
     record = _comparable(dict(settings))
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output folder '{out}': '{folder}' is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     if replace:
         with atomic_path(stamp) as tmp:
