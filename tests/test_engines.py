@@ -256,3 +256,21 @@ def test_export_paths_are_checked_before_the_export(runs, tmp_path, capsys):
     ):
         assert export([str(runs / "s"), "-o", str(output)]) == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_graph_beside_another_exports_config_is_refused_when_loaded(runs, tmp_path):
+    from nudiff_diffusion import load_denoiser
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(runs / "h_onnx", mixed)
+    shutil.copy(runs / "s_onnx" / "model.onnx", mixed / "model.onnx")  # a structure graph, a histology config
+    with pytest.raises(ValueError, match="does not fit its config .* the graph takes \\['t', 'x'\\]"):
+        load_denoiser(mixed / "model.onnx")
+    resized = tmp_path / "resized"
+    shutil.copytree(runs / "s_onnx", resized)
+    config = json.loads((resized / "config.json").read_text())
+    config["unet"]["image_size"] *= 2
+    (resized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit its config"):
+        load_denoiser(resized / "model.onnx")
+    assert load_denoiser(runs / "s_onnx" / "model.onnx").image_size == config["unet"]["image_size"] // 2

@@ -162,7 +162,9 @@ def test_paired_batch_moves_image_and_structure_together():
         seen.add(k)
         r, f = DIHEDRAL[k]
         expected = transform_structure(encode_structure(inst, min_size=30, centre="nearest"), rot90=r, flip=f)
-        np.testing.assert_allclose(cond[0].numpy(), structures_to_tensor(expected[None])[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(cond[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)  # foreground in {0, 1}
+        _, older = paired_batch(30, "-1/1")(rows, torch.Generator().manual_seed(step))  # the encoding before 2026-12-03
+        np.testing.assert_allclose(older[0].numpy(), structures_to_tensor(expected[None])[0].numpy(), atol=1e-6)
     assert len(seen) > 3
 
 
@@ -461,11 +463,49 @@ def test_a_run_started_with_spade_everywhere_resumes_with_it(run, tmp_path):
     train_histo_model(run / "pairs", out, "tiny-64", config, progress=False, model_overrides=overrides)
     for stamp in out.glob("checkpoints/*/config.json"):  # as a run of before 2026-12-03 recorded it
         saved = json.loads(stamp.read_text())
-        del saved["diffusion"]["spade_layers"]
+        del saved["diffusion"]["spade_layers"], saved["diffusion"]["cond_foreground"]
         stamp.write_text(json.dumps(saved))
     config = Config(steps=4, batch_size=2, save_every=2)
     model = train_histo_model(
         run / "pairs", out, "tiny-64", config, resume=True, progress=False, model_overrides={"model_channels": 32}
     )
     assert isinstance(model.out_norm, SpadeNorm)
-    assert read_config(out / "checkpoints" / "step_0000004")["diffusion"]["spade_layers"] == "all"
+    resumed = read_config(out / "checkpoints" / "step_0000004")["diffusion"]
+    assert resumed["spade_layers"] == "all" and resumed["cond_foreground"] == "-1/1"  # as it was trained
+
+
+def test_conditions_encode_the_foreground_as_the_model_was_trained(run, tmp_path, monkeypatch):
+    from nudiff_histo import condition_to_structures, encode_condition
+
+    inst = synthetic_instance_map((64, 64), n_nuclei=6, seed=0)
+    new, old = encode_condition([inst], 10), encode_condition([inst], 10, "-1/1")
+    assert set(new[0, 0].unique().tolist()) == {0.0, 1.0} and set(old[0, 0].unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(new[:, 1:], old[:, 1:])
+    for cond, foreground in ((new, "0/1"), (old, "-1/1")):
+        np.testing.assert_array_equal(
+            condition_to_structures(cond, foreground)[0], encode_structure(inst, min_size=10, centre="nearest")
+        )
+    # the paper's null condition (zeros) is the structure of a patch without nuclei
+    assert not encode_condition([np.zeros((64, 64), np.int32)], 10).any()
+    with pytest.raises(ValueError, match="`foreground` must be one of"):
+        encode_condition([inst], 10, "0/255")
+
+    seen = []
+    original = sample_module.paint_images
+
+    def spy(runtime, cond, **kwargs):
+        seen.append(float(cond[:, 0].min()))
+        return original(runtime, cond, **kwargs)
+
+    monkeypatch.setattr(sample_module, "paint_images", spy)
+    assert _sample(run, tmp_path / "new", "--num", "1") == 0
+    older = tmp_path / "older-run"  # a model trained before 2026-12-03: no cond_foreground recorded
+    shutil.copytree(run / "run", older)
+    config = json.loads((older / "config.json").read_text())
+    assert config["diffusion"].pop("cond_foreground") == "0/1"
+    (older / "config.json").write_text(json.dumps(config))
+    args = ["--quiet", "sample", "--structures", str(run / "pairs"), "--checkpoint", str(older)]
+    assert main([*args, "--sampler", "ddim", "--steps", "2", "--num", "1", "--out", str(tmp_path / "old")]) == 0
+    assert seen == [0.0, -1.0]  # background pixels: 0 for the new model, -1 for the older one
+    saved = np.load(next((tmp_path / "old" / "structures").glob("*.npy")))
+    assert set(np.unique(saved[..., 0]).tolist()) == {0.0, 1.0}  # saved as [fg in {0, 1}, h, v] either way

@@ -569,6 +569,22 @@ class OnnxDenoiser(GraphRuntime):
         self._check_layout()
         self.session = onnx_session(self.path, providers=providers)
         self.batch_max = int(self.config["batch_max"])
+        self._check_graph_inputs()
+
+    def _check_graph_inputs(self) -> None:
+        """Refuse a graph whose inputs are not those its ``config.json`` describes (a graph
+        copied beside another export's config), naming both files, before any run."""
+        expected = {"x", "t"} | ({"cond"} if self.conditional else set())
+        expected |= {"guidance_scale"} if self.layout == "guided" else set()
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        size, channels = self.image_size, int(self.config["unet"]["in_channels"])
+        x_shape = list(inputs.get("x", []))[1:]
+        if set(inputs) != expected or x_shape != [channels, size, size]:
+            raise ValueError(
+                f"'{self.path}' does not fit its config '{self.path.parent / 'config.json'}': the graph takes "
+                f"{sorted(inputs)} with x of (batch, {', '.join(map(str, x_shape))}), the config describes "
+                f"{sorted(expected)} with x of (batch, {channels}, {size}, {size}); export the graph again"
+            )
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         feed = {k: v.cpu().numpy() for k, v in self._inputs(x, t, cond, scale).items()}

@@ -1,7 +1,15 @@
 """nudiff-histo: the SPADE-conditioned histology model of nudiff (data, training, guided
 sampling, evaluation)."""
 
-from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
+from ._data import (
+    COND_FOREGROUNDS,
+    build_pairs,
+    cond_foreground,
+    condition_to_structures,
+    encode_condition,
+    paired_batch,
+    pairs_to_rows,
+)
 from ._export import OnnxModulatedDenoiser, export_histo_onnx, spade_layers
 from ._model import (
     PRESETS,
@@ -31,6 +39,9 @@ __all__ = [
     "build_histo_unet",
     "build_pairs",
     "encode_condition",
+    "condition_to_structures",
+    "cond_foreground",
+    "COND_FOREGROUNDS",
     "load_histo_denoiser",
     "load_histo_model",
     "paint_images",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nudiff_diffusion import images_to_tensor, structures_to_tensor
+from nudiff_diffusion import images_to_tensor, structures_to_tensor, tensor_to_structures
 from nudiff_postproc import (
     DIHEDRAL,
     PatchGeometry,
@@ -29,7 +29,33 @@ from nudiff_postproc._validate import as_instance_map
 
 from ._model import PRESETS, HistoPreset
 
-__all__ = ["build_pairs", "cut_patches", "pairs_to_rows", "paired_batch", "encode_condition"]
+__all__ = [
+    "build_pairs",
+    "cut_patches",
+    "pairs_to_rows",
+    "paired_batch",
+    "encode_condition",
+    "condition_to_structures",
+    "cond_foreground",
+    "COND_FOREGROUNDS",
+]
+
+#: How a condition's foreground channel is encoded. "0/1", the paper's code (its
+#: ``sem[inst > 0] = 1``): the all-zeros null condition of guidance is then an
+#: all-background structure, a value every real condition holds off the nuclei. "-1/1"
+#: (``2 fg - 1``, as the structure model's samples): nudiff's models before 2026-12-03,
+#: whose null condition was a token no real structure holds.
+COND_FOREGROUNDS = ("0/1", "-1/1")
+
+
+def cond_foreground(settings: dict) -> str:
+    """The foreground encoding a histology model was trained with, from its ``diffusion``
+    settings (a checkpoint's or an exported graph's ``config.json``): "-1/1" when none is
+    recorded (models before 2026-12-03)."""
+    value = settings.get("cond_foreground", "-1/1")
+    if value not in COND_FOREGROUNDS:
+        raise ValueError(f"diffusion.cond_foreground must be one of {COND_FOREGROUNDS}, got {value!r}")
+    return value
 
 
 def _preset(preset: str | HistoPreset) -> HistoPreset:
@@ -150,18 +176,39 @@ def pairs_to_rows(images: np.ndarray, instance_maps: np.ndarray) -> torch.Tensor
     return torch.cat([images_to_tensor(images), ids], dim=1)
 
 
-def encode_condition(instance_maps: np.ndarray | list[np.ndarray], min_size: int) -> torch.Tensor:
-    """Structures of (N, s, s) instance maps as the model's condition (N, 3, s, s) in [-1, 1]
-    (``centre="nearest"``, the exactly equivariant convention, as the structure model's;
-    ``min_size``: the preset's ``geometry.min_size``)."""
+def encode_condition(
+    instance_maps: np.ndarray | list[np.ndarray], min_size: int, foreground: str = "0/1"
+) -> torch.Tensor:
+    """Structures of (N, s, s) instance maps as the model's condition (N, 3, s, s) float32:
+    the foreground in {0, 1} (``foreground="0/1"``, the paper's) or {-1, 1} ("-1/1", see
+    :data:`COND_FOREGROUNDS`), h and v in [-1, 1] (``centre="nearest"``, the exactly
+    equivariant convention, as the structure model's; ``min_size``: the preset's
+    ``geometry.min_size``)."""
+    if foreground not in COND_FOREGROUNDS:
+        raise ValueError(f"`foreground` must be one of {COND_FOREGROUNDS}, got {foreground!r}")
     structures = np.stack([encode_structure(m, min_size=min_size, centre="nearest") for m in instance_maps])
-    return structures_to_tensor(structures)
+    if foreground == "-1/1":
+        return structures_to_tensor(structures)
+    return torch.from_numpy(structures).permute(0, 3, 1, 2).contiguous()
 
 
-def paired_batch(min_size: int):  # type: ignore[no-untyped-def]
+def condition_to_structures(cond: torch.Tensor, foreground: str = "0/1") -> np.ndarray:
+    """The inverse of :func:`encode_condition`: (N, 3, s, s) -> (N, s, s, 3) float32
+    structures ``[fg in {0, 1}, h, v]``."""
+    if foreground not in COND_FOREGROUNDS:
+        raise ValueError(f"`foreground` must be one of {COND_FOREGROUNDS}, got {foreground!r}")
+    if foreground == "-1/1":
+        return tensor_to_structures(cond)
+    if cond.ndim != 4 or cond.shape[1] != 3:
+        raise ValueError(f"expected (N, 3, H, W) conditions, got {tuple(cond.shape)}")
+    return cond.detach().float().permute(0, 2, 3, 1).cpu().numpy().copy()
+
+
+def paired_batch(min_size: int, foreground: str = "0/1"):  # type: ignore[no-untyped-def]
     """The trainer's ``batch_fn``: rows (B, 4, s, s) -> (images (B, 3, s, s), structures
     (B, 3, s, s)), each pair under the same random dihedral transform and its structure
-    encoded from the transformed instance map (so image and structure move together)."""
+    encoded from the transformed instance map (so image and structure move together;
+    ``foreground`` as in :func:`encode_condition`)."""
 
     def batch_fn(rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         choice = torch.randint(len(DIHEDRAL), (rows.shape[0],), generator=generator).tolist()
@@ -171,6 +218,6 @@ def paired_batch(min_size: int):  # type: ignore[no-untyped-def]
             images.append(transform_image(np.ascontiguousarray(row[:3].transpose(1, 2, 0)), rot90=rot90, flip=flip))
             maps.append(transform_instance_map(row[3].astype(np.int32), rot90=rot90, flip=flip))
         x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        return x0, encode_condition(maps, min_size)
+        return x0, encode_condition(maps, min_size, foreground)
 
     return batch_fn

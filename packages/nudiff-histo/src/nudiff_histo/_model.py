@@ -49,7 +49,7 @@ __all__ = [
     "load_histo_denoiser",
 ]
 
-COND_CHANNELS = 3  # the structure: [2 fg - 1, h, v]
+COND_CHANNELS = 3  # the structure: [fg, h, v] (fg in {0, 1}; {-1, 1} before 2026-12-03)
 #: where the SPADE layers sit: "decoder" (the middle and decoder residual blocks, as the
 #: paper's code) or "all" (every normalisation, the models trained before 2026-12-03)
 SPADE_LAYERS = ("decoder", "all")
@@ -176,8 +176,10 @@ def build_histo_unet(preset: str, *, spade_layers: str = "decoder", **overrides:
     return UNet(config, **_spade_norms(hidden, spade_layers))
 
 
-def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
-    """The ``diffusion`` entry of a histology checkpoint's ``config.json``."""
+def histo_settings(preset: str, model: UNet, cond_foreground: str = "0/1") -> dict[str, Any]:
+    """The ``diffusion`` entry of a histology checkpoint's ``config.json``
+    (``cond_foreground``: how its conditions encode the foreground, see
+    ``nudiff_histo.COND_FOREGROUNDS``)."""
     p = PRESETS[preset]
     spade = next(m for m in model.modules() if isinstance(m, SpadeNorm))
     return {
@@ -190,6 +192,7 @@ def histo_settings(preset: str, model: UNet) -> dict[str, Any]:
         "spade_hidden": spade.shared[0].out_channels,
         "cond_channels": COND_CHANNELS,
         "null_cond": "zeros",
+        "cond_foreground": cond_foreground,
     }
 
 

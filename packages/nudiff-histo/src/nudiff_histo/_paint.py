@@ -44,7 +44,8 @@ def paint_images(
         guidance over ``eps`` and ``prepare``, or inside a ``--guided`` graph), plus
         ``in_channels`` and ``image_size``.
     cond : (N, 3, s, s) float tensor
-        Structures in [-1, 1] (``encode_condition``).
+        The structures as the model was trained on them (``encode_condition`` with its
+        ``cond_foreground``).
     guidance : float
         Classifier-free guidance scale (the paper: 2); 1 is the plain conditional model.
     sampler, steps : str, int

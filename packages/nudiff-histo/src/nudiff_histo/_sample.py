@@ -17,7 +17,6 @@ from nudiff_diffusion import (
     shard_indices,
     step_noise_generators,
     tensor_to_images,
-    tensor_to_structures,
 )
 from nudiff_postproc import (
     outline_overlay,
@@ -29,7 +28,7 @@ from nudiff_postproc import (
 from nudiff_postproc._folders import list_files, read_structure
 from nudiff_postproc._io import INSTANCE_MAP_SUFFIXES, atomic_path
 
-from ._data import cut_patches, encode_condition
+from ._data import cond_foreground, condition_to_structures, cut_patches, encode_condition
 from ._model import PRESETS, HistoPreset
 from ._paint import check_guidance, paint_images
 
@@ -137,6 +136,7 @@ def sample_histology(
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise ValueError(f"`num` (--num) must be an integer >= 1 or None (every structure), got {num!r}")
     preset = _preset_of(runtime)
+    foreground = cond_foreground(getattr(runtime, "config", {}).get("diffusion", {}))  # as the model was trained
     conditions = read_conditions(structures_dir, preset)
     names = sorted(conditions)[:num] if num is not None else sorted(conditions)
     if hasattr(runtime, "check_sampling_batch"):  # an exported graph's limit, before any folder is made
@@ -174,7 +174,7 @@ def sample_histology(
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             maps = [conditions[names[i]] for i in chunk]
-            cond = encode_condition(maps, preset.geometry.min_size)
+            cond = encode_condition(maps, preset.geometry.min_size, foreground)
             x_T = initial_noise(seed, chunk, shape, stream=HISTO_NOISE_STREAM)
             painted = paint_images(
                 runtime,
@@ -185,7 +185,7 @@ def sample_histology(
                 x_T=x_T,
                 generator=step_noise_generators(seed, chunk, stream=HISTO_NOISE_STREAM),
             )
-            images, structures = tensor_to_images(painted), tensor_to_structures(cond)
+            images, structures = tensor_to_images(painted), condition_to_structures(cond, foreground)
             for i, image, inst, s in zip(chunk, images, maps, structures, strict=True):
                 name = names[i]
                 write_instance_map(out / "instance_maps" / f"{name}.png", inst)

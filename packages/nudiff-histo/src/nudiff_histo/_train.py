@@ -16,12 +16,11 @@ from nudiff_diffusion import (
     names_digest,
     read_config,
     tensor_to_images,
-    tensor_to_structures,
     train,
 )
 from nudiff_postproc import outline_overlay, picture_grid, structure_rgb, write_image
 
-from ._data import build_pairs, encode_condition, paired_batch, pairs_to_rows
+from ._data import build_pairs, cond_foreground, condition_to_structures, encode_condition, paired_batch, pairs_to_rows
 from ._model import PRESETS, HistoDenoiser, build_histo_unet, histo_settings, load_histo_model, read_histo_settings
 from ._paint import paint_images
 
@@ -29,13 +28,14 @@ __all__ = ["train_histo_model", "preview_grid"]
 
 
 def preview_grid(
-    structures: torch.Tensor, painted: torch.Tensor, real: np.ndarray | None, maps: np.ndarray, columns: int = 2
+    structures: np.ndarray, painted: torch.Tensor, real: np.ndarray | None, maps: np.ndarray, columns: int = 2
 ) -> np.ndarray:
     """A grid of cells (structure, painted image with the instance outlines, real image).
 
-    ``structures`` and ``painted``: (N, 3, s, s) model tensors; ``real``: (N, s, s, 3) uint8
-    or None; ``maps``: (N, s, s) instance maps. Returns uint8 RGB."""
-    s_rgb = [structure_rgb(s) for s in tensor_to_structures(structures)]
+    ``structures``: (N, s, s, 3) ``[fg, h, v]`` (``condition_to_structures``); ``painted``:
+    (N, 3, s, s) model images; ``real``: (N, s, s, 3) uint8 or None; ``maps``: (N, s, s)
+    instance maps. Returns uint8 RGB."""
+    s_rgb = [structure_rgb(s) for s in structures]
     images = tensor_to_images(painted)
     cells = []
     for i in range(len(images)):
@@ -97,14 +97,20 @@ def train_histo_model(
     rows = pairs_to_rows(images[keep], maps[keep])
     torch.manual_seed(config.seed)
     out = Path(out_dir)
+    ckpt = latest_checkpoint(out) if resume else None
     if init is not None:
         model = load_histo_model(init).train()  # with its SPADE placement
+        foreground = cond_foreground(read_histo_settings(init))  # and its conditions' encoding
+    elif ckpt is not None:  # a resumed run keeps its own (both changed on 2026-12-03)
+        saved = read_config(ckpt).get("diffusion", {})
+        model = build_histo_unet(
+            preset, **{"spade_layers": saved.get("spade_layers", "all"), **(model_overrides or {})}
+        )
+        foreground = cond_foreground(saved)
     else:
-        # a resumed run keeps its own placement (SPADE was in every normalisation before 2026-12-03)
-        ckpt = latest_checkpoint(out) if resume else None
-        layers = read_config(ckpt).get("diffusion", {}).get("spade_layers", "all") if ckpt else "decoder"
-        model = build_histo_unet(preset, **{"spade_layers": layers, **(model_overrides or {})})
-    held_cond = encode_condition(maps[held], p.geometry.min_size) if holdout else None
+        model = build_histo_unet(preset, **(model_overrides or {}))
+        foreground = "0/1"
+    held_cond = encode_condition(maps[held], p.geometry.min_size, foreground) if holdout else None
 
     def preview(step: int, ema: UNet) -> None:
         if held_cond is None:
@@ -112,10 +118,10 @@ def train_histo_model(
         gen = torch.Generator().manual_seed(config.seed)
         painted = paint_images(HistoDenoiser(ema), held_cond, guidance=2.0, generator=gen)
         ema.train(False)
-        grid = preview_grid(held_cond, painted, images[held], maps[held])
+        grid = preview_grid(condition_to_structures(held_cond, foreground), painted, images[held], maps[held])
         write_image(out / "previews" / f"step_{step:07d}.png", grid)
 
-    settings = histo_settings(preset, model)
+    settings = histo_settings(preset, model, foreground)
     settings.update(
         data=str(pairs_dir),
         cond_drop_prob=config.cond_drop_prob,
@@ -130,7 +136,7 @@ def train_histo_model(
         out,
         config,
         resume=resume,
-        batch_fn=paired_batch(p.geometry.min_size),
+        batch_fn=paired_batch(p.geometry.min_size, foreground),
         callback=preview,
         progress=progress,
         diffusion=settings,
