@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "drop_prob": 0.2,
         "ema": 0.999,
         "save_every": 100,
+        # where the SPADE layers sit: "decoder" (the paper's) or "all" (every normalisation:
+        # a model of a few hundred CPU steps paints from its structure only this way)
+        "spade_layers": "decoder",
     },
     "sample": {
         "num": 64,
@@ -351,6 +354,10 @@ def _check(config: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{source}: {section}.preset {config[section]['preset']!r} is not one of {sorted(PATCH_GEOMETRY)}"
             )
+    if config["histo"]["spade_layers"] not in ("decoder", "all"):
+        raise ConfigError(
+            f"{source}: histo.spade_layers {config['histo']['spade_layers']!r} must be 'decoder' (the paper's) or 'all'"
+        )
     if config["structure"]["preset"] != config["histo"]["preset"]:
         raise ConfigError(
             f"{source}: structure.preset {config['structure']['preset']!r} and histo.preset "

@@ -212,15 +212,19 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         )
     )
     pairs = ["--pairs", data / "subset", "--preset", h["preset"]]
+    # the flag only where it differs from the default: earlier runs' commands stay the same
+    placement = [] if h["spade_layers"] == "decoder" else ["--spade-layers", h["spade_layers"]]
     if h["finetune_steps"] > 0:  # the paper's two phases
         phases = [
-            ["--out", out / "histo-pretrain", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", 0],
+            ["--out", out / "histo-pretrain", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", 0]
+            + placement,
             ["--out", out / "histo", "--init", out / "histo-pretrain", "--steps", h["finetune_steps"]]
             + ["--lr", h["finetune_lr"], "--drop-prob", h["drop_prob"]],
         ]
     else:
         phases = [
             ["--out", out / "histo", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", h["drop_prob"]]
+            + placement
         ]
     histo_cmds = [trainer("nudiff_histo", *pairs, *phase, *common(h)) for phase in phases]
     add(

@@ -509,3 +509,12 @@ def test_conditions_encode_the_foreground_as_the_model_was_trained(run, tmp_path
     assert seen == [0.0, -1.0]  # background pixels: 0 for the new model, -1 for the older one
     saved = np.load(next((tmp_path / "old" / "structures").glob("*.npy")))
     assert set(np.unique(saved[..., 0]).tolist()) == {0.0, 1.0}  # saved as [fg in {0, 1}, h, v] either way
+
+
+def test_spade_layers_are_chosen_for_a_new_model_only(run, tmp_path, capsys):
+    args = ["--quiet", "train", "--pairs", str(run / "pairs"), "--steps", "2", "--batch", "2", "--save-every", "2"]
+    assert main([*args, "--out", str(tmp_path / "all"), "--spade-layers", "all"]) == 0
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["diffusion"]["spade_layers"] == "all"
+    # fine-tuning keeps the placement of the model it starts from
+    assert main([*args, "--out", str(tmp_path / "ft"), "--init", str(run / "run"), "--spade-layers", "all"]) == 2
+    assert "has its SPADE layers at 'decoder'; leave it out" in capsys.readouterr().err

@@ -57,6 +57,7 @@ def train_histo_model(
     holdout: int = 4,
     progress: bool = True,
     model_overrides: dict | None = None,
+    spade_layers: str | None = None,
 ) -> UNet:
     """Train (or fine-tune) a histology model on a dataset folder of (image, instance map) pairs.
 
@@ -80,6 +81,10 @@ def train_histo_model(
         checkpoint for the preview grid (structure, sample with guidance 2, real image).
     model_overrides : dict, optional
         UNet flags to change (small models for tests).
+    spade_layers : {"decoder", "all"}, optional
+        Where a new model's SPADE layers sit (default "decoder", the paper's; see
+        :func:`build_histo_unet`). A fine-tuned (``init``) or resumed model keeps its own;
+        giving another is refused.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -101,15 +106,18 @@ def train_histo_model(
     if init is not None:
         model = load_histo_model(init).train()  # with its SPADE placement
         foreground = cond_foreground(read_histo_settings(init))  # and its conditions' encoding
+        placed, where = histo_settings(preset, model)["spade_layers"], f"--init '{init}'"
     elif ckpt is not None:  # a resumed run keeps its own (both changed on 2026-12-03)
         saved = read_config(ckpt).get("diffusion", {})
-        model = build_histo_unet(
-            preset, **{"spade_layers": saved.get("spade_layers", "all"), **(model_overrides or {})}
-        )
+        placed, where = saved.get("spade_layers", "all"), f"the run in '{out}'"
+        model = build_histo_unet(preset, **{"spade_layers": placed, **(model_overrides or {})})
         foreground = cond_foreground(saved)
     else:
-        model = build_histo_unet(preset, **(model_overrides or {}))
+        placed, where = spade_layers or "decoder", ""
+        model = build_histo_unet(preset, **{"spade_layers": placed, **(model_overrides or {})})
         foreground = "0/1"
+    if spade_layers is not None and spade_layers != placed:
+        raise ValueError(f"--spade-layers {spade_layers}: {where} has its SPADE layers at {placed!r}; leave it out")
     held_cond = encode_condition(maps[held], p.geometry.min_size, foreground) if holdout else None
 
     def preview(step: int, ema: UNet) -> None:

@@ -15,7 +15,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     setup_distributed(args.device)  # under torchrun: DDP over the ranks; else nothing
     config = train_config_from_args(args, cond_drop_prob=args.drop_prob)
     train_histo_model(
-        args.pairs, args.out, args.preset, config, init=args.init, resume=args.resume, progress=not args.quiet
+        args.pairs,
+        args.out,
+        args.preset,
+        config,
+        init=args.init,
+        resume=args.resume,
+        progress=not args.quiet,
+        spade_layers=args.spade_layers,
     )
     print(f"trained {args.preset} for {args.steps} steps; the model is in {args.out}")
     return 0
@@ -110,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PATCH_GEOMETRY), default="tiny-64", help="model preset")
     p.add_argument("--drop-prob", type=float, default=0.2, help="share of structures dropped to zeros (CFG)")
     p.add_argument("--init", help="histology checkpoint to fine-tune (the paper's second phase)")
+    p.add_argument(
+        "--spade-layers",
+        choices=("decoder", "all"),  # _model.SPADE_LAYERS, without importing torch for --help
+        help="where a new model's SPADE layers sit: decoder (default: the middle and decoder blocks, the paper's) or "
+        "all (every normalisation: paints from its structure after far fewer steps, for CPU-scale runs)",
+    )
     add_train_arguments(p)  # the paper: lr 1e-4 pre-training, 2e-5 fine-tuning
     p.set_defaults(func=_cmd_train)
 
