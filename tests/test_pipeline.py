@@ -107,6 +107,7 @@ def test_settings_out_of_range_are_named_before_any_work():
         ("data.tile_size=200", "data.tile_size (200) must be at least prepare.patch_size (256)"),
         ('data.train_split="train.txt"', "data.train_split / data.test_split name files of a dataset folder"),
         ('histo.spade_layers="encoder"', "histo.spade_layers 'encoder' must be 'decoder' (the paper's) or 'all'"),
+        ('histo.cond_foreground="0/255"', "histo.cond_foreground '0/255' must be 'binary' (the paper's) or 'signed'"),
     ):
         assert message in _config_error(setting), setting
     # synthetic-seg always runs, with or without a run that trains on its tiles
@@ -200,7 +201,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert "nudiff_histo.cli --quiet sample" in result.stdout and "--engine" in result.stdout
     # the demo's SPADE everywhere: the new model's flag; the fine-tuning keeps its --init's
     trainings = [line for line in result.stdout.splitlines() if "nudiff_histo.cli --quiet train" in line]
-    assert ["--spade-layers all" in line for line in trainings] == [True, False]
+    assert ["--spade-layers all --cond-foreground signed" in line for line in trainings] == [True, False]
     assert not (tmp_path / "out").exists()
 
 

@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
         # where the SPADE layers sit: "decoder" (the paper's) or "all" (every normalisation:
         # a model of a few hundred CPU steps paints from its structure only this way)
         "spade_layers": "decoder",
+        # the conditions' foreground: "binary" (the paper's: zeros, the null condition, are an
+        # empty structure) or "signed" (zeros a token of their own)
+        "cond_foreground": "binary",
     },
     "sample": {
         "num": 64,
@@ -357,6 +360,11 @@ def _check(config: dict[str, Any], source: str) -> None:
     if config["histo"]["spade_layers"] not in ("decoder", "all"):
         raise ConfigError(
             f"{source}: histo.spade_layers {config['histo']['spade_layers']!r} must be 'decoder' (the paper's) or 'all'"
+        )
+    if config["histo"]["cond_foreground"] not in ("binary", "signed"):
+        raise ConfigError(
+            f"{source}: histo.cond_foreground {config['histo']['cond_foreground']!r} must be 'binary' (the paper's) "
+            "or 'signed'"
         )
     if config["structure"]["preset"] != config["histo"]["preset"]:
         raise ConfigError(

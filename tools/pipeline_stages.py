@@ -214,6 +214,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     pairs = ["--pairs", data / "subset", "--preset", h["preset"]]
     # the flag only where it differs from the default: earlier runs' commands stay the same
     placement = [] if h["spade_layers"] == "decoder" else ["--spade-layers", h["spade_layers"]]
+    placement += [] if h["cond_foreground"] == "binary" else ["--cond-foreground", h["cond_foreground"]]
     if h["finetune_steps"] > 0:  # the paper's two phases
         phases = [
             ["--out", out / "histo-pretrain", "--steps", h["pretrain_steps"], "--lr", h["lr"], "--drop-prob", 0]

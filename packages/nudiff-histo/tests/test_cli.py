@@ -163,7 +163,9 @@ def test_paired_batch_moves_image_and_structure_together():
         r, f = DIHEDRAL[k]
         expected = transform_structure(encode_structure(inst, min_size=30, centre="nearest"), rot90=r, flip=f)
         np.testing.assert_allclose(cond[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)  # foreground in {0, 1}
-        _, older = paired_batch(30, "-1/1")(rows, torch.Generator().manual_seed(step))  # the encoding before 2026-12-03
+        _, older = paired_batch(30, "signed")(
+            rows, torch.Generator().manual_seed(step)
+        )  # the encoding before 2026-12-03
         np.testing.assert_allclose(older[0].numpy(), structures_to_tensor(expected[None])[0].numpy(), atol=1e-6)
     assert len(seen) > 3
 
@@ -471,17 +473,17 @@ def test_a_run_started_with_spade_everywhere_resumes_with_it(run, tmp_path):
     )
     assert isinstance(model.out_norm, SpadeNorm)
     resumed = read_config(out / "checkpoints" / "step_0000004")["diffusion"]
-    assert resumed["spade_layers"] == "all" and resumed["cond_foreground"] == "-1/1"  # as it was trained
+    assert resumed["spade_layers"] == "all" and resumed["cond_foreground"] == "signed"  # as it was trained
 
 
 def test_conditions_encode_the_foreground_as_the_model_was_trained(run, tmp_path, monkeypatch):
     from nudiff_histo import condition_to_structures, encode_condition
 
     inst = synthetic_instance_map((64, 64), n_nuclei=6, seed=0)
-    new, old = encode_condition([inst], 10), encode_condition([inst], 10, "-1/1")
+    new, old = encode_condition([inst], 10), encode_condition([inst], 10, "signed")
     assert set(new[0, 0].unique().tolist()) == {0.0, 1.0} and set(old[0, 0].unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(new[:, 1:], old[:, 1:])
-    for cond, foreground in ((new, "0/1"), (old, "-1/1")):
+    for cond, foreground in ((new, "binary"), (old, "signed")):
         np.testing.assert_array_equal(
             condition_to_structures(cond, foreground)[0], encode_structure(inst, min_size=10, centre="nearest")
         )
@@ -502,7 +504,7 @@ def test_conditions_encode_the_foreground_as_the_model_was_trained(run, tmp_path
     older = tmp_path / "older-run"  # a model trained before 2026-12-03: no cond_foreground recorded
     shutil.copytree(run / "run", older)
     config = json.loads((older / "config.json").read_text())
-    assert config["diffusion"].pop("cond_foreground") == "0/1"
+    assert config["diffusion"].pop("cond_foreground") == "binary"
     (older / "config.json").write_text(json.dumps(config))
     args = ["--quiet", "sample", "--structures", str(run / "pairs"), "--checkpoint", str(older)]
     assert main([*args, "--sampler", "ddim", "--steps", "2", "--num", "1", "--out", str(tmp_path / "old")]) == 0
@@ -513,8 +515,11 @@ def test_conditions_encode_the_foreground_as_the_model_was_trained(run, tmp_path
 
 def test_spade_layers_are_chosen_for_a_new_model_only(run, tmp_path, capsys):
     args = ["--quiet", "train", "--pairs", str(run / "pairs"), "--steps", "2", "--batch", "2", "--save-every", "2"]
-    assert main([*args, "--out", str(tmp_path / "all"), "--spade-layers", "all"]) == 0
-    assert json.loads((tmp_path / "all" / "config.json").read_text())["diffusion"]["spade_layers"] == "all"
+    assert main([*args, "--out", str(tmp_path / "all"), "--spade-layers", "all", "--cond-foreground", "signed"]) == 0
+    settings = json.loads((tmp_path / "all" / "config.json").read_text())["diffusion"]
+    assert settings["spade_layers"] == "all" and settings["cond_foreground"] == "signed"
     # fine-tuning keeps the placement of the model it starts from
     assert main([*args, "--out", str(tmp_path / "ft"), "--init", str(run / "run"), "--spade-layers", "all"]) == 2
     assert "has its SPADE layers at 'decoder'; leave it out" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "ft"), "--init", str(run / "run"), "--cond-foreground", "signed"]) == 2
+    assert "encodes its conditions' foreground as binary" in capsys.readouterr().err

@@ -40,19 +40,19 @@ __all__ = [
     "COND_FOREGROUNDS",
 ]
 
-#: How a condition's foreground channel is encoded. "0/1", the paper's code (its
+#: How a condition's foreground channel is encoded. "binary", the paper's code (its
 #: ``sem[inst > 0] = 1``): the all-zeros null condition of guidance is then an
-#: all-background structure, a value every real condition holds off the nuclei. "-1/1"
+#: all-background structure, a value every real condition holds off the nuclei. "signed"
 #: (``2 fg - 1``, as the structure model's samples): nudiff's models before 2026-12-03,
 #: whose null condition was a token no real structure holds.
-COND_FOREGROUNDS = ("0/1", "-1/1")
+COND_FOREGROUNDS = ("binary", "signed")
 
 
 def cond_foreground(settings: dict) -> str:
     """The foreground encoding a histology model was trained with, from its ``diffusion``
-    settings (a checkpoint's or an exported graph's ``config.json``): "-1/1" when none is
+    settings (a checkpoint's or an exported graph's ``config.json``): "signed" when none is
     recorded (models before 2026-12-03)."""
-    value = settings.get("cond_foreground", "-1/1")
+    value = settings.get("cond_foreground", "signed")
     if value not in COND_FOREGROUNDS:
         raise ValueError(f"diffusion.cond_foreground must be one of {COND_FOREGROUNDS}, got {value!r}")
     return value
@@ -177,34 +177,34 @@ def pairs_to_rows(images: np.ndarray, instance_maps: np.ndarray) -> torch.Tensor
 
 
 def encode_condition(
-    instance_maps: np.ndarray | list[np.ndarray], min_size: int, foreground: str = "0/1"
+    instance_maps: np.ndarray | list[np.ndarray], min_size: int, foreground: str = "binary"
 ) -> torch.Tensor:
     """Structures of (N, s, s) instance maps as the model's condition (N, 3, s, s) float32:
-    the foreground in {0, 1} (``foreground="0/1"``, the paper's) or {-1, 1} ("-1/1", see
+    the foreground in {0, 1} (``foreground="binary"``, the paper's) or {-1, 1} ("signed", see
     :data:`COND_FOREGROUNDS`), h and v in [-1, 1] (``centre="nearest"``, the exactly
     equivariant convention, as the structure model's; ``min_size``: the preset's
     ``geometry.min_size``)."""
     if foreground not in COND_FOREGROUNDS:
         raise ValueError(f"`foreground` must be one of {COND_FOREGROUNDS}, got {foreground!r}")
     structures = np.stack([encode_structure(m, min_size=min_size, centre="nearest") for m in instance_maps])
-    if foreground == "-1/1":
+    if foreground == "signed":
         return structures_to_tensor(structures)
     return torch.from_numpy(structures).permute(0, 3, 1, 2).contiguous()
 
 
-def condition_to_structures(cond: torch.Tensor, foreground: str = "0/1") -> np.ndarray:
+def condition_to_structures(cond: torch.Tensor, foreground: str = "binary") -> np.ndarray:
     """The inverse of :func:`encode_condition`: (N, 3, s, s) -> (N, s, s, 3) float32
     structures ``[fg in {0, 1}, h, v]``."""
     if foreground not in COND_FOREGROUNDS:
         raise ValueError(f"`foreground` must be one of {COND_FOREGROUNDS}, got {foreground!r}")
-    if foreground == "-1/1":
+    if foreground == "signed":
         return tensor_to_structures(cond)
     if cond.ndim != 4 or cond.shape[1] != 3:
         raise ValueError(f"expected (N, 3, H, W) conditions, got {tuple(cond.shape)}")
     return cond.detach().float().permute(0, 2, 3, 1).cpu().numpy().copy()
 
 
-def paired_batch(min_size: int, foreground: str = "0/1"):  # type: ignore[no-untyped-def]
+def paired_batch(min_size: int, foreground: str = "binary"):  # type: ignore[no-untyped-def]
     """The trainer's ``batch_fn``: rows (B, 4, s, s) -> (images (B, 3, s, s), structures
     (B, 3, s, s)), each pair under the same random dihedral transform and its structure
     encoded from the transformed instance map (so image and structure move together;

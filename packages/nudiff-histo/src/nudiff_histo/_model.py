@@ -176,7 +176,7 @@ def build_histo_unet(preset: str, *, spade_layers: str = "decoder", **overrides:
     return UNet(config, **_spade_norms(hidden, spade_layers))
 
 
-def histo_settings(preset: str, model: UNet, cond_foreground: str = "0/1") -> dict[str, Any]:
+def histo_settings(preset: str, model: UNet, cond_foreground: str = "binary") -> dict[str, Any]:
     """The ``diffusion`` entry of a histology checkpoint's ``config.json``
     (``cond_foreground``: how its conditions encode the foreground, see
     ``nudiff_histo.COND_FOREGROUNDS``)."""

@@ -58,6 +58,7 @@ def train_histo_model(
     progress: bool = True,
     model_overrides: dict | None = None,
     spade_layers: str | None = None,
+    foreground: str | None = None,
 ) -> UNet:
     """Train (or fine-tune) a histology model on a dataset folder of (image, instance map) pairs.
 
@@ -85,6 +86,9 @@ def train_histo_model(
         Where a new model's SPADE layers sit (default "decoder", the paper's; see
         :func:`build_histo_unet`). A fine-tuned (``init``) or resumed model keeps its own;
         giving another is refused.
+    foreground : {"binary", "signed"}, optional
+        How a new model's conditions encode the foreground (default "binary", the paper's; see
+        ``COND_FOREGROUNDS``); likewise kept by a fine-tuned or resumed model.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown histology preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -103,6 +107,7 @@ def train_histo_model(
     torch.manual_seed(config.seed)
     out = Path(out_dir)
     ckpt = latest_checkpoint(out) if resume else None
+    asked = foreground
     if init is not None:
         model = load_histo_model(init).train()  # with its SPADE placement
         foreground = cond_foreground(read_histo_settings(init))  # and its conditions' encoding
@@ -115,9 +120,11 @@ def train_histo_model(
     else:
         placed, where = spade_layers or "decoder", ""
         model = build_histo_unet(preset, **{"spade_layers": placed, **(model_overrides or {})})
-        foreground = "0/1"
+        foreground = cond_foreground({"cond_foreground": asked or "binary"})
     if spade_layers is not None and spade_layers != placed:
         raise ValueError(f"--spade-layers {spade_layers}: {where} has its SPADE layers at {placed!r}; leave it out")
+    if asked is not None and asked != foreground:
+        raise ValueError(f"--cond-foreground {asked}: {where} encodes its conditions' foreground as {foreground}")
     held_cond = encode_condition(maps[held], p.geometry.min_size, foreground) if holdout else None
 
     def preview(step: int, ema: UNet) -> None:

@@ -23,6 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         spade_layers=args.spade_layers,
+        foreground=args.cond_foreground,
     )
     print(f"trained {args.preset} for {args.steps} steps; the model is in {args.out}")
     return 0
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("decoder", "all"),  # _model.SPADE_LAYERS, without importing torch for --help
         help="where a new model's SPADE layers sit: decoder (default: the middle and decoder blocks, the paper's) or "
         "all (every normalisation: paints from its structure after far fewer steps, for CPU-scale runs)",
+    )
+    p.add_argument(
+        "--cond-foreground",
+        choices=("binary", "signed"),  # _data.COND_FOREGROUNDS, without importing torch for --help
+        help="how a new model's conditions encode the foreground: binary, {0, 1} (default, the paper's: the null "
+        "condition is an empty structure) or signed, {-1, 1} (the null condition a token of its own: sparse "
+        "structures still paint after a few hundred CPU steps)",
     )
     add_train_arguments(p)  # the paper: lr 1e-4 pre-training, 2e-5 fine-tuning
     p.set_defaults(func=_cmd_train)
