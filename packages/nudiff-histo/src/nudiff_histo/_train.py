@@ -20,7 +20,15 @@ from nudiff_diffusion import (
 )
 from nudiff_postproc import outline_overlay, picture_grid, structure_rgb, write_image
 
-from ._data import build_pairs, cond_foreground, condition_to_structures, encode_condition, paired_batch, pairs_to_rows
+from ._data import (
+    COND_FOREGROUNDS,
+    build_pairs,
+    cond_foreground,
+    condition_to_structures,
+    encode_condition,
+    paired_batch,
+    pairs_to_rows,
+)
 from ._model import PRESETS, HistoDenoiser, build_histo_unet, histo_settings, load_histo_model, read_histo_settings
 from ._paint import paint_images
 
@@ -120,7 +128,9 @@ def train_histo_model(
     else:
         placed, where = spade_layers or "decoder", ""
         model = build_histo_unet(preset, **{"spade_layers": placed, **(model_overrides or {})})
-        foreground = cond_foreground({"cond_foreground": asked or "binary"})
+        foreground = asked or "binary"
+        if foreground not in COND_FOREGROUNDS:
+            raise ValueError(f"--cond-foreground must be one of {COND_FOREGROUNDS}, got {foreground!r}")
     if spade_layers is not None and spade_layers != placed:
         raise ValueError(f"--spade-layers {spade_layers}: {where} has its SPADE layers at {placed!r}; leave it out")
     if asked is not None and asked != foreground:

@@ -183,17 +183,12 @@ def claim_output_folder(
     return out
 
 
-def _holds_only_the_stamp(out: Path) -> bool:
-    """Whether ``out`` holds no file but :data:`RUN_STAMP` (empty folders aside)."""
-    return _first_file(out) is None
-
-
 def _folders_below(out: Path) -> set[Path]:
     return {Path(folder) for folder, _, _ in os.walk(out)} - {out}
 
 
 def _take_back(out: Path, kept: set[Path], existed: bool) -> None:
-    """Remove the folders below ``out`` but ``kept`` (empty: see :func:`_holds_only_the_stamp`),
+    """Remove the folders below ``out`` but ``kept`` (empty: :func:`_first_file` found none),
     then the stamp and, unless it ``existed``, ``out``; a folder that is not empty after all
     (another process wrote into it) keeps the stamp and ``out``."""
     for folder in sorted(_folders_below(out) - kept, key=lambda p: -len(p.parts)):  # the deepest first
@@ -231,7 +226,7 @@ def claimed_output_folder(out: str | os.PathLike[str], settings: Mapping[str, An
     try:
         yield out
     except BaseException:
-        if not resumed and _holds_only_the_stamp(out):
+        if not resumed and _first_file(out) is None:  # nothing made yet: take the claim back
             _take_back(out, kept, existed)
         raise
 
