@@ -117,6 +117,27 @@ def test_mixed_precision_training_stays_finite(tmp_path, precision):
     assert all(torch.isfinite(p).all() for p in ema.parameters())
 
 
+def test_a_skipped_fp16_step_leaves_the_ema_alone(tmp_path):
+    # the second batch holds NaN: the fp16 GradScaler skips that step (weights unchanged),
+    # and the EMA must not move either (it would move 2/11 of the way to the weights)
+    calls = []
+
+    def nan_on_second_call(batch, generator):
+        calls.append(1)
+        return batch * float("nan") if len(calls) == 2 else batch
+
+    config = TrainConfig(steps=1, batch_size=2, precision="fp16", ema_rate=0.9999)
+    one = train(_model(), _data(), SCHEDULE, tmp_path / "one", config, augment=nan_on_second_call, progress=False)
+    calls.clear()
+    two_config = dataclass_replace(config, steps=2)
+    model = _model()
+    two = train(model, _data(), SCHEDULE, tmp_path / "two", two_config, augment=nan_on_second_call, progress=False)
+    assert len(calls) == 2
+    for a, b in zip(one.state_dict().values(), two.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(two.parameters(), model.parameters(), strict=True))
+
+
 def test_ema_warmup_forgets_the_random_init(tmp_path):
     start = _model()
     init = [p.detach().clone() for p in start.parameters()]

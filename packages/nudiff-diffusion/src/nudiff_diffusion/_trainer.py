@@ -347,15 +347,19 @@ def train(
             scaler.unscale_(optimizer)
         if config.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        took_step = True
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            took_step = scaler.get_scale() >= scale  # the scale drops when inf/NaN gradients skipped the step
         else:
             optimizer.step()
-        rate = min(config.ema_rate, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_rate
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - rate)
+        if took_step:  # as guided-diffusion: a skipped fp16 step moves neither the weights nor their EMA
+            rate = min(config.ema_rate, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_rate
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - rate)
         logged.append(total)
         done = step + 1
         if rank == 0:
