@@ -115,6 +115,9 @@ def test_export_flags_are_checked(runs, capsys):
     with pytest.raises(SystemExit):  # refused before the export's 30 s, not after
         export([str(runs / "s"), "-o", out, "--opset", "17"])
     assert "the dynamo exporter needs opset 18 or newer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # beyond what onnx knows: failed after the export's work
+        export([str(runs / "s"), "-o", out, "--opset", "99"])
+    assert re.search(r"must be an integer in \[18, \d+\], got 99: .* knows opsets up to", capsys.readouterr().err)
     (runs / "a-file").write_text("")
     assert export([str(runs / "s"), "-o", str(runs / "a-file" / "model.onnx")]) == 2  # no traceback
     assert "a-file" in capsys.readouterr().err
@@ -192,7 +195,13 @@ def test_export_trt_checks_its_arguments_before_tensorrt(runs, capsys):
         ("-o", str(runs / "t1" / "model.plan"), "--min-batch", "4", "--opt-batch", "2"): "1 <= min <= opt <= max",
         ("-o", str(runs / "t1" / "model.plan"), "--max-batch", "9"): "exceeds the 8",
         ("-o", str(runs / "s_onnx" / "model.plan")): "belongs to another graph",
+        ("-o", str(runs / "a-file" / "model.plan")): "a-file' is a file, not a folder",
+        ("-o", str(runs / "t1" / "model.plan"), "--timing-cache", str(runs)): "--timing-cache '",
+        ("-o", str(runs / "t1" / "model.plan"), "--workspace", "inf"): "(--workspace) must be a number of GiB",
+        ("-o", str(runs / "t1" / "model.plan"), "--workspace", "nan"): "got nan",
+        ("-o", str(runs / "t1" / "model.plan"), "--workspace", "0"): "got 0.0",
     }
+    (runs / "a-file").write_text("")
     for extra, message in cases.items():
         assert build([onnx_path, *extra]) == 2
         assert message in capsys.readouterr().err

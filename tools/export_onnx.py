@@ -23,15 +23,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def _opset(text: str) -> int:
     """--opset, refused before any work when the dynamo exporter cannot write it."""
-    from nudiff_diffusion import MIN_OPSET, int_at_least  # here: --help stays free of torch
+    from nudiff_diffusion import check_opset  # here: --help stays free of torch
 
-    why = f"the dynamo exporter needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node)"
-    return int_at_least(MIN_OPSET, why)(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        return check_opset(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write (config.json goes beside it)")
     parser.add_argument("--batch-max", type=int, default=16, help="largest batch the graph accepts")
     parser.add_argument(
-        "--opset", type=_opset, default=18, help="ONNX opset, 18 or newer (17 breaks the dynamo exporter's Split)"
+        "--opset",
+        type=_opset,
+        default=18,
+        help="ONNX opset: 18 (17 breaks the dynamo exporter's Split) up to the newest onnx knows",
     )
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument("--guided", action="store_true", help="histology: guidance inside one graph")
@@ -53,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         from nudiff_postproc._io import check_output_file
 
         check_output_file(args.output, "-o")  # before the export's minutes, not at its end
-        for parent in Path(args.output).parents:
-            if parent.exists() and not parent.is_dir():
-                raise ValueError(f"-o '{args.output}': '{parent}' is a file, not a folder")
 
         config = read_config(args.checkpoint)
         settings = config.get("diffusion", {})

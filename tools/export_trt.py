@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             workspace_gib=args.workspace,
         )
-        check_engine_args(args.onnx, args.output, **options)  # before asking for TensorRT
+        check_engine_args(args.onnx, args.output, timing_cache=args.timing_cache, **options)  # before TensorRT
         require_tensorrt(args.output)
         t0 = time.perf_counter()
         written = build_engine(args.onnx, args.output, timing_cache=args.timing_cache, **options)

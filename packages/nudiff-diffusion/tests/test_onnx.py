@@ -111,6 +111,28 @@ def test_a_plan_without_tensorrt_says_what_to_install(tmp_path):
         load_denoiser(tmp_path / "model.plan")
 
 
+def test_a_tensorrt_engine_pads_a_batch_below_its_profile_and_drops_the_padding():
+    # the engine run itself needs TensorRT and a GPU; the padding around it runs here
+    from nudiff_diffusion._tensorrt import TensorRTDenoiser
+
+    runtime = TensorRTDenoiser.__new__(TensorRTDenoiser)
+    runtime.batch_min = 4
+    seen = []
+
+    def engine(x, t, cond, scale):  # row-wise, as a UNet is
+        seen.append((x.shape[0], t.shape[0], cond.shape[0]))
+        return x * 2 + t[:, None, None, None] + cond.mean(dim=(1, 2, 3), keepdim=True)
+
+    runtime._run_engine = engine
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([5, 7]), torch.rand(2, 1, 8, 8, generator=g)
+    out = runtime._run(x, t, cond, None)
+    assert seen == [(4, 4, 4)] and out.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(out, engine(x, t, cond, None))
+    runtime._run(torch.randn(5, 3, 8, 8), torch.arange(5), torch.rand(5, 1, 8, 8), None)
+    assert seen[-1] == (5, 5, 5)  # a batch the profile takes runs as it is
+
+
 def test_export_never_overwrites_a_checkpoint_config(tmp_path):
     model = UNet(UNetConfig.preset("tiny-64", image_size=32))
     save_model(tmp_path, model)
@@ -172,8 +194,9 @@ def test_a_failed_export_leaves_no_file_and_no_new_folder(tmp_path):
         return {"x": torch.randn(n, 3, 8, 8)}
 
     target = tmp_path / "new" / "deeper" / "model.onnx"
-    with pytest.raises(ValueError, match=r"`opset` must be an integer >= 18, got 17"):
-        export_graph(conv, target, feeds(2), batched=["x"], batch_max=4, feeds=feeds, opset=17)
+    for opset in (17, onnx.defs.onnx_opset_version() + 1):
+        with pytest.raises(ValueError, match=rf"`opset` \(--opset\) must be an integer in \[18, \d+\], got {opset}"):
+            export_graph(conv, target, feeds(2), batched=["x"], batch_max=4, feeds=feeds, opset=opset)
     with pytest.raises(RuntimeError, match=r"ONNX graph for '.*model\.onnx' differs from PyTorch"):
         export_graph(conv, target, feeds(2), batched=["x"], batch_max=4, feeds=feeds, tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []  # neither the graph nor the folders made for it

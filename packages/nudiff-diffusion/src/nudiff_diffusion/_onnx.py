@@ -44,6 +44,7 @@ __all__ = [
     "ONNX_FORMAT",
     "MIN_OPSET",
     "PARITY_TOLERANCE",
+    "check_opset",
 ]
 
 ONNX_FORMAT = "nudiff-diffusion/onnx"
@@ -100,6 +101,23 @@ class _Float16(nn.Module):
     def forward(self, *args: torch.Tensor) -> Any:
         out = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if the dynamo exporter can write it: from :data:`MIN_OPSET` (at 17 it
+    writes a Split node that onnx.checker and ONNX Runtime reject) to the newest opset the
+    installed ``onnx`` knows (beyond it the export fails only after its work, in the
+    version converter); else a ValueError naming the range."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(
+            f"`opset` (--opset) must be an integer in [{MIN_OPSET}, {newest}], got {opset!r}: the dynamo exporter "
+            f"needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node), and onnx "
+            f"{onnx.__version__} knows opsets up to {newest}"
+        )
+    return opset
 
 
 def check_export_folder(path: Path) -> Path:
@@ -180,11 +198,7 @@ def export_graph(
         raise ValueError(f"`precision` must be one of {sorted(PARITY_TOLERANCE)}, got {precision!r}")
     if batch_max < 2:
         raise ValueError(f"`batch_max` must be >= 2, got {batch_max}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(
-            f"`opset` must be an integer >= {MIN_OPSET}, got {opset!r} (at opset 17 the dynamo exporter writes "
-            "a Split node that onnx.checker and ONNX Runtime reject)"
-        )
+    check_opset(opset)
     if slim:
         try:
             import onnxslim

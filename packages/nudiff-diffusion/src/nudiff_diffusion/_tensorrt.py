@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from nudiff_postproc._io import check_output_file
 
 from ._checkpoint import CONFIG_NAME, _atomic_write, read_json_object
 from ._onnx import ONNX_FORMAT, GraphRuntime, onnx_session, read_graph_config, require_unet_graph
@@ -71,9 +72,11 @@ def check_engine_args(
     opt_batch: int | None = None,
     max_batch: int | None = None,
     workspace_gib: float = 4.0,
+    timing_cache: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], tuple[int, int, int]]:
-    """Check :func:`build_engine`'s arguments without TensorRT: the graph and its config,
-    the output name and folder, the batch profile ``min <= opt <= max <= batch_max``.
+    """Check :func:`build_engine`'s arguments without TensorRT, before the build's minutes:
+    the graph and its config, the output name and folder, the timing cache's path, the
+    batch profile ``min <= opt <= max <= batch_max`` and a finite workspace.
 
     Returns
     -------
@@ -97,6 +100,8 @@ def check_engine_args(
         )
     if plan_path.suffix not in (".plan", ".engine"):
         raise ValueError(f"'{plan_path}': the engine's name must end in .plan or .engine")
+    check_output_file(plan_path, "-o")
+    check_output_file(timing_cache, "--timing-cache")
     existing = plan_path.parent / CONFIG_NAME
     if existing.is_file():
         other = read_json_object(existing)
@@ -113,8 +118,12 @@ def check_engine_args(
         raise ValueError(f"batches must satisfy 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
     if max_batch > graph_max:
         raise ValueError(f"--max-batch {max_batch} exceeds the {graph_max} '{onnx_path}' was exported for")
-    if not workspace_gib > 0:
-        raise ValueError(f"`workspace_gib` must be > 0, got {workspace_gib}")
+    if (
+        isinstance(workspace_gib, bool)
+        or not isinstance(workspace_gib, (int, float))
+        or not 0 < workspace_gib < 1 << 20
+    ):
+        raise ValueError(f"`workspace_gib` (--workspace) must be a number of GiB in (0, 2^20), got {workspace_gib!r}")
     return config, (min_batch, opt_batch, max_batch)
 
 
@@ -176,6 +185,7 @@ def build_engine(
         opt_batch=opt_batch,
         max_batch=max_batch,
         workspace_gib=workspace_gib,
+        timing_cache=timing_cache,
     )
     trt = require_tensorrt(plan_path)
     if precision != "float32" and not hasattr(trt.BuilderFlag, "FP16" if precision == "float16" else "BF16"):
@@ -320,8 +330,20 @@ class TensorRTDenoiser(GraphRuntime):
         return cond.to(self.device, torch.float32).contiguous()
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-        if x.shape[0] < self.batch_min:
-            raise ValueError(f"'{self.path}' was built for batches of at least {self.batch_min}, got {x.shape[0]}")
+        """A batch smaller than the engine's profile allows (``--min-batch``; a run's short
+        last batch) is padded with copies of its last row, whose outputs are dropped."""
+        n, short = x.shape[0], self.batch_min - x.shape[0]
+        if short <= 0 or n == 0:
+            return self._run_engine(x, t, cond, scale)
+
+        def padded(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows, rows[-1:].expand(short, *rows.shape[1:])])
+
+        return self._run_engine(padded(x), padded(t), None if cond is None else padded(cond), scale)[:n]
+
+    def _run_engine(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None
+    ) -> torch.Tensor:
         feed = self._inputs(x, t, cond, scale)
         if scale is not None:  # one device tensor per scale, not a host copy per step
             if scale not in self._scales:

@@ -72,11 +72,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def check_output_file(path: str | os.PathLike[str] | None, flag: str = "--out") -> None:
-    """Refuse an output file path that is an existing folder, before the work whose result
-    it would hold (``os.replace`` onto a folder fails only at the end, naming a temporary
-    file). None (no file asked for) passes."""
-    if path is not None and Path(path).is_dir():
+    """Refuse an output file path that is an existing folder, or lies under a file, before
+    the work whose result it would hold (``os.replace`` onto a folder fails only at the end,
+    naming a temporary file). None (no file asked for) passes."""
+    if path is None:
+        return
+    if Path(path).is_dir():
         raise ValueError(f"{flag} '{path}' is a folder; expected the path of the file to write")
+    for parent in Path(path).parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} '{path}': '{parent}' is a file, not a folder")
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...], what: str) -> str:

@@ -9,7 +9,7 @@ module and parameter names are the reference's, so its state dicts and ours line
 
 Two modes, as in the reference: ``original`` (270 px in, 80 px out, 5x5 decoder
 convolutions) and ``fast`` (256 px in, 164 px out, 3x3 decoder convolutions). The
-``light`` preset is the fast mode with every channel count divided by 4 (for CPUs).
+``light`` preset is the fast mode with every channel count divided by 8 (for CPUs).
 """
 
 from __future__ import annotations
