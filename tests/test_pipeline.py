@@ -106,8 +106,14 @@ def test_settings_out_of_range_are_named_before_any_work():
         ("prepare.patch_size=200", "prepare.patch_size (200) must be at least 256 for seg.preset 'tiny'"),
         ("data.tile_size=200", "data.tile_size (200) must be at least prepare.patch_size (256)"),
         ('data.train_split="train.txt"', "data.train_split / data.test_split name files of a dataset folder"),
-        ('histo.spade_layers="encoder"', "histo.spade_layers 'encoder' must be 'decoder' (the paper's) or 'all'"),
-        ('histo.cond_foreground="0/255"', "histo.cond_foreground '0/255' must be 'binary' (the paper's) or 'signed'"),
+        (
+            'histo.spade_layers="encoder"',
+            "histo.spade_layers 'encoder' must be one of ('decoder', 'all') (the paper's: 'decoder')",
+        ),
+        (
+            'histo.cond_foreground="0/255"',
+            "histo.cond_foreground '0/255' must be one of ('binary', 'signed') (the paper's: 'binary')",
+        ),
     ):
         assert message in _config_error(setting), setting
     # synthetic-seg always runs, with or without a run that trains on its tiles

@@ -357,15 +357,13 @@ def _check(config: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{source}: {section}.preset {config[section]['preset']!r} is not one of {sorted(PATCH_GEOMETRY)}"
             )
-    if config["histo"]["spade_layers"] not in ("decoder", "all"):
-        raise ConfigError(
-            f"{source}: histo.spade_layers {config['histo']['spade_layers']!r} must be 'decoder' (the paper's) or 'all'"
-        )
-    if config["histo"]["cond_foreground"] not in ("binary", "signed"):
-        raise ConfigError(
-            f"{source}: histo.cond_foreground {config['histo']['cond_foreground']!r} must be 'binary' (the paper's) "
-            "or 'signed'"
-        )
+    from nudiff_histo import COND_FOREGROUNDS, SPADE_LAYERS
+
+    for key, choices in (("spade_layers", SPADE_LAYERS), ("cond_foreground", COND_FOREGROUNDS)):
+        if config["histo"][key] not in choices:
+            raise ConfigError(
+                f"{source}: histo.{key} {config['histo'][key]!r} must be one of {choices} (the paper's: {choices[0]!r})"
+            )
     if config["structure"]["preset"] != config["histo"]["preset"]:
         raise ConfigError(
             f"{source}: structure.preset {config['structure']['preset']!r} and histo.preset "

@@ -13,6 +13,7 @@ from ._data import (
 from ._export import OnnxModulatedDenoiser, export_histo_onnx, spade_layers
 from ._model import (
     PRESETS,
+    SPADE_LAYERS,
     HistoDenoiser,
     HistoPreset,
     ModulationCache,
@@ -42,6 +43,7 @@ __all__ = [
     "condition_to_structures",
     "cond_foreground",
     "COND_FOREGROUNDS",
+    "SPADE_LAYERS",
     "load_histo_denoiser",
     "load_histo_model",
     "paint_images",

@@ -105,7 +105,10 @@ def _guidance(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from nudiff_diffusion import add_evaluate_arguments, add_sampling_arguments, add_train_arguments
-    from nudiff_postproc import PATCH_GEOMETRY  # the presets' names (no torch import for --help)
+    from nudiff_postproc import PATCH_GEOMETRY  # the presets' names
+
+    from ._data import COND_FOREGROUNDS
+    from ._model import SPADE_LAYERS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nudiff-histo", description=__doc__, formatter_class=fmt)
@@ -120,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="histology checkpoint to fine-tune (the paper's second phase)")
     p.add_argument(
         "--spade-layers",
-        choices=("decoder", "all"),  # _model.SPADE_LAYERS, without importing torch for --help
+        choices=SPADE_LAYERS,
         help="where a new model's SPADE layers sit: decoder (default: the middle and decoder blocks, the paper's) or "
         "all (every normalisation: paints from its structure after far fewer steps, for CPU-scale runs)",
     )
     p.add_argument(
         "--cond-foreground",
-        choices=("binary", "signed"),  # _data.COND_FOREGROUNDS, without importing torch for --help
+        choices=COND_FOREGROUNDS,
         help="how a new model's conditions encode the foreground: binary, {0, 1} (default, the paper's: the null "
         "condition is an empty structure) or signed, {-1, 1} (the null condition a token of its own: sparse "
         "structures still paint after a few hundred CPU steps)",
