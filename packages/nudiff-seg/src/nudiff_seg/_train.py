@@ -120,7 +120,24 @@ _FLAG_NAMES = {
     "real_images": "the images of --real (and --subset)",
     "synthetic_images": "the images of --synthetic",
     "msge_gradients": "MSGE gradient directions",
+    "rng_streams": "random streams of the epoch plans and batches",
 }
+
+#: how an epoch's random streams derive from the seed (recorded: a resume must not switch):
+#: the plan (windows, order) from SeedSequence [seed, epoch, 0], batch b's augmentation from
+#: [seed, epoch, 1, b]. Runs before 2026-12-03 drew batch b from [seed, epoch, b]: batch 0
+#: then drew the plan's own numbers, as SeedSequence pads its entropy with zeros.
+RNG_STREAMS = "plan [seed, epoch, 0], batch b [seed, epoch, 1, b]"
+
+
+def _plan_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of an epoch's plan (see :data:`RNG_STREAMS`)."""
+    return np.random.default_rng([seed, epoch, 0])
+
+
+def _batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of batch ``batch``'s augmentation in ``epoch`` (see :data:`RNG_STREAMS`)."""
+    return np.random.default_rng([seed, epoch, 1, batch])
 
 
 def _image_set(tiles: Tiles | None) -> str | None:
@@ -182,6 +199,7 @@ def train_hovernet(
         "real_images": _image_set(real),
         "synthetic_images": _image_set(synthetic),
         "msge_gradients": MSGE_GRADIENTS,
+        "rng_streams": RNG_STREAMS,
     }
     settings = {"train": train_settings}
     if state_path.exists() and not resume:
@@ -220,7 +238,7 @@ def train_hovernet(
         if saved.get("encoder_weights") and given.get("encoder_weights"):
             given["encoder_weights"] = saved["encoder_weights"]  # the state holds the weights: their file may move
         check_resume_settings(
-            out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES, required=("msge_gradients",)
+            out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES, required=("msge_gradients", "rng_streams")
         )
         try:
             model.load_state_dict(state["model"])
@@ -267,7 +285,7 @@ def train_hovernet(
             optimizer, optimizer_phase = _optimizer(model, phase, config.lr), phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        plan = batches.epoch(np.random.default_rng([config.seed, epoch]))
+        plan = batches.epoch(_plan_rng(config.seed, epoch))
         model.train()
         sums, seen, earlier_seconds = dict.fromkeys(_LOSS_KEYS, 0.0), 0, 0.0
         if resumed_sums is not None:  # the part of this epoch an earlier call did
@@ -280,7 +298,7 @@ def train_hovernet(
             leave=False,
         )
         for b in bar:
-            images, np_t, hv_t = batches.materialise(plan[b], np.random.default_rng([config.seed, epoch, b]))
+            images, np_t, hv_t = batches.materialise(plan[b], _batch_rng(config.seed, epoch, b))
             x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
             np_target = torch.from_numpy(np_t).to(device)
             hv_target = torch.from_numpy(hv_t).to(device).permute(0, 3, 1, 2)
