@@ -1,5 +1,5 @@
 """tools/bench_engine_ops.py (operator accounting on a real tiny UNet in both engines) and
-tools/bench_pair.py (alternating rounds, ratios within a round)."""
+tools/bench_pair.py (alternating rounds, ratios within a round), tools/bench_sampling.py's step timing."""
 
 from __future__ import annotations
 
@@ -133,3 +133,36 @@ def test_pair_benchmark_alternates_and_divides_within_rounds(tmp_path, monkeypat
     # same settings) were reused, not exported again under another fingerprint
     cached = sorted(json.loads((d / "config.json").read_text())["batch_max"] for d in graph_cache.iterdir())
     assert cached == [2, 4]
+
+
+def test_ms_per_step_stays_a_step_when_the_preparation_time_varies():
+    # a histology runtime whose guided eps costs 20 ms a call, plus the SPADE modulations it
+    # makes on its first call: 150 ms while they are timed, 30 ms in the sampling run (a
+    # loaded machine). A step costs 20 ms; the run less the timed preparation was negative.
+    import argparse
+    import time
+
+    import torch
+
+    bench_sampling = _tool("bench_sampling")
+    args = argparse.Namespace(repeat=3, steps=4)
+    runs = 1 + (1 + args.repeat) + 1  # guided() for the calls, for the first calls, for the run
+
+    class Runtime:
+        made = 0
+
+        def guided(self, cond, null, scale):
+            Runtime.made += 1
+            first = [0.15 if Runtime.made < runs else 0.03]
+
+            def eps(x, t):
+                time.sleep(0.02 + first[0])
+                first[0] = 0.0
+                return torch.zeros_like(x)
+
+            return eps
+
+    row = bench_sampling._time_row("histo", Runtime(), 1, 8, args)
+    assert Runtime.made == runs
+    assert 120 <= row["ms_prepare"] <= 250, row
+    assert 20 <= row["ms_per_step"] <= 40, row

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import nudiff_diffusion
+import numpy as np
 import torch
 from nudiff_diffusion import (
     NoiseSchedule,
@@ -116,7 +117,6 @@ def cpu_peak_gflops() -> tuple[float, str]:
     torch's BLAS here (MKL) takes its AVX2 path on AMD CPUs: 190 GFLOP/s against ONNX
     Runtime's 386-421 (MLAS, AVX-512) on this project's 2-core EPYC with AVX-512; on an
     AVX2-only EPYC host, 114 against 102."""
-    import numpy as np
     import onnx
     from onnx import TensorProto, helper
 
@@ -416,16 +416,31 @@ def _time_row(kind: str, runtime: Any, n: int, size: int, args: argparse.Namespa
         def make_eps() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             return runtime.eps
 
-    t0 = time.perf_counter()
+    stamps = [time.perf_counter()]
+
+    def stamp(_: dict) -> None:  # the end of each step (a GPU's work included)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
     eps_fn = make_eps()  # the run holds the preparation however the runtime makes it
     final = sample(
-        eps_fn, shape=tuple(x_T.shape), schedule=SCHEDULE, steps=args.steps, x_T=x_T, clip=1.0, device=device
-    ).cpu()  # .cpu() waits for a GPU's work
-    run = time.perf_counter() - t0
+        eps_fn,
+        shape=tuple(x_T.shape),
+        schedule=SCHEDULE,
+        steps=args.steps,
+        x_T=x_T,
+        clip=1.0,
+        device=device,
+        callback=stamp,
+    ).cpu()
+    run = time.perf_counter() - stamps[0]
     return {
         "ms_per_call": call * 1e3,
         "ms_prepare": prepare * 1e3,
-        "ms_per_step": (run - prepare) / args.steps * 1e3,
+        # the median step after the first, which holds the batch's preparation: the run
+        # less a separately timed preparation could come out negative on a loaded machine
+        "ms_per_step": float(np.median(np.diff(stamps)[1:])) * 1e3,
         "images_per_s": n / run,
         "final": final,
     }
@@ -469,7 +484,12 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int_at_least(1), default=3, help="timed UNet calls per row (median, after a warm-up)"
     )
-    parser.add_argument("--steps", type=int_at_least(1), default=4, help="sampler steps of the per-step / images/s run")
+    parser.add_argument(
+        "--steps",
+        type=int_at_least(2, "ms per step is the median step after the first, which holds the batch's preparation"),
+        default=4,
+        help="sampler steps of the per-step / images/s run",
+    )
     parser.add_argument(
         "--default-steps", type=int_at_least(1), default=20, help="nudiff's default sampler steps (dpmpp2m)"
     )
@@ -513,6 +533,7 @@ def main() -> int:
         f"per row; guidance {GUIDANCE}; malloc: "
         + ("freed memory retained (retain_freed_memory, as the CLIs)" if retained else "glibc default"),
         "peak": peak_note,
+        "peak_gflops": round(peak, 1),
         "load_average_at_start": os.getloadavg()[0],
     }
     for key, value in header.items():
