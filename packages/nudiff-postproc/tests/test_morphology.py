@@ -82,3 +82,27 @@ def test_bad_inputs():
         morphology_stats(np.ones((8, 8), np.int32), np.zeros((8, 9, 3), np.float32))
     with pytest.raises(ValueError, match="lacks the keys"):
         morphology_distance({"area": [1.0]}, np.ones((8, 8), np.int32))
+    with pytest.raises(TypeError, match="`b` must hold integer instance ids"):
+        morphology_distance(np.ones((8, 8), np.int32), np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match="`a` has negative"):
+        morphology_distance(-np.ones((8, 8), np.int32), np.ones((8, 8), np.int32))
+    stats = morphology_stats(synthetic_instance_map((64, 64), n_nuclei=10, seed=0))
+    n = stats["area"].size
+    with pytest.raises(ValueError, match=rf"`a\['area'\]` holds {n} NaN or infinite value\(s\)"):
+        morphology_distance({**stats, "area": np.full(n, np.nan)}, stats)  # scored inf: "no nuclei"
+    with pytest.raises(ValueError, match=rf"`b`: the per-nucleus arrays \(area {n - 1}, .*nuclei_per_patch\) = {n}"):
+        morphology_distance(stats, {**stats, "area": stats["area"][:-1]})
+
+
+def test_lists_and_single_maps_with_their_structure_are_taken():
+    inst = synthetic_instance_map((64, 64), n_nuclei=10, seed=1)
+    structure = encode_structure(inst)
+    want = morphology_stats(inst[None], structure[None])
+    for got in (
+        morphology_stats(inst.tolist()),
+        morphology_stats(inst, structure.tolist()),
+        morphology_stats(inst, structure[None]),  # one map, its structure as a stack of one
+    ):
+        for key in ("area", "perimeter", "eccentricity", "solidity", "nuclei_per_patch"):
+            np.testing.assert_array_equal(got[key], want[key])
+    assert np.array_equal(morphology_stats(inst, structure[None])["hv_consistency"], want["hv_consistency"])
