@@ -140,13 +140,16 @@ def cpu_peak_gflops() -> tuple[float, str]:
         best[name] = 2 * n**3 / seconds / 1e9
     gflops = max(best.values())
     # float32 lanes of the widest vectors PyTorch's kernels use here; two FMA pipes per core
+    # (an upper bound: AMD's Zen 4 runs 512-bit FMAs on 256-bit pipes, half of it)
     bits = 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
     per_cycle = 2 * 2 * bits // 32
+    threads = torch.get_num_threads()
     return gflops, (
-        f"best of 10 4096^2 float32 matmuls, {torch.get_num_threads()} threads: torch {best['torch']:.0f}, "
-        f"onnxruntime {best['onnxruntime']:.0f} GFLOP/s; the better is the peak (for comparison, two {bits}-bit "
-        f"FMA pipes per core give {per_cycle} FLOP/cycle/core, {per_cycle * (os.cpu_count() or 1)} per cycle for "
-        "the machine; the clock under load is not visible in a VM)"
+        f"best of 10 4096^2 float32 matmuls, {threads} threads: torch {best['torch']:.0f}, "
+        f"onnxruntime {best['onnxruntime']:.0f} GFLOP/s; the better is the peak, measured now, so it moves with "
+        f"the machine's load (for comparison, two {bits}-bit FMA pipes per core give at most {per_cycle} "
+        f"FLOP/cycle/core, {per_cycle * threads} per cycle for {threads} threads; the clock under load is not "
+        "visible in a VM)"
     )
 
 
