@@ -42,6 +42,10 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) ->
     root of the index; ``logsnr``: evenly in log-SNR between the two ends, each target
     mapped to the nearest step. Duplicates are dropped, so very large ``steps`` may give
     fewer (never more) than asked. One step is the last one (from noise straight to x0).
+    ``logsnr`` follows the schedule's log-SNR to its very end: on the cosine schedule,
+    whose clipped last betas take it from -8.5 at step 990 to -19.8 at 999 (the linear one
+    ends at -10.1), targets crowd the last steps and duplicates drop (20 asked, 17 kept);
+    nudiff's models use the linear schedule, where 20 give 20.
     """
     n = schedule.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n:
