@@ -227,7 +227,7 @@ def _redraw(collection: dict, shape: tuple[int, int]) -> np.ndarray:
     outer ring and outside its holes take the feature's instance id."""
     redrawn = np.zeros(shape, np.int64)
     for feature in collection["features"]:
-        assert feature["properties"]["objectType"] == "detection"
+        assert feature["properties"]["objectType"] == feature["properties"]["object_type"] == "detection"
         geometry = feature["geometry"]
         polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
         mask = np.zeros(shape, bool)
@@ -250,6 +250,14 @@ def test_geojson_polygons_redraw_the_nuclei_exactly():
         assert fc["type"] == "FeatureCollection"
         assert len(fc["features"]) == len(np.unique(labels)) - 1
         np.testing.assert_array_equal(_redraw(fc, labels.shape), labels)
+
+
+def test_geojson_of_large_ids_equals_that_of_small_ones_with_the_ids_kept():
+    inst = synthetic_instance_map((64, 64), n_nuclei=12, seed=2)
+    large = np.where(inst > 0, inst.astype(np.int64) + 5_000_000, 0)  # ids >> pixels: another path before
+    small, big = to_geojson(inst), to_geojson(large)
+    assert [f["geometry"] for f in big["features"]] == [f["geometry"] for f in small["features"]]
+    np.testing.assert_array_equal(_redraw(big, large.shape), large)
 
 
 def test_geojson_keeps_parts_touching_at_a_corner_and_holes():

@@ -435,7 +435,8 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
     centres inside and outside the nucleus, so they cut the pixels' corners (a one-pixel
     nucleus is a diamond of area 0.5, a 4 x 4 square an outline of area 15.5; the pixels
     whose centres lie inside the polygon are exactly the nucleus). Properties hold
-    ``objectType`` and the instance id under ``measurements``.
+    ``objectType`` (QuPath 0.4 and later) and ``object_type`` (the key QuPath 0.3 reads)
+    and the instance id under ``measurements``.
 
     Parameters
     ----------
@@ -457,17 +458,15 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
     if object_type not in ("detection", "annotation", "cell"):
         raise ValueError(f"`object_type` must be 'detection', 'annotation' or 'cell', got {object_type!r}")
     features = []
-    slices = ndi.find_objects(inst) if int(inst.max()) <= 4 * inst.size else None
-    ids = np.unique(inst)
-    for inst_id in ids[ids != 0]:
-        if slices is not None:
-            sl = slices[int(inst_id) - 1]
-            r0, c0 = sl[0].start, sl[1].start
-            crop = inst[sl] == inst_id
-        else:
-            rr, cc = np.nonzero(inst == inst_id)
-            r0, c0 = rr.min(), cc.min()
-            crop = inst[r0 : rr.max() + 1, c0 : cc.max() + 1] == inst_id
+    # numbered 1..N (ids kept in ``ids``): one pass finds every box, whatever the ids (a
+    # scan of the map per nucleus for large ids made 1,862 nuclei with ids above
+    # 5,000,000 take 4.0 s instead of 0.5 s)
+    compact, ids = compact_checked(inst)
+    slices = ndi.find_objects(compact)
+    for label, inst_id in enumerate(ids.tolist(), start=1):
+        sl = slices[label - 1]
+        r0, c0 = sl[0].start, sl[1].start
+        crop = compact[sl] == label
         # find_contours (fully_connected="low") traces 4-connected foreground: label parts
         # the same way, or two blocks touching at a corner would give one part, two rings
         parts, n_parts = ndi.label(crop)
@@ -482,7 +481,12 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
             if len(polygons) == 1
             else {"type": "MultiPolygon", "coordinates": polygons}
         )
-        props: dict[str, Any] = {"objectType": object_type, "measurements": {"instance_id": int(inst_id)}}
+        # objectType: QuPath 0.4 and later; object_type: QuPath 0.3
+        props: dict[str, Any] = {
+            "objectType": object_type,
+            "object_type": object_type,
+            "measurements": {"instance_id": int(inst_id)},
+        }
         if name is not None:
             props["name"] = name
         features.append({"type": "Feature", "geometry": geometry, "properties": props})

@@ -133,9 +133,10 @@ def morphology_distance(a: Any, b: Any) -> dict[str, float]:
     against the test tiles 0.14 (tiny-64's structures, as nudiff-structure's README), 0.18
     (small-128's) and 0.21 (256 px patches at full resolution); halves of the 30 tiles
     split by tile 0.15-0.49 (8 splits; organs differ: ``area`` up to 0.63,
-    ``nuclei_per_patch`` up to 0.82); every area doubled 0.65-0.67 on ``area``. So a set is told from its own kind, but a gross error in one
-    feature scores like the difference between organs: read the features, not only the
-    mean, and compare with a real-vs-real baseline. The pooled deviation includes the gap
+    ``nuclei_per_patch`` up to 0.82); every area doubled 0.65-0.67 on ``area``. So a set
+    is told from its own kind, but a gross error in one feature scores like the
+    difference between organs: read the features, not only the mean, and compare with a
+    real-vs-real baseline. The pooled deviation includes the gap
     between the two sets, so with samples of equal size a distance is at most 2 (two point
     masses) however far apart they are, and the floor rises when one sample is much smaller
     than the other (16 real patches against 1,008 others: 0.10-0.23): compare distances
