@@ -109,6 +109,25 @@ def test_real_patches_against_themselves_measure_zero(run, tmp_path):
     assert result["alignment"] == result["real_alignment"] > 2.0
 
 
+def test_evaluation_refuses_non_square_samples_and_writes_into_a_new_folder(run, tmp_path, capsys):
+    from nudiff_histo._evaluate import evaluate_histology
+
+    images, maps, names = build_pairs(run / "pairs", "tiny-64")
+    for image, inst, name in zip(images[:2], maps[:2], names[:2], strict=True):
+        write_image(tmp_path / "s" / "images" / f"{name}.png", image)
+        write_instance_map(tmp_path / "s" / "instance_maps" / f"{name}.png", inst)
+    out = tmp_path / "not" / "yet" / "eval.json"  # was written only after the work, then failed
+    assert main(["evaluate", "--samples", str(tmp_path / "s"), "--real", str(run / "pairs"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["samples"] == 2
+    for k, (image, inst) in enumerate(((images[0][:, :48], maps[0][:, :48]), (images[0][:48], maps[0][:48]))):
+        write_image(tmp_path / f"w{k}" / "images" / "a.png", image)  # 64 x 48 was taken as 64 x 64
+        write_instance_map(tmp_path / f"w{k}" / "instance_maps" / "a.png", inst)
+        with pytest.raises(ValueError, match=r"a.png' is \d\d x \d\d px; the samples of .* must all be square"):
+            evaluate_histology(tmp_path / f"w{k}", run / "pairs")
+    with pytest.raises(ValueError, match=r"`max_real` must be an integer >= 1 .*, got 0"):
+        evaluate_histology(tmp_path / "s", run / "pairs", max_real=0)
+
+
 def test_resume_after_a_kill_loses_and_duplicates_nothing(run, monkeypatch, capsys):
     full, killed = run / "full", run / "killed"
     assert _sample(run, full) == 0

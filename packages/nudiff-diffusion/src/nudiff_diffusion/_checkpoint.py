@@ -6,12 +6,12 @@ import contextlib
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from nudiff_postproc._io import atomic_path
 
 from ._config import UNetConfig
 from ._unet import NormFactory, UNet
@@ -33,13 +33,10 @@ _FORMAT = "nudiff-diffusion/unet"
 
 
 def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
-    try:
+    """``write(tmp)`` then rename onto ``path`` (:func:`nudiff_postproc._io.atomic_path`:
+    the folder is made when missing, and a failed write leaves nothing)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

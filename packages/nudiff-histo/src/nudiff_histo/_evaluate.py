@@ -91,13 +91,19 @@ def evaluate_histology(
         and their ``real_`` counterparts; ``samples``, ``real_patches``; ``histograms``:
         the H and E histograms (bin edges and densities) of both sets.
     """
+    if isinstance(max_real, bool) or not isinstance(max_real, (int, np.integer)) or max_real < 1:
+        raise ValueError(f"`max_real` must be an integer >= 1 (real patches to compare with), got {max_real!r}")
     pairs = dataset_pairs(samples_dir)
     images = [read_image(i) for _, i, _ in pairs]
     maps = [read_instance_map(m) for _, _, m in pairs]
-    shapes = {im.shape[:2] for im in images} | {m.shape for m in maps}
-    if len(shapes) != 1:
-        raise ValueError(f"'{samples_dir}': images and instance maps must all have one size, got {sorted(shapes)}")
     size = images[0].shape[0]
+    for (_, image_path, map_path), image, inst in zip(pairs, images, maps, strict=True):
+        for path, shape in ((image_path, image.shape[:2]), (map_path, inst.shape)):
+            if shape != (size, size):
+                raise ValueError(
+                    f"'{path}' is {shape[0]} x {shape[1]} px; the samples of '{samples_dir}' must all be square "
+                    f"patches of one size ({size} x {size}, as '{pairs[0][1]}')"
+                )
     preset = evaluation_preset(PRESETS, preset, size, kind="histology", samples=samples_dir)
     real_images, real_maps, _ = build_pairs(real_dir, preset)
     rng = np.random.default_rng(seed)
