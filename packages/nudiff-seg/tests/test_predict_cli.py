@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from nudiff_postproc import read_image, read_instance_map, write_image, write_instance_map
+from nudiff_postproc import read_image, read_instance_map, to_geojson, write_image, write_instance_map
 from nudiff_seg import build_hovernet, load_hovernet, predict_structure
 from nudiff_seg.cli import main
 
@@ -112,7 +112,10 @@ def test_train_predict_evaluate_round_trip_on_real_tiles(kumar, tmp_path, capsys
     for name in names:
         for sub, suffix in (("instance_maps", ".png"), ("mat", ".mat"), ("geojson", ".geojson"), ("overlays", ".png")):
             assert (tmp_path / "pred" / sub / f"{name}{suffix}").is_file()
-        assert read_instance_map(tmp_path / "pred" / "instance_maps" / f"{name}.png").shape == (420, 420)
+        inst = read_instance_map(tmp_path / "pred" / "instance_maps" / f"{name}.png")
+        assert inst.shape == (420, 420)
+        # the outlines of that map, as QuPath detections without a name each (it was the image's)
+        assert json.loads((tmp_path / "pred" / "geojson" / f"{name}.geojson").read_text()) == to_geojson(inst)
     capsys.readouterr()
     out_csv = tmp_path / "scores.csv"
     assert (

@@ -127,7 +127,7 @@ def write_prediction(out: str | os.PathLike[str], name: str, image: np.ndarray, 
         p.parent.mkdir(parents=True, exist_ok=True)
     write_instance_map(paths["mat"], inst)
     with atomic_path(paths["geojson"]) as tmp:
-        tmp.write_text(json.dumps(to_geojson(inst, name=name)))
+        tmp.write_text(json.dumps(to_geojson(inst)))  # unnamed detections, as QuPath's own
     write_image(paths["overlay"], outline_overlay(image, inst))
     write_instance_map(paths["instance_map"], inst)  # last: its presence marks the image done
     return paths
