@@ -225,6 +225,10 @@ def report_blocks(
             f"{_fmt(s_eval.get('nuclei_per_patch'), 1)} / {_fmt(s_eval.get('real_nuclei_per_patch'), 1)}",
         ],
         ["h/v self-consistency of the structures", _fmt(s_eval.get("self_consistency"))],
+        [
+            "h/v self-consistency skill (0 = h/v say nothing, 1 = the maps' own)",
+            _fmt(s_eval.get("self_consistency_skill")),
+        ],
         ["haematoxylin W1 to real pixels", _fmt(h_eval.get("h_wasserstein"), 4)],
         ["eosin W1 to real pixels", _fmt(h_eval.get("e_wasserstein"), 4)],
         [

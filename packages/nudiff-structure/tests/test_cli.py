@@ -90,11 +90,40 @@ def test_sample_then_evaluate(run, capsys):
     )
     assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 0
     result = json.loads((out / "evaluation.json").read_text())
-    assert {"morphology_distance", "nuclei_per_patch", "self_consistency", "samples"} <= set(result)
+    assert {"morphology_distance", "nuclei_per_patch", "self_consistency", "self_consistency_skill"} <= set(result)
     assert "morphology_distance" in capsys.readouterr().out
     # real structures of another size would compare nuclei of another scale
     assert main(["evaluate", "--samples", str(out), "--real", str(run / "data"), "--preset", "small-128"]) == 2
     assert "--preset small-128 makes 128 px structure patches, but the samples" in capsys.readouterr().err
+
+
+def test_hv_skill_is_1_for_the_maps_own_0_for_zeros_and_minus_1_for_the_wrong_sign():
+    from nudiff_postproc import encode_structure
+    from nudiff_structure import hv_skill
+
+    maps = np.stack([synthetic_instance_map((64, 64), n_nuclei=12, seed=s) for s in range(3)])
+    own = np.stack([encode_structure(m, min_size=8, centre="nearest") for m in maps])
+    for factor, want in ((1.0, 1.0), (0.0, 0.0), (-1.0, -1.0), (0.5, 0.5)):
+        given = own.copy()
+        given[..., 1:] *= factor
+        assert hv_skill(given, maps, min_size=8) == pytest.approx(want, abs=1e-6), factor
+    assert np.isnan(hv_skill(own, np.zeros_like(maps), min_size=8))
+
+
+def test_evaluate_refuses_samples_post_processed_at_another_scale_or_not_square(run, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert _sample(run, out) == 0
+    stamp = json.loads((out / RUN_STAMP).read_text())
+    stamp["postprocess_scale"] = 1  # maps made at the structures' own size: 4.75 against 8.7 nuclei per patch
+    (out / RUN_STAMP).write_text(json.dumps(stamp))
+    assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 2
+    assert "post-processed at 1 x the structures' size, the 'tiny-64' real structures are at 2 x" in (
+        capsys.readouterr().err
+    )
+    (out / RUN_STAMP).unlink()
+    np.save(out / "structures" / "s0_000000.npy", np.zeros((64, 48, 3), np.float32))
+    assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 2
+    assert "s0_000000.npy' is (64, 48, 3) and its instance map (64, 64); every sample of" in capsys.readouterr().err
 
 
 def test_a_killed_sampling_run_resumes_without_loss_or_duplicates(run):

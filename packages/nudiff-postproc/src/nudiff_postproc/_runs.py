@@ -114,6 +114,13 @@ def _read_stamp(stamp: Path, out: Path) -> dict[str, Any]:
     return saved
 
 
+def recorded_settings(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings a nudiff run recorded for ``folder`` (:func:`claim_output_folder`),
+    or None when it records none (a folder made otherwise, or before the record existed)."""
+    stamp = Path(folder) / RUN_STAMP
+    return _read_stamp(stamp, Path(folder)) if stamp.is_file() else None
+
+
 def _first_file(out: Path) -> Path | None:
     """A file below ``out`` (folders aside) other than a run's record being written, if any."""
     for folder, _, files in os.walk(out):
