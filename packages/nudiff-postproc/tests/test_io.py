@@ -260,6 +260,19 @@ def test_geojson_of_large_ids_equals_that_of_small_ones_with_the_ids_kept():
     np.testing.assert_array_equal(_redraw(big, large.shape), large)
 
 
+def test_geojson_cells_carry_their_nucleus_and_other_kinds_do_not():
+    inst = synthetic_instance_map((48, 48), n_nuclei=6, seed=1)
+    detections = to_geojson(inst)["features"]
+    for kind in ("detection", "annotation", "cell"):
+        features = json.loads(json.dumps(to_geojson(inst, object_type=kind)))["features"]
+        assert [f["geometry"] for f in features] == [f["geometry"] for f in detections]
+        assert {f["properties"]["objectType"] for f in features} == {kind}
+        if kind == "cell":  # QuPath's cell: its outline, and the nucleus beside the properties
+            assert [f["nucleusGeometry"] for f in features] == [f["geometry"] for f in detections]
+        else:
+            assert not any("nucleusGeometry" in f for f in features)
+
+
 def test_geojson_keeps_parts_touching_at_a_corner_and_holes():
     corner = np.zeros((10, 10), np.int32)
     corner[1:4, 1:4] = corner[4:7, 4:7] = 5

@@ -436,13 +436,17 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
     nucleus is a diamond of area 0.5, a 4 x 4 square an outline of area 15.5; the pixels
     whose centres lie inside the polygon are exactly the nucleus). Properties hold
     ``objectType`` (QuPath 0.4 and later) and ``object_type`` (the key QuPath 0.3 reads)
-    and the instance id under ``measurements``.
+    and the instance id under ``measurements``. A ``cell`` also carries the outline as its
+    ``nucleusGeometry`` (beside ``properties``, where QuPath writes and reads it): the map
+    holds nuclei, so each cell is its nucleus, as QuPath's own cell detection makes them
+    with no cell expansion; without it QuPath would load cells with no nucleus.
 
     Parameters
     ----------
     inst : (H, W) ndarray of int
         Instance map. Not modified.
     object_type : {"detection", "annotation", "cell"}
+        QuPath's kind of object for every nucleus.
     name : str, optional
         ``properties.name`` of every feature.
 
@@ -489,5 +493,9 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
         }
         if name is not None:
             props["name"] = name
-        features.append({"type": "Feature", "geometry": geometry, "properties": props})
+        feature: dict[str, Any] = {"type": "Feature", "geometry": geometry}
+        if object_type == "cell":
+            feature["nucleusGeometry"] = geometry
+        feature["properties"] = props
+        features.append(feature)
     return {"type": "FeatureCollection", "features": features}
