@@ -436,7 +436,9 @@ def to_geojson(inst: np.ndarray, *, object_type: str = "detection", name: str | 
     nucleus is a diamond of area 0.5, a 4 x 4 square an outline of area 15.5; the pixels
     whose centres lie inside the polygon are exactly the nucleus). Properties hold
     ``objectType`` (QuPath 0.4 and later) and ``object_type`` (the key QuPath 0.3 reads)
-    and the instance id under ``measurements``. A ``cell`` also carries the outline as its
+    and the instance id under ``measurements``, as the mapping QuPath 0.4 and later read
+    (QuPath 0.3 reads only its older list of name/value pairs, and loads the outlines
+    without the id). A ``cell`` also carries the outline as its
     ``nucleusGeometry`` (beside ``properties``, where QuPath writes and reads it): the map
     holds nuclei, so each cell is its nucleus, as QuPath's own cell detection makes them
     with no cell expansion; without it QuPath would load cells with no nucleus.
