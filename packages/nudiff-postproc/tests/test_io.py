@@ -130,6 +130,24 @@ def test_image_round_trip(tmp_path):
         write_image(tmp_path / "bad.png", img.astype(np.float32))
 
 
+def test_cmyk_and_palette_images_are_read_as_their_rgb_colours(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[:, :8], rgb[:, 8:16], rgb[:, 16:] = (200, 60, 120), (30, 90, 210), (250, 240, 10)
+    cmyk = Image.fromarray(rgb).convert("CMYK")  # 4 channels: C, M, Y and black (read as alpha before)
+    cmyk.save(tmp_path / "ink.jpg", quality=100, subsampling=0)
+    cmyk.save(tmp_path / "ink.tif")
+    palette = Image.fromarray(rgb).quantize(3)
+    palette.save(tmp_path / "palette.tif")  # tifffile gives the indices: refused as grey before
+    palette.save(tmp_path / "palette.png")
+    for name in ("ink.tif", "palette.tif", "palette.png"):
+        for strict in (False, True):
+            np.testing.assert_array_equal(read_image(tmp_path / name, strict=strict), rgb, err_msg=name)
+    jpeg = read_image(tmp_path / "ink.jpg", strict=True).astype(int)
+    assert np.abs(jpeg - rgb).max() <= 3  # JPEG rounding, not C, M, Y read as R, G, B
+
+
 def test_palette_pngs_are_read_as_their_indices(tmp_path):
     from PIL import Image
 

@@ -122,6 +122,31 @@ def _read_tiff(path: Path) -> np.ndarray:
         return iio.imread(path, plugin="pillow")
 
 
+#: Pillow modes whose channels are not red, green and blue (a CMYK JPEG's fourth channel is
+#: its black ink, not alpha): read through Pillow's conversion to RGB
+_OTHER_COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _read_colour_image(path: Path, tiff: bool) -> np.ndarray:
+    """An image's pixels as RGB(A) or grey, through Pillow's colour conversion for ink
+    (CMYK) and other colour spaces, and for palette TIFFs (tifffile returns their indices;
+    Pillow's PNG reader expands palettes itself)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    if tiff:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            photometric = tif.pages[0].photometric
+        if photometric not in (tifffile.PHOTOMETRIC.PALETTE, tifffile.PHOTOMETRIC.SEPARATED):
+            return _read_tiff(path)
+        return iio.imread(path, plugin="pillow", mode="RGB")
+    with Image.open(path) as image:
+        convert = image.mode in _OTHER_COLOUR_MODES
+    return iio.imread(path, plugin="pillow", mode="RGB" if convert else None)
+
+
 def _read_png_map(path: Path) -> np.ndarray:
     """A PNG's pixels as stored: the indices of a palette PNG (label tools such as labelme
     write instance ids as palette indices; Pillow would otherwise expand them to colours)."""
@@ -262,19 +287,15 @@ def read_image(path: str | os.PathLike[str], *, strict: bool = False) -> np.ndar
     """Read an RGB image (PNG, TIFF or JPEG) as ``(H, W, 3)`` uint8.
 
     An alpha channel is dropped (as ``cv2.imread`` does in HoVer-Net; CoNSeP's PNGs carry
-    one) and a grayscale image is repeated into three channels. With ``strict=True``, for
+    one) and a grayscale image is repeated into three channels. CMYK (and YCbCr, Lab, HSV)
+    images and palette images are converted to their RGB colours. With ``strict=True``, for
     models of stain colour, a grayscale image and an alpha channel that is not fully opaque
     (whose colours would be ambiguous) are refused with a ``ValueError`` naming the file.
     """
     path = Path(path)
     suffix = _check_readable(path, IMAGE_SUFFIXES, "image")
-    if suffix in (".tif", ".tiff"):
-        arr = _load(path, lambda: _read_tiff(path), "a TIFF image")
-    else:
-        import imageio.v3 as iio
-
-        arr = _load(path, lambda: iio.imread(path, plugin="pillow"), "an image")
-    arr = np.asarray(arr)
+    tiff = suffix in (".tif", ".tiff")
+    arr = np.asarray(_load(path, lambda: _read_colour_image(path, tiff), "a TIFF image" if tiff else "an image"))
     if arr.ndim == 2 and strict:
         raise ValueError(f"'{path}' is a grayscale image of shape {arr.shape}; expected RGB (H, W, 3)")
     if arr.ndim == 2:
