@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -116,7 +117,8 @@ def test_a_tensorrt_engine_pads_a_batch_below_its_profile_and_drops_the_padding(
     from nudiff_diffusion._tensorrt import TensorRTDenoiser
 
     runtime = TensorRTDenoiser.__new__(TensorRTDenoiser)
-    runtime.batch_min = 4
+    runtime.batch_min, runtime.path = 4, Path("model.plan")
+    runtime.config = {"unet": {"image_size": 8, "in_channels": 3}, "cond_channels": 1}
     seen = []
 
     def engine(x, t, cond, scale):  # row-wise, as a UNet is
@@ -131,6 +133,16 @@ def test_a_tensorrt_engine_pads_a_batch_below_its_profile_and_drops_the_padding(
     torch.testing.assert_close(out, engine(x, t, cond, None))
     runtime._run(torch.randn(5, 3, 8, 8), torch.arange(5), torch.rand(5, 1, 8, 8), None)
     assert seen[-1] == (5, 5, 5)  # a batch the profile takes runs as it is
+    # bad inputs are named with the caller's shapes, not the padded ones
+    with pytest.raises(ValueError, match=r"`t` must be 2 integer timesteps .*got \(1,\)"):
+        runtime._run(x, t[:1], cond, None)
+    with pytest.raises(ValueError, match=r"`t` must be 2 integer timesteps .*got \(\)"):
+        runtime._run(x, t[0], cond, None)
+    with pytest.raises(ValueError, match=r"`cond` must be .* one row per image of `x` \(2\), got \(3, 1, 8, 8\)"):
+        runtime._run(x, t, torch.rand(3, 1, 8, 8), None)
+    with pytest.raises(ValueError, match="is a conditional graph: give `cond`"):
+        runtime._run(x, t, None, None)
+    assert len(seen) == 3  # none of them reached the engine (3: the two runs and the direct call above)
 
 
 def test_export_never_overwrites_a_checkpoint_config(tmp_path):

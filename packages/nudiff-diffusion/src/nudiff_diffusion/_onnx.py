@@ -507,16 +507,26 @@ class GraphRuntime(GuidedRuntime):
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def _check_rows(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+        """:meth:`check_eps_inputs`, and a condition with one row per image where the graph
+        takes one, naming the shapes the caller gave."""
+        self.check_eps_inputs(x, t)
+        if not self.conditional:
+            return
+        if cond is None:
+            raise ValueError(f"'{self.path}' is a conditional graph: give `cond`")
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[0] != x.shape[0]:
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"`cond` must be (N, C, H, W) with one row per image of `x` ({x.shape[0]}), got {got}")
+
     def _inputs(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None
     ) -> dict[str, torch.Tensor]:
         """The graph's inputs by name (float32 x, cond and scale; int64 t), checked."""
-        self.check_eps_inputs(x, t)
+        self._check_rows(x, t, cond)
         check_batch(self.path, x.shape[0], self.batch_max)
         feed = {"x": x.detach().float(), "t": t.detach().to(torch.int64)}
         if self.conditional:
-            if cond is None:
-                raise ValueError(f"'{self.path}' is a conditional graph: give `cond`")
             feed["cond"] = cond.detach().float()
         if scale is not None:
             feed["guidance_scale"] = torch.tensor([scale], dtype=torch.float32)

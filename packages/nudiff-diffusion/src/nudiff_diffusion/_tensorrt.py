@@ -331,7 +331,9 @@ class TensorRTDenoiser(GraphRuntime):
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         """A batch smaller than the engine's profile allows (``--min-batch``; a run's short
-        last batch) is padded with copies of its last row, whose outputs are dropped."""
+        last batch) is padded with copies of its last row, whose outputs are dropped; the
+        inputs are checked first, so that errors name the shapes the caller gave."""
+        self._check_rows(x, t, cond)
         n, short = x.shape[0], self.batch_min - x.shape[0]
         if short <= 0 or n == 0:
             return self._run_engine(x, t, cond, scale)
