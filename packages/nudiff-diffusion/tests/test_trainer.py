@@ -138,6 +138,17 @@ def test_a_skipped_fp16_step_leaves_the_ema_alone(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(two.parameters(), model.parameters(), strict=True))
 
 
+def test_fp16_training_stops_when_every_step_is_skipped(tmp_path, monkeypatch):
+    # the GradScaler halves its scale on each skipped step (from 2^16: ~166 of them to reach
+    # 0; here it starts at 2^-140); at 0, "0 >= 0" read as a step taken and the EMA moved
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**-140))
+    config = TrainConfig(steps=40, batch_size=2, precision="fp16")
+    with pytest.raises(FloatingPointError, match=r"the fp16 loss scale fell to 0 at step \d+: "):
+        train(_model(), _data(), SCHEDULE, tmp_path, config, augment=lambda b, g: b * float("nan"), progress=False)
+
+
 def test_ema_warmup_forgets_the_random_init(tmp_path):
     start = _model()
     init = [p.detach().clone() for p in start.parameters()]
