@@ -246,3 +246,14 @@ def test_onnx_runtime_takes_the_thread_count_the_process_was_given(exported):
             check=True,
         )
         assert done.stdout.split() == [threads, threads], done.stdout + done.stderr
+
+
+def test_check_opset_takes_numpy_integers_and_names_the_range():
+    import numpy as np
+    from nudiff_diffusion import MIN_OPSET, check_opset
+
+    assert check_opset(np.int64(MIN_OPSET)) == MIN_OPSET and type(check_opset(np.int64(MIN_OPSET))) is int
+    newest = onnx.defs.onnx_opset_version()
+    for bad in (MIN_OPSET - 1, newest + 1, True, 18.0, "18"):
+        with pytest.raises(ValueError, match=rf"must be an integer in \[{MIN_OPSET}, {newest}\], got"):
+            check_opset(bad)

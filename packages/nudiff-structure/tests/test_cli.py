@@ -108,6 +108,11 @@ def test_hv_skill_is_1_for_the_maps_own_0_for_zeros_and_minus_1_for_the_wrong_si
         given[..., 1:] *= factor
         assert hv_skill(given, maps, min_size=8) == pytest.approx(want, abs=1e-6), factor
     assert np.isnan(hv_skill(own, np.zeros_like(maps), min_size=8))
+    with pytest.raises(
+        ValueError,
+        match=r"`structures` must be \(N, H, W, 3\) and `maps` \(N, H, W\).*got \(2, 8, 8, 3\) and \(2, 8, 9\)",
+    ):
+        hv_skill(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 9), np.int32), min_size=8)
 
 
 def test_evaluate_refuses_samples_post_processed_at_another_scale_or_not_square(run, tmp_path, capsys):
@@ -124,6 +129,14 @@ def test_evaluate_refuses_samples_post_processed_at_another_scale_or_not_square(
     np.save(out / "structures" / "s0_000000.npy", np.zeros((64, 48, 3), np.float32))
     assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 2
     assert "s0_000000.npy' is (64, 48, 3) and its instance map (64, 64); every sample of" in capsys.readouterr().err
+    # a non-square sample with its own map: compared as 64 px patches before
+    write_instance_map(out / "instance_maps" / "s0_000000.png", np.zeros((64, 48), np.int32))
+    assert main(["evaluate", "--samples", str(out), "--real", str(run / "data")]) == 2
+    assert (
+        "s0_000000.npy' is (64, 48, 3) and its instance map (64, 48); every sample of"
+        in (err := capsys.readouterr().err)
+        and "must be a square (64, 64, 3)" in err
+    )
 
 
 def test_a_killed_sampling_run_resumes_without_loss_or_duplicates(run):

@@ -111,13 +111,17 @@ def check_opset(opset: int) -> int:
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+    if (
+        isinstance(opset, (bool, np.bool_))
+        or not isinstance(opset, (int, np.integer))
+        or not MIN_OPSET <= opset <= newest
+    ):
         raise ValueError(
             f"`opset` (--opset) must be an integer in [{MIN_OPSET}, {newest}], got {opset!r}: the dynamo exporter "
             f"needs opset {MIN_OPSET} or newer (at 17 it writes an invalid Split node), and onnx "
             f"{onnx.__version__} knows opsets up to {newest}"
         )
-    return opset
+    return int(opset)
 
 
 def check_export_folder(path: Path) -> Path:

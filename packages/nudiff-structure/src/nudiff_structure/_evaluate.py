@@ -37,6 +37,12 @@ def hv_skill(structures: np.ndarray, maps: np.ndarray, *, min_size: int) -> floa
     maps : (N, H, W) ndarray of int
         Their instance maps.
     """
+    structures, maps = np.asarray(structures), np.asarray(maps)
+    if structures.ndim != 4 or structures.shape[-1] != 3 or maps.shape != structures.shape[:3]:
+        raise ValueError(
+            f"`structures` must be (N, H, W, 3) and `maps` (N, H, W) of the same N, H, W; got "
+            f"{structures.shape} and {maps.shape}"
+        )
     own = np.stack([hv_maps(m, min_size=min_size, centre="nearest") for m in maps])
     inside = maps > 0
     reference = float(np.abs(own[inside]).sum(dtype=np.float64))
