@@ -231,6 +231,29 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_predict_names_every_unreadable_image_before_the_first_prediction(model, tmp_path, capsys):
+    from nudiff_seg import save_hovernet
+
+    save_hovernet(tmp_path / "run", model)
+    images = tmp_path / "images"
+    for name in ("a", "c"):
+        write_image(images / f"{name}.png", np.full((40, 40, 3), 200, np.uint8))
+    import imageio.v3 as iio
+
+    iio.imwrite(images / "b_grey.png", np.zeros((40, 40), np.uint8))
+    iio.imwrite(images / "d_translucent.png", np.zeros((40, 40, 4), np.uint8))
+    args = ["--quiet", "predict", "--checkpoint", str(tmp_path / "run"), "--images", str(images)]
+    assert main([*args, "--out", str(tmp_path / "pred")]) == 2
+    err = capsys.readouterr().err
+    assert "2 of the 4 image(s) to predict in" in err and "cannot be read as RGB" in err
+    assert "b_grey.png' is a grayscale image" in err and "d_translucent.png' has an alpha channel" in err
+    assert not (tmp_path / "pred").exists()  # nothing predicted, no folder claimed
+    (images / "b_grey.png").unlink()
+    (images / "d_translucent.png").unlink()
+    assert main([*args, "--out", str(tmp_path / "pred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred" / "instance_maps").iterdir()) == ["a.png", "c.png"]
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])
 def test_an_unusable_device_fails_before_any_work(tmp_path, capsys, device):
     if device.startswith("cuda") and torch.cuda.is_available():
