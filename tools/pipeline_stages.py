@@ -162,8 +162,8 @@ def export_engine(run: Run, *, config: dict[str, Any]) -> None:
 
 def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:
     """Synthetic pairs at the segmentation's scale (``nudiff-histo seg-tiles``): images
-    upsampled to the tiles' resolution, instance maps from the structure post-processed
-    there, and ``grid`` x ``grid`` of them side by side when one is smaller than a HoVer-Net
+    upsampled to the tiles' resolution with the instance maps they were painted for, and
+    ``grid`` x ``grid`` of them side by side when one is smaller than a HoVer-Net
     input window."""
     from nudiff_histo import write_seg_tiles
 

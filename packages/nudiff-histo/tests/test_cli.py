@@ -426,15 +426,16 @@ def test_init_from_a_structure_model_is_named_before_the_pairs_are_read(run, tmp
 
 def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
     """tiny-64 pairs are 64 px at half the tiles' resolution: 2 x 2 of them, upsampled 2x,
-    make one 256 px tile for HoVer-Net's window."""
-    from nudiff_postproc import instances_from_structure, upsample
+    make one 256 px tile for HoVer-Net's window, each image with the map it was painted for."""
+    from nudiff_postproc import downscale_instance_map, upsample, upsample_instance_map
 
     samples = tmp_path / "samples"
     rng = np.random.default_rng(0)
-    for i in range(5):  # the fifth cannot fill a tile: left out
-        structure = encode_structure(synthetic_instance_map((64, 64), n_nuclei=4, seed=i), min_size=8)
+    maps = [synthetic_instance_map((64, 64), n_nuclei=6, seed=i) for i in range(5)]
+    for i, inst in enumerate(maps):  # the fifth cannot fill a tile: left out
+        write_instance_map(samples / "instance_maps" / f"s{i}.png", inst)
         (samples / "structures").mkdir(parents=True, exist_ok=True)
-        np.save(samples / "structures" / f"s{i}.npy", structure)
+        np.save(samples / "structures" / f"s{i}.npy", encode_structure(inst, min_size=8, centre="nearest"))
         write_image(samples / "images" / f"s{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     out = tmp_path / "seg"
     assert main(["seg-tiles", "--samples", str(samples), "--out", str(out)]) == 0
@@ -445,10 +446,13 @@ def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
     for j in range(4):  # s0 top left, s1 top right, s2 bottom left, s3 bottom right
         rows, cols = slice(128 * (j // 2), 128 * (j // 2 + 1)), slice(128 * (j % 2), 128 * (j % 2 + 1))
         np.testing.assert_array_equal(image[rows, cols], upsample(read_image(samples / "images" / f"s{j}.png"), 2))
-        want = instances_from_structure(upsample(np.load(samples / "structures" / f"s{j}.npy"), 2))
         got = inst[rows, cols]
-        assert len(np.unique(got)) == len(np.unique(want))  # the same nuclei, numbered apart from the others
-        np.testing.assert_array_equal(got > 0, want > 0)
+        # the painted-for map, upsampled: same nuclei (numbered apart from the other cells), same outlines
+        np.testing.assert_array_equal(got > 0, upsample_instance_map(maps[j], 2) > 0)
+        assert len(np.unique(got)) == len(np.unique(maps[j]))
+        _, first = np.unique(downscale_instance_map(got, 2), return_inverse=True)
+        _, want = np.unique(maps[j], return_inverse=True)
+        np.testing.assert_array_equal(first, want)  # the same partition as the painted-for map
     cells = [set(np.unique(inst[r : r + 128, c : c + 128])) - {0} for r in (0, 128) for c in (0, 128)]
     assert all(not (a & b) for k, a in enumerate(cells) for b in cells[k + 1 :])
     manifest = json.loads((out / "manifest.json").read_text())

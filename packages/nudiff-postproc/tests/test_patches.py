@@ -49,3 +49,37 @@ def test_errors():
         stitch(np.zeros((1, 8, 8)), np.zeros((1, 2), int), 16)
     with pytest.raises(TypeError, match=r"`origins` must hold integer pixel positions, got dtype float64"):
         stitch(np.zeros((1, 8, 8)), np.zeros((1, 2)), (16, 16))
+
+
+def _argmax_upsample(inst: np.ndarray, factor: int) -> np.ndarray:
+    """The definition, the slow way: every id's indicator upsampled over the whole map."""
+    from nudiff_postproc import upsample
+
+    ids = np.unique(np.concatenate([[0], inst.ravel()]))
+    stack = np.stack([upsample((inst == i).astype(np.float32), factor) for i in ids])
+    return ids[stack.argmax(axis=0)]  # argmax takes the first, i.e. the lower id, on ties
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_upsample_instance_map_is_the_argmax_of_upsampled_indicators_and_downscales_back(factor):
+    from nudiff_postproc import downscale_instance_map, synthetic_instance_map, upsample_instance_map
+
+    inst = synthetic_instance_map((40, 48), n_nuclei=14, seed=factor)  # touching nuclei, some at the border
+    inst[0:5, 0:6] = 777  # a large id in a corner
+    inst[39, 20:23] = 5  # a sliver on the last row, apart from the rest of nucleus 5
+    before = inst.copy()
+    up = upsample_instance_map(inst, factor)
+    np.testing.assert_array_equal(inst, before)  # not modified
+    assert up.shape == (40 * factor, 48 * factor) and up.dtype == inst.dtype
+    np.testing.assert_array_equal(up, _argmax_upsample(inst, factor))
+    np.testing.assert_array_equal(downscale_instance_map(up, factor), inst)
+    assert set(np.unique(up)) == set(np.unique(inst))
+
+
+def test_upsample_instance_map_checks_its_arguments():
+    from nudiff_postproc import upsample_instance_map
+
+    with pytest.raises(ValueError, match="`factor` must be a positive integer, got 0"):
+        upsample_instance_map(np.zeros((4, 4), np.int32), 0)
+    with pytest.raises((ValueError, TypeError), match="inst"):
+        upsample_instance_map(np.zeros((4, 4), np.float32) + 0.5, 2)

@@ -24,6 +24,7 @@ from ._patches import (
     patch_origins,
     stitch,
     upsample,
+    upsample_instance_map,
 )
 from ._process import describe_cpu, retain_freed_memory, usable_cores
 from ._render import instances_rgb, outline_overlay, picture_grid, structure_grid, structure_rgb
@@ -75,6 +76,7 @@ __all__ = [
     "nuclei_share",
     "stitch",
     "upsample",
+    "upsample_instance_map",
     "usable_cores",
     "structure_grid",
     "structure_rgb",

@@ -16,6 +16,7 @@ __all__ = [
     "downscale_instance_map",
     "downscale_image",
     "upsample",
+    "upsample_instance_map",
 ]
 
 
@@ -99,6 +100,50 @@ def upsample(array: np.ndarray, factor: int) -> np.ndarray:
     if array.dtype == np.uint8:
         return np.clip(np.rint(up), 0, 255).astype(np.uint8)
     return up
+
+
+def upsample_instance_map(inst: np.ndarray, factor: int) -> np.ndarray:
+    """An (H, W) instance map ``factor`` times larger, outlines smooth: each new pixel
+    takes the id (background 0 included) whose indicator, upsampled as :func:`upsample`
+    upsamples an image, is largest there (the lower id on ties). So the map lies on the same
+    pixel grid as the image upsampled with it, ``downscale_instance_map`` of the result
+    gives ``inst`` back exactly (the pixel it keeps weighs at least 9/16 of its block's
+    pixel), and ids are kept.
+
+    Parameters
+    ----------
+    inst : (H, W) ndarray of int
+        Instance map, 0 = background. Not modified.
+    factor : int
+        Positive integer.
+
+    Returns
+    -------
+    (H * factor, W * factor) ndarray, ``inst``'s dtype
+    """
+    from scipy import ndimage as ndi
+
+    from ._labels import compact_checked
+    from ._validate import as_instance_map
+
+    inst = as_instance_map(inst, "inst")
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"`factor` must be a positive integer, got {factor!r}")
+    factor = int(factor)
+    h, w = inst.shape
+    best = upsample((inst == 0).astype(np.float32), factor)  # the background competes as an id
+    out = np.zeros(best.shape, inst.dtype)
+    compact, ids = compact_checked(inst)
+    # each nucleus within its box grown by the one pixel bilinear interpolation reaches
+    # into: there the upsampled indicator equals that of the whole map (0 beyond it)
+    for label, (rows, cols) in enumerate(ndi.find_objects(compact), start=1):
+        r0, r1, c0, c1 = max(rows.start - 1, 0), min(rows.stop + 1, h), max(cols.start - 1, 0), min(cols.stop + 1, w)
+        up = upsample((compact[r0:r1, c0:c1] == label).astype(np.float32), factor)
+        box = (slice(r0 * factor, r1 * factor), slice(c0 * factor, c1 * factor))
+        wins = up > best[box]  # strictly: a tie keeps the lower id, seen first
+        best[box][wins] = up[wins]
+        out[box][wins] = ids[label - 1]
+    return out
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
