@@ -10,6 +10,7 @@ from ._data import (
     paired_batch,
     pairs_to_rows,
 )
+from ._evaluate import evaluate_histology, stain_statistics
 from ._export import OnnxModulatedDenoiser, export_histo_onnx, spade_layers
 from ._model import (
     PRESETS,
@@ -23,6 +24,7 @@ from ._model import (
     load_histo_model,
 )
 from ._paint import paint_images
+from ._sample import sample_histology
 from ._seg_tiles import seg_tile_grid, write_seg_tiles
 from ._train import preview_grid, train_histo_model
 
@@ -47,6 +49,9 @@ __all__ = [
     "load_histo_denoiser",
     "load_histo_model",
     "paint_images",
+    "sample_histology",
+    "evaluate_histology",
+    "stain_statistics",
     "paired_batch",
     "pairs_to_rows",
     "preview_grid",
