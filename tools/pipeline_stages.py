@@ -265,7 +265,14 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
     command += cli_args("--guidance", smp["guidance"], "--out", out / "synthetic")
     add(Stage("histo-sample", deps, [command], outputs=[out / "synthetic"], free_flags=free, resumable=True))
     add(
-        Stage("synthetic-seg", ["histo-sample"], outputs=[out / "synthetic-seg"], settings=seg["preset"]),
+        # the labels' making is a setting: tiles made before 2026-12-04 (maps post-processed again
+        # from the re-encoded structures) are named as made otherwise, to be redone
+        Stage(
+            "synthetic-seg",
+            ["histo-sample"],
+            outputs=[out / "synthetic-seg"],
+            settings={"seg_preset": seg["preset"], "labels": "painted-for maps, upsampled"},
+        ),
         synthetic_for_seg,
     )
     test = data / "test"
