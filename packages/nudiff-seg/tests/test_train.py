@@ -50,18 +50,29 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
     assert _train(data, out, "--resume", "--max-batches", "1") == 0  # the same settings resume
 
 
-def test_a_state_trained_with_the_papers_msge_directions_is_not_resumed(data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [  # as saved before 2026-12-03: the paper's MSGE directions (h along x, v along y), the old streams
+        ("msge_gradients", "h along y, v along x (HoVer-Net's code)", "recorded no MSGE gradient directions"),
+        (
+            "rng_streams",
+            "plan [seed, epoch, 0], batch b [seed, epoch, 1, b]",
+            "recorded no random streams of the epoch plans and batches",
+        ),
+    ],
+)
+def test_a_state_saved_before_a_required_record_is_not_resumed(data, tmp_path, capsys, key, value, message):
     import json
 
     out = tmp_path / "run"
     assert _train(data, out, "--max-batches", "1") == 0
     state = torch.load(out / "train_state.pt", weights_only=True)
     settings = json.loads(state["settings"])
-    assert settings["train"].pop("msge_gradients") == "h along y, v along x (HoVer-Net's code)"
-    state["settings"] = json.dumps(settings)  # as saved before 2026-12-03 (h along x, v along y)
+    assert settings["train"].pop(key) == value
+    state["settings"] = json.dumps(settings)
     torch.save(state, out / "train_state.pt")
     assert _train(data, out, "--resume") == 2
-    assert "older version that recorded no MSGE gradient directions" in capsys.readouterr().err
+    assert f"older version that {message}" in capsys.readouterr().err
 
 
 def test_an_epochs_plan_and_its_batches_draw_from_streams_of_their_own():
@@ -71,20 +82,6 @@ def test_an_epochs_plan_and_its_batches_draw_from_streams_of_their_own():
         first = [_plan_rng(seed, epoch).random(4)] + [_batch_rng(seed, epoch, b).random(4) for b in range(5)]
         first += [_plan_rng(seed, epoch + 1).random(4), _batch_rng(seed, epoch + 1, 0).random(4)]
         assert len({tuple(draws) for draws in first}) == len(first), (seed, epoch)
-
-
-def test_a_state_with_the_old_random_streams_is_not_resumed(data, tmp_path, capsys):
-    import json
-
-    out = tmp_path / "run"
-    assert _train(data, out, "--max-batches", "1") == 0
-    state = torch.load(out / "train_state.pt", weights_only=True)
-    settings = json.loads(state["settings"])
-    assert settings["train"].pop("rng_streams") == "plan [seed, epoch, 0], batch b [seed, epoch, 1, b]"
-    state["settings"] = json.dumps(settings)  # as saved before 2026-12-03
-    torch.save(state, out / "train_state.pt")
-    assert _train(data, out, "--resume") == 2
-    assert "recorded no random streams of the epoch plans and batches" in capsys.readouterr().err
 
 
 def test_a_resumed_epoch_logs_the_uninterrupted_row(data, tmp_path):
