@@ -46,7 +46,7 @@ def write_seg_tiles(
     map was made again by post-processing the sample's structure upsampled; that structure
     is the condition re-encoded from the map, whose sharp h/v maps the watershed reads
     differently: on the demo's 32 pairs 30 maps changed, nuclei painted in the image were
-    lost or split, 15.6% of the painted nuclei's pixels labelled background. ``grid`` x
+    lost or split, 15.5% of the painted nuclei's pixels labelled background. ``grid`` x
     ``grid`` pairs, in name order, are laid side by side into one tile (ids kept apart),
     and a remainder that cannot fill a tile is left out. The folder is built beside ``out`` and renamed into
     place (an existing ``out`` is replaced).

@@ -107,8 +107,8 @@ def upsample_instance_map(inst: np.ndarray, factor: int) -> np.ndarray:
     takes the id (background 0 included) whose indicator, upsampled as :func:`upsample`
     upsamples an image, is largest there (the lower id on ties). So the map lies on the same
     pixel grid as the image upsampled with it, ``downscale_instance_map`` of the result
-    gives ``inst`` back exactly (the pixel it keeps weighs at least 9/16 of its block's
-    pixel), and ids are kept.
+    gives ``inst`` back exactly (at the pixel it keeps, the indicator of the block's own
+    source pixel is at least 9/16), and ids are kept.
 
     Parameters
     ----------
