@@ -81,5 +81,7 @@ def test_upsample_instance_map_checks_its_arguments():
 
     with pytest.raises(ValueError, match="`factor` must be a positive integer, got 0"):
         upsample_instance_map(np.zeros((4, 4), np.int32), 0)
+    empty = upsample_instance_map(np.zeros((3, 5), np.uint16), 2)
+    assert empty.shape == (6, 10) and empty.dtype == np.uint16 and not empty.any()
     with pytest.raises((ValueError, TypeError), match="inst"):
         upsample_instance_map(np.zeros((4, 4), np.float32) + 0.5, 2)
