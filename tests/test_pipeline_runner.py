@@ -278,3 +278,20 @@ def test_the_sampling_batch_changes_no_sampling_stage(tmp_path, sampler):
     a, b = prints(4), prints(2)
     assert a["structure-sample"] == b["structure-sample"] and a["histo-sample"] == b["histo-sample"]
     assert prints(4) == a  # and the fingerprints are stable
+
+
+def test_the_report_says_when_a_model_found_no_nucleus(tmp_path):
+    # all-zero scores read as nuclei found and missed unless the report says the prediction was empty
+    import numpy as np
+    from nudiff_postproc import write_instance_map
+    from pipeline_config import load_config
+    from pipeline_report import report_blocks
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml", out=str(tmp_path))
+    for run, found in (("subset", True), ("subset+synthetic", False)):
+        inst = np.zeros((20, 20), np.int32)
+        inst[2:6, 2:6] = int(found)
+        write_instance_map(tmp_path / "predictions" / run / "instance_maps" / "t.png", inst)
+    notes = [text for kind, *rest in report_blocks(tmp_path, config, {}) if kind == "p" for text in rest]
+    empty = [t for t in notes if "found no nucleus" in t]
+    assert len(empty) == 1 and empty[0].startswith("subset+synthetic: the model found no nucleus on any test tile")
