@@ -16,7 +16,8 @@ from ._validate import as_instance_map
 
 __all__ = ["OverlapTable", "overlap_table", "evaluate", "mean_metrics", "METRIC_KEYS"]
 
-#: The keys of :func:`evaluate`, in HoVer-Net's ``compute_stats`` order.
+#: The keys of :func:`evaluate`, in the order of the tables nudiff prints (HoVer-Net's ``compute_stats``
+#: prints dice, dq, sq, pq, aji_plus, aji: compare by name, not by position).
 METRIC_KEYS: tuple[str, ...] = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 
 
