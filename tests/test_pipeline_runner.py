@@ -292,6 +292,9 @@ def test_the_report_says_when_a_model_found_no_nucleus(tmp_path):
         inst = np.zeros((20, 20), np.int32)
         inst[2:6, 2:6] = int(found)
         write_instance_map(tmp_path / "predictions" / run / "instance_maps" / "t.png", inst)
+    # what a folder may also hold: a hidden file, a killed write's temporary file
+    (tmp_path / "predictions" / "subset+synthetic" / "instance_maps" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "predictions" / "subset" / "instance_maps" / ".t.png.123.part").write_bytes(b"\0")
     notes = [text for kind, *rest in report_blocks(tmp_path, config, {}) if kind == "p" for text in rest]
     empty = [t for t in notes if "found no nucleus" in t]
     assert len(empty) == 1 and empty[0].startswith("subset+synthetic: the model found no nucleus on any test tile")

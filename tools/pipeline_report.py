@@ -152,9 +152,14 @@ def _curves(out: Path, config: dict[str, Any], path: Path) -> bool:
 def _predicted_nuclei(out: Path, run: str) -> int | None:
     """How many nuclei a run's model found on all the test tiles (None: no predictions)."""
     from nudiff_postproc import read_instance_map
+    from nudiff_postproc._folders import INSTANCE_MAP_SUFFIXES, list_files
 
-    maps = sorted((out / "predictions" / run / "instance_maps").glob("*"))
-    return sum(len(np.unique(read_instance_map(m))) - 1 for m in maps) if maps else None
+    folder = out / "predictions" / run / "instance_maps"
+    if not folder.is_dir():
+        return None
+    # the maps only: no hidden files, no temporary files of a killed write
+    maps = list_files(folder, INSTANCE_MAP_SUFFIXES, "predicted instance map") if any(folder.iterdir()) else {}
+    return sum(len(np.unique(read_instance_map(m))) - 1 for m in maps.values()) if maps else None
 
 
 def _predictions(out: Path, config: dict[str, Any], side: int = 256) -> np.ndarray | None:

@@ -463,6 +463,21 @@ def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
     assert (out / "images" / "mosaic_0000.png").is_file()  # the earlier tiles stay until a run succeeds
 
 
+def test_seg_tiles_keep_nuclei_whose_ids_exceed_int32(tmp_path):
+    from nudiff_histo import write_seg_tiles
+
+    samples = tmp_path / "samples"
+    for i in range(4):
+        inst = np.zeros((64, 64), np.int64)
+        inst[4:14, 4:14], inst[30:40, 30:40] = 1, 2**32 + 1  # 2**32 + 1 wrapped to 1 in int32
+        (samples / "instance_maps").mkdir(parents=True, exist_ok=True)
+        np.save(samples / "instance_maps" / f"s{i}.npy", inst)
+        write_image(samples / "images" / f"s{i}.png", np.full((64, 64, 3), 200, np.uint8))
+    write_seg_tiles(samples, tmp_path / "seg", preset="tiny-64", grid=2)
+    tile = read_instance_map(tmp_path / "seg" / "instance_maps" / "mosaic_0000.png")
+    assert len(np.unique(tile)) - 1 == 8  # two nuclei in each of the four cells
+
+
 def test_a_first_try_that_fails_before_its_first_image_leaves_nothing(run, tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise MemoryError("the first batch did not fit")

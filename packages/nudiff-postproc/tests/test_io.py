@@ -146,6 +146,13 @@ def test_cmyk_and_palette_images_are_read_as_their_rgb_colours(tmp_path):
             np.testing.assert_array_equal(read_image(tmp_path / name, strict=strict), rgb, err_msg=name)
     jpeg = read_image(tmp_path / "ink.jpg", strict=True).astype(int)
     assert np.abs(jpeg - rgb).max() <= 3  # JPEG rounding, not C, M, Y read as R, G, B
+    Image.fromarray(rgb).convert("YCbCr").save(tmp_path / "ycc.tif")  # tifffile gave the raw Y, Cb, Cr
+    assert np.abs(read_image(tmp_path / "ycc.tif").astype(int) - rgb).max() <= 3  # YCbCr rounding
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "lab.tif", rgb, photometric="cielab")
+    with pytest.raises(ValueError, match=r"lab\.tif' could not be read .*CIELAB TIFF: its channels are L\*a\*b\*"):
+        read_image(tmp_path / "lab.tif")
 
 
 def test_palette_pngs_are_read_as_their_indices(tmp_path):

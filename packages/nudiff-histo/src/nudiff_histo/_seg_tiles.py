@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from nudiff_postproc import (
     PATCH_GEOMETRY,
+    compact_labels,
     read_image,
     read_instance_map,
     upsample,
@@ -98,7 +99,8 @@ def write_seg_tiles(
                             f"{geometry.image_size}x{geometry.image_size}"
                         )
                 r, c = divmod(j, grid)
-                cell = upsample_instance_map(painted_for.astype(np.int32), geometry.downscale)
+                # numbered 1..N first: ids beyond int32 (a .npy or .tif map) must not wrap
+                cell = upsample_instance_map(compact_labels(painted_for)[0], geometry.downscale)
                 cell = np.where(cell > 0, cell + inst.max(), 0)
                 rows, cols = slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)
                 inst[rows, cols] = cell

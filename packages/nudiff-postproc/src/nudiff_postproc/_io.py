@@ -124,13 +124,16 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 #: Pillow modes whose channels are not red, green and blue (a CMYK JPEG's fourth channel is
 #: its black ink, not alpha): read through Pillow's conversion to RGB
-_OTHER_COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
+_OTHER_COLOUR_MODES = ("CMYK", "YCbCr")
+#: TIFF photometric interpretations read through Pillow's conversion to RGB (tifffile
+#: returns their raw channels, or a palette's indices)
+_PILLOW_TIFFS = ("PALETTE", "SEPARATED", "YCBCR")
 
 
 def _read_colour_image(path: Path, tiff: bool) -> np.ndarray:
     """An image's pixels as RGB(A) or grey, through Pillow's colour conversion for ink
-    (CMYK) and other colour spaces, and for palette TIFFs (tifffile returns their indices;
-    Pillow's PNG reader expands palettes itself)."""
+    (CMYK) and YCbCr, and for palette TIFFs (tifffile returns their indices; Pillow's PNG
+    reader expands palettes itself)."""
     import imageio.v3 as iio
     from PIL import Image
 
@@ -139,7 +142,9 @@ def _read_colour_image(path: Path, tiff: bool) -> np.ndarray:
 
         with tifffile.TiffFile(path) as tif:
             photometric = tif.pages[0].photometric
-        if photometric not in (tifffile.PHOTOMETRIC.PALETTE, tifffile.PHOTOMETRIC.SEPARATED):
+        if photometric in (tifffile.PHOTOMETRIC.CIELAB, tifffile.PHOTOMETRIC.ICCLAB, tifffile.PHOTOMETRIC.ITULAB):
+            raise ValueError(f"a {photometric.name} TIFF: its channels are L*a*b*, not RGB; convert it to RGB first")
+        if photometric not in tuple(tifffile.PHOTOMETRIC[name] for name in _PILLOW_TIFFS):
             return _read_tiff(path)
         return iio.imread(path, plugin="pillow", mode="RGB")
     with Image.open(path) as image:
@@ -287,8 +292,8 @@ def read_image(path: str | os.PathLike[str], *, strict: bool = False) -> np.ndar
     """Read an RGB image (PNG, TIFF or JPEG) as ``(H, W, 3)`` uint8.
 
     An alpha channel is dropped (as ``cv2.imread`` does in HoVer-Net; CoNSeP's PNGs carry
-    one) and a grayscale image is repeated into three channels. CMYK (and YCbCr, Lab, HSV)
-    images and palette images are converted to their RGB colours. With ``strict=True``, for
+    one) and a grayscale image is repeated into three channels. CMYK and YCbCr images and palette
+    images are converted to their RGB colours; CIELab TIFFs are refused, naming the file. With ``strict=True``, for
     models of stain colour, a grayscale image and an alpha channel that is not fully opaque
     (whose colours would be ambiguous) are refused with a ``ValueError`` naming the file.
     """
