@@ -252,6 +252,14 @@ def test_predict_names_every_unreadable_image_before_the_first_prediction(model,
     (images / "d_translucent.png").unlink()
     assert main([*args, "--out", str(tmp_path / "pred")]) == 0
     assert sorted(p.name for p in (tmp_path / "pred" / "instance_maps").iterdir()) == ["a.png", "c.png"]
+    # a resume with another model is refused for that first, before any image is read
+    iio.imwrite(images / "e_grey.png", np.zeros((40, 40), np.uint8))
+    other = build_hovernet("tiny")
+    save_hovernet(tmp_path / "other", other)
+    other_args = ["--quiet", "predict", "--checkpoint", str(tmp_path / "other"), "--images", str(images)]
+    assert main([*other_args, "--out", str(tmp_path / "pred")]) == 2
+    err = capsys.readouterr().err
+    assert "was started with the model" in err and "cannot be read" not in err
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])

@@ -94,26 +94,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if hasattr(model, "check_batch"):  # an exported graph: its batch limit, before --out is made
         model.check_batch(args.batch)
     images = list_files(args.images, IMAGE_SUFFIXES, "image")
-    # the maps already in --out are skipped (below: only if this model made them)
-    todo = [
-        n
-        for n in images
-        if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))
-    ]
-    # every image to predict is read once before the first prediction: an unreadable one
-    # (grey, translucent, not 8-bit) is named now, with all the others, not hours into the run
-    unreadable = []
-    for name in tqdm(todo, desc="check images", disable=args.quiet, leave=False):
-        try:
-            read_rgb(images[name])
-        except (ValueError, TypeError) as exc:
-            unreadable.append(str(exc))
-    if unreadable:
-        raise ValueError(
-            f"{len(unreadable)} of the {len(todo)} image(s) to predict in '{args.images}' cannot be read as RGB:\n  "
-            + "\n  ".join(unreadable)
-        )
+    # the maps already in --out are skipped: only if this model made them (checked first, by
+    # the claim; a first try that fails before its first output leaves no folder)
     with claimed_output_folder(args.out, {"model": model_digest(model)}, flags=MODEL_FLAG):
+        todo = [
+            n
+            for n in images
+            if not any(p.exists() for p in (prediction_paths(args.out, n, f)["instance_map"] for f in (".png", ".tif")))
+        ]
+        # every image to predict is read once before the first prediction: an unreadable one
+        # (grey, translucent, not 8-bit) is named now, with all the others, not hours into the run
+        unreadable = []
+        for name in tqdm(todo, desc="check images", disable=args.quiet, leave=False):
+            try:
+                read_rgb(images[name])
+            except (ValueError, TypeError) as exc:
+                unreadable.append(str(exc))
+        if unreadable:
+            raise ValueError(
+                f"{len(unreadable)} of the {len(todo)} image(s) to predict in '{args.images}' cannot be read as "
+                "RGB:\n  " + "\n  ".join(unreadable)
+            )
         for name in tqdm(todo, desc="predict", disable=args.quiet):
             image = read_rgb(images[name])
             inst, _ = predict_instances(model, image, batch=args.batch)
