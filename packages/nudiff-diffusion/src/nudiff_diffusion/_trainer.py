@@ -352,10 +352,10 @@ def train(
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() == 0:  # halved on every skipped step, ~170 of them in a row
+            if scaler.get_scale() == 0:  # halved on every skipped step: 166 in a row from 2^16
                 raise FloatingPointError(
                     f"the fp16 loss scale fell to 0 at step {step}: the gradients have been inf or NaN on every "
-                    f"step for the last ~{int(math.log2(65536)) + 150} steps (precision {config.precision})"
+                    f"step for the last ~166 steps (precision {config.precision})"
                 )
             took_step = scaler.get_scale() >= scale  # the scale drops when inf/NaN gradients skipped the step
         else:

@@ -130,13 +130,21 @@ _OTHER_COLOUR_MODES = ("CMYK", "YCbCr")
 _PILLOW_TIFFS = ("PALETTE", "SEPARATED", "YCBCR")
 
 
+def _read_with_pillow(path: Path, mode_for: dict[str, str]) -> np.ndarray:
+    """The file's pixels through imageio's Pillow plugin, converted to ``mode_for[mode]``
+    when Pillow opens it in one of those modes (its header alone is read to see which)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mode = image.mode
+    return iio.imread(path, plugin="pillow", mode=mode_for.get(mode))
+
+
 def _read_colour_image(path: Path, tiff: bool) -> np.ndarray:
     """An image's pixels as RGB(A) or grey, through Pillow's colour conversion for ink
     (CMYK) and YCbCr, and for palette TIFFs (tifffile returns their indices; Pillow's PNG
     reader expands palettes itself)."""
-    import imageio.v3 as iio
-    from PIL import Image
-
     if tiff:
         import tifffile
 
@@ -146,21 +154,16 @@ def _read_colour_image(path: Path, tiff: bool) -> np.ndarray:
             raise ValueError(f"a {photometric.name} TIFF: its channels are L*a*b*, not RGB; convert it to RGB first")
         if photometric not in tuple(tifffile.PHOTOMETRIC[name] for name in _PILLOW_TIFFS):
             return _read_tiff(path)
+        import imageio.v3 as iio
+
         return iio.imread(path, plugin="pillow", mode="RGB")
-    with Image.open(path) as image:
-        convert = image.mode in _OTHER_COLOUR_MODES
-    return iio.imread(path, plugin="pillow", mode="RGB" if convert else None)
+    return _read_with_pillow(path, dict.fromkeys(_OTHER_COLOUR_MODES, "RGB"))
 
 
 def _read_png_map(path: Path) -> np.ndarray:
     """A PNG's pixels as stored: the indices of a palette PNG (label tools such as labelme
     write instance ids as palette indices; Pillow would otherwise expand them to colours)."""
-    import imageio.v3 as iio
-    from PIL import Image
-
-    with Image.open(path) as image:
-        palette = image.mode == "P"
-    return iio.imread(path, plugin="pillow", mode="P" if palette else None)
+    return _read_with_pillow(path, {"P": "P"})
 
 
 def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:

@@ -127,11 +127,8 @@ def upsample_instance_map(inst: np.ndarray, factor: int) -> np.ndarray:
     from ._validate import as_instance_map
 
     inst = as_instance_map(inst, "inst")
-    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"`factor` must be a positive integer, got {factor!r}")
-    factor = int(factor)
     h, w = inst.shape
-    best = upsample((inst == 0).astype(np.float32), factor)  # the background competes as an id
+    best = upsample((inst == 0).astype(np.float32), factor)  # checks `factor`; the background competes as an id
     out = np.zeros(best.shape, inst.dtype)
     compact, ids = compact_checked(inst)
     # each nucleus within its box grown by the one pixel bilinear interpolation reaches
