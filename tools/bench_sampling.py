@@ -293,11 +293,12 @@ def quantized_int8(graph: Path, out: Path, *, static: bool, batch: int) -> Path:
     return out
 
 
-def torch_variants(cuda: bool, compile: bool) -> list[tuple[str, str, dict[str, Any]]]:
+def torch_variants(cuda: bool, compile: bool, only: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
     """(engine, precision, TorchDenoiser options) of the PyTorch rows: eager float32 first
     (every row's reference; channels-last on the CPU, as the command lines load it, then the
     plain NCHW layout), bf16 autocast; on a GPU CUDA graphs, float16 autocast; with
-    ``compile``, torch.compile (bf16, and on a GPU with CUDA graphs too)."""
+    ``compile``, torch.compile (bf16, and on a GPU with CUDA graphs too). ``only``: keep
+    the reference and the rows whose engine name contains it."""
     layout = {} if cuda else {"channels_last": True}
     bf16 = {"dtype": torch.bfloat16, **layout}
     rows = [("pytorch eager", "fp32", layout)]
@@ -315,7 +316,7 @@ def torch_variants(cuda: bool, compile: bool) -> list[tuple[str, str, dict[str, 
         if cuda:
             both = {**bf16, "compile": True, "cuda_graphs": True}
             rows.append(("pytorch compile + cuda graphs", "bf16 autocast", both))
-    return rows
+    return rows if only is None else [rows[0], *(row for row in rows[1:] if only in row[0])]
 
 
 def engines(
@@ -329,13 +330,14 @@ def engines(
     onnx: bool = True,
     compile: bool = False,
     cache: Path | None = None,
+    only: str | None = None,
 ) -> Iterator[tuple[str, str, Any]]:
     """(engine, precision, runtime) of one model: PyTorch (:func:`torch_variants`, on the
     model's device) and the ONNX exports of ``tools/export_onnx.py`` (exported here), made
     one at a time so that only one runtime (and its SPADE modulations: GBs at small-128) is
-    alive. ``cache``: see :func:`export_graph`."""
+    alive. ``cache``: see :func:`export_graph`; ``only``: see :func:`torch_variants`."""
     cuda = next(model.parameters()).device.type == "cuda"
-    for engine, precision, options in torch_variants(cuda, compile):
+    for engine, precision, options in torch_variants(cuda, compile, only):
         # a channels-last runtime converts its model: a copy, so the others keep NCHW
         own = copy.deepcopy(model) if options.get("channels_last") else model
         if kind == "structure":
@@ -507,6 +509,12 @@ def main() -> int:
         "--compile", action="store_true", help="also time torch.compile (about a minute per shape on this CPU)"
     )
     parser.add_argument("--no-onnx", action="store_true", help="PyTorch rows only (e.g. a GPU without onnxruntime-gpu)")
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="PyTorch rows: only eager fp32 (the reference) and those whose engine contains TEXT "
+        "(e.g. 'compile' after a run without --compile)",
+    )
     add_graph_cache_argument(parser)
     parser.add_argument(
         "--system-malloc",
@@ -577,6 +585,7 @@ def main() -> int:
                     onnx=not args.no_onnx,
                     compile=args.compile,
                     cache=args.graph_cache,
+                    only=args.only,
                 ):
                     r = time_row(kind, runtime, n, size, args)
                     flops = cached if ("cached" in engine and "uncached" not in engine) else uncached
