@@ -18,6 +18,9 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["ddpm", "ddim", "dpmpp2m"]
 Spacing = Literal["uniform", "quadratic", "logsnr"]
 _DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
+#: DPM-Solver++(2M) runs of fewer updates (model evaluations less the final one) take
+#: their last update in first order: ``lower_order_final`` of DPM-Solver's reference code
+_LOWER_ORDER_FINAL_BELOW = 10
 
 
 def gaussian_eps_fn(schedule: NoiseSchedule, mean: float, std: float) -> EpsFn:
@@ -178,7 +181,10 @@ def sample(
         The schedule the model was trained with (e.g. ``NoiseSchedule.linear(1000)``).
     method : {"ddpm", "ddim", "dpmpp2m"}
         Ancestral sampling (learned variance if given, else the posterior variance);
-        DDIM (deterministic for ``eta=0``); DPM-Solver++(2M) in data prediction.
+        DDIM (deterministic for ``eta=0``); DPM-Solver++(2M) in data prediction (as
+        DPM-Solver's multistep sampler with ``denoise_to_zero``: ``steps`` evaluations are
+        its ``steps - 1`` updates and a final data prediction; with under 10 updates the
+        last is first order, its ``lower_order_final``).
     steps : int
         Model evaluations (steps of the visited grid).
     spacing : {"uniform", "quadratic", "logsnr"}, optional
@@ -250,6 +256,9 @@ def sample(
         return eps, v, x0, t_sub
 
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0) of earlier dpmpp2m steps
+    # DPM-Solver's lower_order_final (its default): with under 10 updates, the last one is
+    # first order, which steadies few-step runs (dpm_solver_pytorch's multistep sample)
+    first_order_last = sub.num_timesteps - 1 < _LOWER_ORDER_FINAL_BELOW
     x0 = x
     for i in order:
         eps, v, x0, t_sub = predict(i, x)
@@ -276,7 +285,7 @@ def sample(
                 h = lam_next - lam
                 sigma_ratio = np.sqrt((1 - ab_next) / (1 - float(sub.alphas_bar[i])))
                 d = x0
-                if history:
+                if history and not (i == 1 and first_order_last):
                     lam_prev, x0_prev = history[-1]
                     r = (lam - lam_prev) / h
                     d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
