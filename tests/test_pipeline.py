@@ -184,6 +184,21 @@ def test_encoder_weights_are_checked_first_and_passed_to_every_training(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_gradient_clipping_is_passed_only_where_it_is_not_the_default(tmp_path):
+    result = _run(tmp_path / "out", "--set", "structure.grad_clip=0", "--set", "histo.grad_clip=0.5", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    structure = [line for line in lines if "nudiff_structure.cli --quiet train" in line]
+    histo = [line for line in lines if "nudiff_histo.cli --quiet train" in line]
+    assert len(structure) == 1 and "--grad-clip 0.0 " in structure[0]
+    assert len(histo) == 2 and all("--grad-clip 0.5 " in line for line in histo)
+    default = _run(tmp_path / "out", "--dry-run")
+    assert default.returncode == 0 and "--grad-clip" not in default.stdout  # earlier runs' commands unchanged
+    assert "structure.grad_clip must be a finite number in [0, inf), got -1.0" in _config_error(
+        "structure.grad_clip=-1"
+    )
+
+
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     result = _run(tmp_path / "out", "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -32,7 +32,15 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "prepare": {"patch_size": 256, "stride": 128, "fraction": 0.1, "seed": 0},
-    "structure": {"preset": "tiny-64", "steps": 400, "batch": 4, "lr": 2e-4, "ema": 0.999, "save_every": 200},
+    "structure": {
+        "preset": "tiny-64",
+        "steps": 400,
+        "batch": 4,
+        "lr": 2e-4,
+        "ema": 0.999,
+        "grad_clip": 1.0,  # the gradients' global norm is clipped to this; 0: not clipped (the paper's code)
+        "save_every": 200,
+    },
     "histo": {
         "preset": "tiny-64",
         "pretrain_steps": 300,  # the paper's first phase: no condition dropping
@@ -42,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "finetune_lr": 2e-5,
         "drop_prob": 0.2,
         "ema": 0.999,
+        "grad_clip": 1.0,  # as structure.grad_clip
         "save_every": 100,
         # where the SPADE layers sit: "decoder" (the paper's) or "all" (every normalisation:
         # a model of a few hundred CPU steps paints from its structure only this way)
@@ -241,6 +250,8 @@ _AT_LEAST = [
 _WITHIN = [
     ("structure", "lr", 0.0, math.inf, False, False),
     ("structure", "ema", 0.0, 1.0, True, False),
+    ("structure", "grad_clip", 0.0, math.inf, True, False),
+    ("histo", "grad_clip", 0.0, math.inf, True, False),
     ("histo", "lr", 0.0, math.inf, False, False),
     ("histo", "finetune_lr", 0.0, math.inf, False, False),
     ("histo", "drop_prob", 0.0, 1.0, True, True),

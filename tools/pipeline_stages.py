@@ -187,7 +187,18 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         return command
 
     def common(section: dict[str, Any]) -> list[Any]:
-        return ["--batch", section["batch"], "--ema", section["ema"], "--save-every", section["save_every"], "--resume"]
+        # --grad-clip only where it is not the default: earlier runs' commands stay the same
+        clip = [] if section["grad_clip"] == 1.0 else ["--grad-clip", section["grad_clip"]]
+        return [
+            "--batch",
+            section["batch"],
+            "--ema",
+            section["ema"],
+            *clip,
+            "--save-every",
+            section["save_every"],
+            "--resume",
+        ]
 
     stages: list[Stage] = []
 

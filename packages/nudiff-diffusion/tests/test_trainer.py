@@ -84,6 +84,7 @@ def test_a_resume_with_other_settings_or_a_broken_state_is_refused(tmp_path):
         ({"lr": 2e-4}, "was started with --lr 0.0001, this resume gives 0.0002"),
         ({"batch_size": 8}, "was started with --batch 4, this resume gives 8"),
         ({"precision": "bf16"}, "was started with --precision 'fp32', this resume gives 'bf16'"),
+        ({"grad_clip": 0.0}, "was started with --grad-clip 1.0, this resume gives 0.0"),
     ):
         with pytest.raises(ValueError, match=message):
             train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, **changes), resume=True)
@@ -328,3 +329,16 @@ def test_any_seed_trains_and_seeds_torch_accepts_keep_their_streams(tmp_path):
     assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(123456789)))
     # a large seed mixed with the step (here 2e22) overflowed torch's 64-bit seed
     train(_model(), _data(), SCHEDULE, tmp_path, TrainConfig(steps=1, batch_size=2, seed=2_000_000), progress=False)
+
+
+def test_the_train_flags_make_the_config():
+    import argparse
+
+    from nudiff_diffusion import add_train_arguments, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    default = train_config_from_args(parser.parse_args(["--device", "cpu"]))
+    assert (default.grad_clip, default.weight_decay, default.batch_size) == (1.0, 0.05, 4)
+    unclipped = train_config_from_args(parser.parse_args(["--device", "cpu", "--grad-clip", "0", "--batch", "2"]))
+    assert (unclipped.grad_clip, unclipped.batch_size) == (0.0, 2)

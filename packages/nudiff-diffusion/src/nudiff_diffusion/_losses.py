@@ -86,7 +86,9 @@ def training_losses(
     second half of channels is the learned-range variance and ``vlb`` (its variational
     bound, with the predicted mean detached so that only the variance learns from it,
     scaled by ``num_timesteps``) is added with ``vlb_weight``: ``loss = mse + vlb_weight *
-    vlb``. guided-diffusion writes this weight as a division of the vlb by 1000.
+    vlb``. With the default 0.001 that is improved-diffusion's ``RESCALED_MSE`` (``mse + vb *
+    num_timesteps / 1000``); at 1,000 steps, as nudiff's models train, it equals the ``MSE``
+    loss type with learned sigma of the paper's code (``mse + vb``).
 
     Returns
     -------

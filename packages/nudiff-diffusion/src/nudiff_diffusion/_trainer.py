@@ -34,7 +34,11 @@ STATE_NAME = "train_state.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (the paper's: AdamW, lr 1e-4, weight decay 0.05, batch 4)."""
+    """Optimisation settings: AdamW at a constant rate, by default lr 1e-4, weight decay
+    0.05 and batch 4 (the paper code's structure model; its histology model uses Adam with an
+    L2 penalty of 0.01, batch 1 and cosine cycles of 10,000 steps after 2,000 warm-up steps,
+    which nudiff does not reproduce), gradients clipped to a global norm of 1 (``grad_clip``;
+    None or 0: no clipping, as neither of the paper's models does)."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -142,7 +146,12 @@ def _save(
 
 
 _RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "log_every", "microbatch", "device")
-_TRAIN_FLAGS = {"batch_size": "--batch", "ema_rate": "--ema", "cond_drop_prob": "--drop-prob"}
+_TRAIN_FLAGS = {
+    "batch_size": "--batch",
+    "ema_rate": "--ema",
+    "cond_drop_prob": "--drop-prob",
+    "grad_clip": "--grad-clip",
+}
 _DIFFUSION_FLAGS = {
     "patches": "the patches of the data (--data / --pairs, --subset)",
     "structure_preset": "--preset",
