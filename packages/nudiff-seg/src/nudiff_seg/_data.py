@@ -136,7 +136,8 @@ def _jitter_stains(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.
 
 @dataclass(frozen=True)
 class Augment:
-    """Augmentation settings (HoVer-Net-style: geometric, then photometric)."""
+    """Augmentation settings: geometric (dihedral), then photometric; lighter than HoVer-Net's
+    (no affine, median blur, noise, hue or saturation; the package README lists both)."""
 
     dihedral: bool = True
     hed_sigma: float = 0.05  # stain: each HED channel scaled by 1 + N(0, s) and shifted by N(0, s)

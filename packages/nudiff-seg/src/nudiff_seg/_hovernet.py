@@ -5,7 +5,11 @@ The layout follows the reference PyTorch implementation (github vqdang/hover_net
 keeps the full resolution (``conv0`` 7x7 stride 1, no max-pooling), a 1x1 bottleneck
 ``conv_bot``, and one decoder per branch (NP: nuclear pixels, HV: horizontal/vertical
 distance maps) of three upsampling stages with dense blocks of valid convolutions. The
-module and parameter names are the reference's, so its state dicts and ours line up.
+module and parameter names are the reference's except the batch norms inside units, whose
+``/`` is a ``_`` here (``preact/bn`` -> ``preact_bn``, ``conv1/bn`` -> ``conv1_bn``,
+``preact_bna/bn`` -> ``preact_bna_bn``; 460 keys of the original mode): with that renaming a
+reference state dict of the NP and HV branches loads with no key missing or left over
+(checked in a review of 2026-12-04; no loader for the reference's checkpoints is provided).
 
 Two modes, as in the reference: ``original`` (270 px in, 80 px out, 5x5 decoder
 convolutions) and ``fast`` (256 px in, 164 px out, 3x3 decoder convolutions). The
