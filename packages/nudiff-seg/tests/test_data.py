@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
 from nudiff_seg import Augment, MixedBatches, load_tiles, window_origins
-from nudiff_seg._data import Tiles, cut_window
+from nudiff_seg._data import Tiles, _mirror, affine_source, cut_window
 
 
 def _tiles(folder, n, size, seed=0):
@@ -181,3 +181,56 @@ def test_name_lists_keep_names_with_spaces_and_hashes(tmp_path):
         read_name_list(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="subset list not found"):
         read_name_list(tmp_path / "none.txt")
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_affine_source_of_the_identity_and_of_a_quarter_turn(size):
+    window = np.arange(20 * 30).reshape(20, 30)[3 : 3 + size, 5 : 5 + size]
+    rows, cols = affine_source((20, 30), (3, 5), size, np.eye(2), np.zeros(2))
+    np.testing.assert_array_equal(np.arange(20 * 30).reshape(20, 30)[rows, cols], window)
+    # source = centre + (-d_col, d_row): a clockwise quarter turn about the window's centre
+    quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
+    rows, cols = affine_source((20, 30), (3, 5), size, quarter, np.zeros(2))
+    np.testing.assert_array_equal(np.arange(20 * 30).reshape(20, 30)[rows, cols], np.rot90(window, -1))
+    # a shift moves the window's centre in the image
+    rows, cols = affine_source((20, 30), (3, 5), size, np.eye(2), np.array([2.0, -1.0]))
+    np.testing.assert_array_equal(
+        np.arange(20 * 30).reshape(20, 30)[rows, cols], np.arange(20 * 30).reshape(20, 30)[5 : 5 + size, 4 : 4 + size]
+    )
+
+
+@pytest.mark.parametrize("length", [1, 2, 5])
+def test_mirror_is_numpys_reflect_padding(length):
+    pad = 4 * length + 3
+    index = np.arange(-pad, length + pad)
+    padded = np.pad(np.arange(length), pad, mode="reflect") if length > 1 else np.zeros(length + 2 * pad, int)
+    np.testing.assert_array_equal(_mirror(index, length), padded[index + pad])
+
+
+def test_drawn_affine_transforms_stay_in_hovernets_ranges():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        matrix, shift = Augment().draw_affine(256, rng)
+        forward = np.linalg.inv(matrix)
+        singular = np.linalg.svd(forward, compute_uv=False)  # the axes' scales, sheared a little
+        assert 0.8 * 0.95 <= singular.min() and singular.max() <= 1.2 / 0.95
+        assert np.all(np.abs(shift) <= 0.01 * 256)
+    rotation_only = Augment(scale=0.0, shear=0.0, translate=0.0)
+    for _ in range(20):
+        matrix, shift = rotation_only.draw_affine(256, rng)
+        np.testing.assert_allclose(matrix @ matrix.T, np.eye(2), atol=1e-12)
+        assert np.linalg.det(matrix) == pytest.approx(1.0) and not shift.any()
+    assert not Augment(scale=0.0, shear=0.0, rotate=0.0, translate=0.0).affine
+
+
+def test_affine_windows_reach_beyond_the_tile_by_mirroring():
+    """A window at the tile's corner, turned 45 degrees: its corners lie outside the tile and
+    show the mirrored tile."""
+    turn = np.deg2rad(45.0)
+    matrix = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    rows, cols = affine_source((256, 256), (0, 0), 256, matrix, np.zeros(2))
+    assert rows.min() >= 0 and rows.max() <= 255 and cols.min() >= 0 and cols.max() <= 255
+    # the top-right corner's source lies about 53 px above the tile: mirrored back inside
+    centre = 127.5
+    raw_row = centre + matrix[0] @ np.array([-centre, centre])
+    assert raw_row < -50 and rows[0, -1] == round(-raw_row)

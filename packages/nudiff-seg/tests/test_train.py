@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 import torch
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
+from nudiff_seg import Augment
 from nudiff_seg.cli import main
 
 
@@ -42,6 +44,7 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
         (["--seed", "1"], "was started with --seed 0, this resume gives 1"),
         (["--precision", "bf16"], "was started with --precision 'fp32', this resume gives 'bf16'"),
         (["--subset", str(data / "one.txt")], "was started with the images of --real \\(and --subset\\) '2 images"),
+        (["--no-affine"], "was started with augmentation \\{'scale': 0.2, .*this resume gives \\{'scale': 0.0"),
     ):
         assert _train(data, out, "--resume", *extra) == 2
         err = capsys.readouterr().err
@@ -58,6 +61,11 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
             "rng_streams",
             "plan [seed, epoch, 0], batch b [seed, epoch, 1, b]",
             "recorded no random streams of the epoch plans and batches",
+        ),
+        (  # before 2026-12-04: no affine augmentation, and none recorded
+            "augment",
+            dataclasses.asdict(Augment()),
+            "recorded no augmentation",
         ),
     ],
 )

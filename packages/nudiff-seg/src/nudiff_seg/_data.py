@@ -4,9 +4,11 @@ A dataset folder is the DESIGN.md layout (``images/NAME.png|tif`` + ``instance_m
 real tiles, patches cut from them, and synthetic pairs all use it. Each epoch covers
 every image with input windows whose centres (the output region) tile it, shifted by a
 random offset; windows lie inside their image, so an image must be at least one input
-window wide. Augmentation: the 8 dihedral transforms applied to the image and the
-instance map *before* the targets are made (so the h/v targets transform equivariantly
-by construction), then HED stain jitter, brightness/contrast and Gaussian blur.
+window wide. Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
+translation; nearest-neighbour, the tile mirrored beyond its border) and the 8 dihedral
+transforms applied to the image and the instance map *before* the targets are made (so the
+h/v targets transform equivariantly by construction), then HED stain jitter,
+brightness/contrast and Gaussian blur.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from scipy import ndimage as ndi
 
 from ._losses import targets
 
-__all__ = ["Tiles", "load_tiles", "read_name_list", "Augment", "window_origins", "cut_window", "MixedBatches"]
+__all__ = [
+    "Tiles",
+    "load_tiles",
+    "read_name_list",
+    "Augment",
+    "affine_source",
+    "window_origins",
+    "cut_window",
+    "MixedBatches",
+]
 
 
 @dataclass(frozen=True)
@@ -134,18 +145,84 @@ def _jitter_stains(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.
     return np.clip(np.exp(od * log_floor), 0.0, 1.0).astype(np.float32)
 
 
+def _mirror(index: np.ndarray, length: int) -> np.ndarray:
+    """Indices reflected into ``0 .. length - 1`` about the first and last pixel (numpy's
+    ``"reflect"`` padding, OpenCV's BORDER_REFLECT_101), for any distance outside."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    index = np.abs(index) % period
+    return np.where(index >= length, period - index, index)
+
+
+def affine_source(
+    shape: tuple[int, int], origin: tuple[int, int], size: int, matrix: np.ndarray, shift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of an affinely transformed input window comes from.
+
+    The window of side ``size`` at ``origin`` is transformed about its centre: the
+    output pixel at offset ``d`` (row, column) from the centre shows the image at
+    ``centre + shift + matrix @ d``, rounded to the nearest pixel (nearest-neighbour, as
+    HoVer-Net's ``order=0``, so instance ids stay ids) and mirrored into the image where it
+    falls outside (reflect-101, HoVer-Net's mirror padding). ``matrix`` is the inverse of
+    the transform's linear part, ``shift`` moves the window's centre in the image, both in
+    (row, column).
+
+    Returns
+    -------
+    rows, cols : (size, size) ndarray of intp
+        Source pixel of each window pixel.
+    """
+    half = (size - 1) / 2.0
+    offsets = np.arange(size) - half
+    d_row, d_col = np.meshgrid(offsets, offsets, indexing="ij")
+    src_row = origin[0] + half + shift[0] + matrix[0, 0] * d_row + matrix[0, 1] * d_col
+    src_col = origin[1] + half + shift[1] + matrix[1, 0] * d_row + matrix[1, 1] * d_col
+    rows = _mirror(np.floor(src_row + 0.5).astype(np.intp), shape[0])
+    cols = _mirror(np.floor(src_col + 0.5).astype(np.intp), shape[1])
+    return rows, cols
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Augmentation settings: geometric (dihedral), then photometric; lighter than HoVer-Net's
-    (no affine, median blur, noise, hue or saturation; the package README lists both)."""
+    """Augmentation settings, with HoVer-Net's geometric ranges (``train_loader.py``): an
+    affine transform about the window's centre (each axis scaled by ``1 +- scale``, sheared
+    by up to ``shear`` degrees, rotated by up to ``rotate`` degrees, moved by up to
+    ``translate`` of the window; nearest-neighbour, the image mirrored beyond its border;
+    0 turns a part off), then the 8 dihedral transforms, then photometric changes (HED stain
+    jitter, contrast, brightness, blur). HoVer-Net's other input changes (median blur, noise,
+    hue, saturation) are not made; the HED jitter is nudiff's."""
 
+    scale: float = 0.2  # each axis scaled by a factor uniform in 1 +- scale
+    shear: float = 5.0  # degrees, uniform in +-shear
+    rotate: float = 179.0  # degrees, uniform in +-rotate
+    translate: float = 0.01  # share of the window, uniform in +-translate per axis
     dihedral: bool = True
     hed_sigma: float = 0.05  # stain: each HED channel scaled by 1 + N(0, s) and shifted by N(0, s)
     brightness: float = 0.1  # added to [0, 1] values, uniform in +-b
     contrast: float = 0.2  # scale about the mean, uniform in 1 +- c
     blur_prob: float = 0.2  # Gaussian blur with sigma in [0.1, 1.0]
 
+    @property
+    def affine(self) -> bool:
+        return any(v > 0 for v in (self.scale, self.shear, self.rotate, self.translate))
+
+    def draw_affine(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A random transform of a ``size`` px window: the inverse of its linear part and
+        the move of its centre, in (row, column), as :func:`affine_source` takes them."""
+        from skimage.transform import AffineTransform
+
+        scale = 1.0 + rng.uniform(-self.scale, self.scale, 2)
+        shear = np.deg2rad(rng.uniform(-self.shear, self.shear))
+        rotation = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
+        shift = rng.uniform(-self.translate, self.translate, 2) * size
+        forward = AffineTransform(scale=scale, rotation=rotation, shear=shear).params[:2, :2]  # (x, y)
+        swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, column)
+        return swap @ np.linalg.inv(forward) @ swap, shift
+
     def __call__(self, image: np.ndarray, inst: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The dihedral and photometric part (the affine part needs the whole tile: see
+        :func:`cut_window`)."""
         if self.dihedral:
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             image = transform_image(image, rot90=k, flip=flip)
@@ -176,8 +253,12 @@ def cut_window(
     """One training sample: the (S, S, 3) uint8 input, the (s, s) NP target and the
     (s, s, 2) HV target."""
     r, c = int(origin[0]), int(origin[1])
-    image = tiles.images[index][r : r + input_size, c : c + input_size]
-    inst = tiles.maps[index][r : r + input_size, c : c + input_size]
+    if augment is not None and augment.affine:  # drawn first, from the same generator
+        rows, cols = affine_source(tiles.maps[index].shape, (r, c), input_size, *augment.draw_affine(input_size, rng))
+        image, inst = tiles.images[index][rows, cols], tiles.maps[index][rows, cols]
+    else:
+        image = tiles.images[index][r : r + input_size, c : c + input_size]
+        inst = tiles.maps[index][r : r + input_size, c : c + input_size]
     if augment is not None:
         image, inst = augment(image, inst, rng)
     np_target, hv_target = targets(inst, output_size)

@@ -40,6 +40,7 @@ __all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
 
 STATE_NAME = "train_state.pt"
 DEFAULT_AUGMENT = Augment()
+NO_AFFINE = Augment(scale=0.0, shear=0.0, rotate=0.0, translate=0.0)  # nudiff-seg's augmentation before 2026-12-04
 _LOG_FIELDS = [
     "epoch",
     "phase",
@@ -121,6 +122,7 @@ _FLAG_NAMES = {
     "synthetic_images": "the images of --synthetic",
     "msge_gradients": "MSGE gradient directions",
     "rng_streams": "random streams of the epoch plans and batches",
+    "augment": "augmentation",
 }
 
 #: how an epoch's random streams derive from the seed (recorded: a resume must not switch):
@@ -200,6 +202,8 @@ def train_hovernet(
         "synthetic_images": _image_set(synthetic),
         "msge_gradients": MSGE_GRADIENTS,
         "rng_streams": RNG_STREAMS,
+        # since 2026-12-04 (HoVer-Net's affine transform added): a run must keep its augmentation
+        "augment": asdict(augment) if augment is not None else None,
     }
     settings = {"train": train_settings}
     if state_path.exists() and not resume:
@@ -238,7 +242,12 @@ def train_hovernet(
         if saved.get("encoder_weights") and given.get("encoder_weights"):
             given["encoder_weights"] = saved["encoder_weights"]  # the state holds the weights: their file may move
         check_resume_settings(
-            out, saved, given, may_change=("save_every",), flags=_FLAG_NAMES, required=("msge_gradients", "rng_streams")
+            out,
+            saved,
+            given,
+            may_change=("save_every",),
+            flags=_FLAG_NAMES,
+            required=("msge_gradients", "rng_streams", "augment"),
         )
         try:
             model.load_state_dict(state["model"])

@@ -33,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from ._data import load_tiles, read_name_list
     from ._hovernet import PRESETS
-    from ._train import SegTrainConfig, train_hovernet
+    from ._train import DEFAULT_AUGMENT, NO_AFFINE, SegTrainConfig, train_hovernet
 
     config = SegTrainConfig(
         preset=args.preset,
@@ -71,6 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config,
         synthetic=synthetic,
         val=val,
+        augment=NO_AFFINE if args.no_affine else DEFAULT_AUGMENT,
         resume=args.resume,
         device=device,
         progress=not args.quiet,
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     p.add_argument("--val", help="dataset folder of validation tiles: Dice/AJI/PQ each epoch, best epoch kept by AJI")
     p.add_argument("--seed", type=int, default=0, help="seed of the window order and augmentation")
+    p.add_argument(
+        "--no-affine",
+        action="store_true",
+        help="leave out HoVer-Net's affine augmentation (scale, shear, rotation, translation); keep the rest",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (resumable; for time-boxed runs)")
     add_device_argument(p)
