@@ -199,6 +199,15 @@ def test_gradient_clipping_is_passed_only_where_it_is_not_the_default(tmp_path):
     )
 
 
+def test_the_frozen_phases_batch_is_passed_only_when_set(tmp_path):
+    result = _run(tmp_path / "out", "--set", "seg.frozen_batch=32", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    trainings = [line for line in result.stdout.splitlines() if "nudiff_seg.cli --quiet train" in line]
+    assert len(trainings) == 2 and all("--frozen-batch 32" in line for line in trainings)
+    assert "--frozen-batch" not in _run(tmp_path / "out", "--dry-run").stdout
+    assert "seg.frozen_batch must be >= 0, got -1" in _config_error("seg.frozen_batch=-1")
+
+
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     result = _run(tmp_path / "out", "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         # torchvision ImageNet ResNet-50 weights (.pth / .safetensors) for the encoder; "": from scratch
         "encoder_weights": "",
         "frozen_epochs": -1,  # phase-1 epochs with the encoder frozen; -1: nudiff-seg's default
+        "frozen_batch": 0,  # phase 1's batch; 0: seg.batch
         "runs": [
             {"name": "subset", "real": "subset", "synthetic": False, "epochs": 20},
             {"name": "subset+synthetic", "real": "subset", "synthetic": True, "epochs": 10},
@@ -243,6 +244,7 @@ _AT_LEAST = [
     ("sample", "steps", 1),
     ("sample", "batch", 1),
     ("seg", "batch", 1),
+    ("seg", "frozen_batch", 0),
     ("report", "pictures", 0),
     ("launch", "nproc_per_node", 1),
 ]

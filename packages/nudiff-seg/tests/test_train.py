@@ -44,6 +44,7 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
         (["--seed", "1"], "was started with --seed 0, this resume gives 1"),
         (["--precision", "bf16"], "was started with --precision 'fp32', this resume gives 'bf16'"),
         (["--subset", str(data / "one.txt")], "was started with the images of --real \\(and --subset\\) '2 images"),
+        (["--frozen-batch", "3"], "was started with --frozen-batch None, this resume gives 3"),
         (["--no-affine"], "was started with augmentation \\{'scale': 0.2, .*this resume gives \\{'scale': 0.0"),
     ):
         assert _train(data, out, "--resume", *extra) == 2
@@ -213,3 +214,14 @@ def test_a_state_saved_at_the_end_of_phase_one_resumes_into_phase_two(data, tmp_
     assert _train(data, out, "--epochs", "2", "--frozen-epochs", "1", "--resume") == 0
     with open(out / "log.csv") as fh:
         assert [int(r["phase"]) for r in csv.DictReader(fh)] == [1, 2]
+
+
+def test_the_frozen_phase_trains_at_its_own_batch_size(data, tmp_path):
+    import csv
+
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "2", "--frozen-epochs", "1", "--frozen-batch", "3") == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["phase"] for r in rows] == ["1", "2"]
+    for row, batch in zip(rows, (3, 2), strict=True):  # phase 1 at --frozen-batch, phase 2 at --batch
+        assert int(row["batches"]) == -(-int(row["windows"]) // batch), row

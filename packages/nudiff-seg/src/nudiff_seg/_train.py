@@ -66,6 +66,7 @@ class SegTrainConfig:
     epochs: int = 20
     frozen_epochs: int | None = None  # phase 1; None: epochs // 2 with encoder weights, else 0
     batch: int = 4
+    frozen_batch: int | None = None  # phase 1's batch; None: ``batch`` (HoVer-Net trains it larger)
     lr: float = 1e-4
     synthetic_ratio: float | str = "pool"
     precision: str = "fp32"  # or "bf16" (autocast)
@@ -80,6 +81,8 @@ class SegTrainConfig:
             raise ValueError(f"`--frozen-epochs` must be in [0, epochs={self.epochs}], got {self.frozen_epochs}")
         if self.batch < 1:
             raise ValueError(f"`--batch` must be >= 1, got {self.batch}")
+        if self.frozen_batch is not None and self.frozen_batch < 1:
+            raise ValueError(f"`--frozen-batch` must be >= 1, got {self.frozen_batch}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`--lr` must be a positive finite number, got {self.lr}")
         if self.save_every < 1:
@@ -215,15 +218,18 @@ def train_hovernet(
         model = build_hovernet(config.preset).to(device)
     if config.encoder_weights:
         load_encoder_from_torchvision(model, config.encoder_weights)
-    batches = MixedBatches(
-        real,
-        synthetic,
-        ratio=config.synthetic_ratio,
-        batch=config.batch,
-        input_size=model.config.input_size,
-        output_size=model.config.output_size,
-        augment=augment,
-    )
+    batches = {  # per phase: its batch size
+        phase: MixedBatches(
+            real,
+            synthetic,
+            ratio=config.synthetic_ratio,
+            batch=size,
+            input_size=model.config.input_size,
+            output_size=model.config.output_size,
+            augment=augment,
+        )
+        for phase, size in ((1, config.frozen_batch or config.batch), (2, config.batch))
+    }
     epoch, start_batch, best_aji = 0, 0, -1.0
     optimizer, optimizer_phase = None, 0
     resumed_sums: dict[str, float] | None = None
@@ -294,7 +300,7 @@ def train_hovernet(
             optimizer, optimizer_phase = _optimizer(model, phase, config.lr), phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        plan = batches.epoch(_plan_rng(config.seed, epoch))
+        plan = batches[phase].epoch(_plan_rng(config.seed, epoch))
         model.train()
         sums, seen, earlier_seconds = dict.fromkeys(_LOSS_KEYS, 0.0), 0, 0.0
         if resumed_sums is not None:  # the part of this epoch an earlier call did
@@ -307,7 +313,7 @@ def train_hovernet(
             leave=False,
         )
         for b in bar:
-            images, np_t, hv_t = batches.materialise(plan[b], _batch_rng(config.seed, epoch, b))
+            images, np_t, hv_t = batches[phase].materialise(plan[b], _batch_rng(config.seed, epoch, b))
             x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
             np_target = torch.from_numpy(np_t).to(device)
             hv_target = torch.from_numpy(hv_t).to(device).permute(0, 3, 1, 2)

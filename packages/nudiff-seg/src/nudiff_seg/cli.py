@@ -40,6 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         frozen_epochs=args.frozen_epochs,
         batch=args.batch,
+        frozen_batch=args.frozen_batch,
         lr=args.lr,
         synthetic_ratio=args.synthetic_ratio,
         precision=args.precision,
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-weights", help="torchvision ImageNet ResNet-50 weights for the encoder (.pth or .safetensors)"
     )
     p.add_argument("--batch", type=int, default=4, help="windows per batch")
+    p.add_argument(
+        "--frozen-batch",
+        type=int,
+        help="windows per batch in phase 1, the encoder frozen (default: --batch; HoVer-Net's code: 16, "
+        "the Nudiff paper's copy of it: 32)",
+    )
     p.add_argument(
         "--lr", type=float, default=1e-4, help="Adam learning rate (10x lower for the second half of each phase)"
     )
