@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
 from nudiff_seg import Augment, MixedBatches, load_tiles, window_origins
-from nudiff_seg._data import Tiles, _mirror, affine_source, cut_window
+from nudiff_seg._data import _CV_GAUSSIAN, Tiles, _blur_median_or_noise, _mirror, _shift_hue, affine_source, cut_window
 
 
 def _tiles(folder, n, size, seed=0):
@@ -67,7 +67,7 @@ def test_ids_past_int32_are_compacted_not_wrapped(tmp_path):
 def test_augmented_windows_keep_image_and_targets_aligned(tmp_path):
     tiles = _tiles(tmp_path, 1, 300)
     rng = np.random.default_rng(5)
-    aug = Augment(hed_sigma=0.05, brightness=0.1, contrast=0.2, blur_prob=0.0)
+    aug = Augment()
     for _ in range(4):
         image, np_t, hv_t = cut_window(tiles, 0, (20, 30), 256, 164, aug, rng)
         assert image.dtype == np.uint8 and image.shape == (256, 256, 3)
@@ -234,3 +234,49 @@ def test_affine_windows_reach_beyond_the_tile_by_mirroring():
     centre = 127.5
     raw_row = centre + matrix[0] @ np.array([-centre, centre])
     assert raw_row < -50 and rows[0, -1] == round(-raw_row)
+
+
+def test_opencvs_small_gaussian_kernels_are_binomial():
+    from math import comb
+
+    for k, kernel in _CV_GAUSSIAN.items():
+        np.testing.assert_array_equal(kernel, [comb(k - 1, i) / 2 ** (k - 1) for i in range(k)])
+
+
+def test_hue_turns_around_the_colour_circle():
+    rgb = np.array([[[1.0, 0.0, 0.0], [0.2, 0.6, 0.4]]], np.float32)
+    np.testing.assert_allclose(_shift_hue(rgb, 1 / 3)[0, 0], [0.0, 1.0, 0.0], atol=1e-6)  # red -> green
+    np.testing.assert_allclose(_shift_hue(rgb, 1.0), rgb, atol=1e-6)
+    assert _shift_hue(rgb, 0.1)[0, 1].max() == pytest.approx(0.6) and _shift_hue(rgb, 0.1)[0, 1].min() == pytest.approx(
+        0.2
+    )
+
+
+def test_blur_median_and_noise_each_keep_a_flat_image_flat_but_the_noise():
+    flat = np.full((32, 32, 3), 0.5, np.float32)
+    kinds = set()
+    for seed in range(30):
+        out = _blur_median_or_noise(flat, np.random.default_rng(seed), 0.05)
+        assert out.shape == flat.shape and out.dtype == np.float32
+        kinds.add("noise" if not np.array_equal(out, flat) else "filter")
+        assert np.abs(out - 0.5).max() < 0.05 * 6  # noise of sd <= 0.05
+    assert kinds == {"noise", "filter"}
+
+
+def test_augment_with_nothing_on_gives_the_window_back(tmp_path):
+    tiles = _tiles(tmp_path, 1, 300)
+    none = Augment(
+        scale=0,
+        shear=0,
+        rotate=0,
+        translate=0,
+        dihedral=False,
+        hed_sigma=0,
+        blur_noise=False,
+        hue=0,
+        saturation=0,
+        brightness=0,
+        contrast=0,
+    )
+    image, _, _ = cut_window(tiles, 0, (20, 30), 256, 164, none, np.random.default_rng(0))
+    np.testing.assert_array_equal(image, tiles.images[0][20:276, 30:286])

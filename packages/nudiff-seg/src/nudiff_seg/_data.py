@@ -7,8 +7,9 @@ random offset; windows lie inside their image, so an image must be at least one 
 window wide. Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
 translation; nearest-neighbour, the tile mirrored beyond its border) and the 8 dihedral
 transforms applied to the image and the instance map *before* the targets are made (so the
-h/v targets transform equivariantly by construction), then HED stain jitter,
-brightness/contrast and Gaussian blur.
+h/v targets transform equivariantly by construction), then HED stain jitter and
+HoVer-Net's input changes (one of blur, median blur or noise; hue, saturation, brightness
+and contrast in a random order).
 """
 
 from __future__ import annotations
@@ -183,15 +184,56 @@ def affine_source(
     return rows, cols
 
 
+#: OpenCV's tabulated Gaussian kernels for sigma 0 (``getGaussianKernel``'s small sizes)
+_CV_GAUSSIAN = {
+    1: np.array([1.0]),
+    3: np.array([0.25, 0.5, 0.25]),
+    5: np.array([0.0625, 0.25, 0.375, 0.25, 0.0625]),
+}
+
+
+def _blur_median_or_noise(x: np.ndarray, rng: np.random.Generator, noise_sd: float) -> np.ndarray:
+    """One of HoVer-Net's three (``iaa.OneOf``): an OpenCV Gaussian blur with sigma 0 and a
+    kernel of 1, 3 or 5 px per axis, a median blur of 1, 3 or 5 px (both replicating the
+    border), or Gaussian noise of a standard deviation uniform in ``[0, noise_sd]``, per
+    channel half the time. ``x``: (H, W, 3) float32 in [0, 1]."""
+    choice = int(rng.integers(3))
+    if choice == 0:
+        for axis, k in zip((0, 1), 2 * rng.integers(0, 3, 2) + 1, strict=True):
+            if k > 1:
+                x = ndi.correlate1d(x, _CV_GAUSSIAN[int(k)], axis=axis, mode="nearest")
+        return x
+    if choice == 1:
+        k = int(2 * rng.integers(0, 3) + 1)
+        return ndi.median_filter(x, size=(k, k, 1), mode="nearest") if k > 1 else x
+    sd = rng.uniform(0.0, noise_sd)
+    channels = 3 if rng.random() < 0.5 else 1
+    return x + rng.normal(0.0, sd, (*x.shape[:2], channels)).astype(np.float32)
+
+
+def _shift_hue(x: np.ndarray, turn: float) -> np.ndarray:
+    """Rotate every pixel's hue by ``turn`` (a fraction of the colour circle)."""
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    hsv = rgb2hsv(np.clip(x, 0.0, 1.0))
+    hsv[..., 0] = (hsv[..., 0] + turn) % 1.0
+    return hsv2rgb(hsv).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Augmentation settings, with HoVer-Net's geometric ranges (``train_loader.py``): an
-    affine transform about the window's centre (each axis scaled by ``1 +- scale``, sheared
-    by up to ``shear`` degrees, rotated by up to ``rotate`` degrees, moved by up to
-    ``translate`` of the window; nearest-neighbour, the image mirrored beyond its border;
-    0 turns a part off), then the 8 dihedral transforms, then photometric changes (HED stain
-    jitter, contrast, brightness, blur). HoVer-Net's other input changes (median blur, noise,
-    hue, saturation) are not made; the HED jitter is nudiff's."""
+    """Augmentation settings, with HoVer-Net's ranges (``train_loader.py``).
+
+    Geometric: an affine transform about the window's centre (each axis scaled by ``1 +-
+    scale``, sheared by up to ``shear`` degrees, rotated by up to ``rotate`` degrees, moved by
+    up to ``translate`` of the window; nearest-neighbour, the image mirrored beyond its
+    border; 0 turns a part off), then the 8 dihedral transforms. Photometric: nudiff's HED
+    stain jitter, then HoVer-Net's input changes: one of a Gaussian blur, a median blur or
+    Gaussian noise (``blur_noise``), then hue, saturation, brightness and contrast shifts in
+    a random order. HoVer-Net's contrast step returns its input unchanged (``augs.py``'s
+    ``add_to_contrast`` clips the input, not its result); here it scales each channel about
+    its mean, as that code intends.
+    """
 
     scale: float = 0.2  # each axis scaled by a factor uniform in 1 +- scale
     shear: float = 5.0  # degrees, uniform in +-shear
@@ -199,9 +241,11 @@ class Augment:
     translate: float = 0.01  # share of the window, uniform in +-translate per axis
     dihedral: bool = True
     hed_sigma: float = 0.05  # stain: each HED channel scaled by 1 + N(0, s) and shifted by N(0, s)
-    brightness: float = 0.1  # added to [0, 1] values, uniform in +-b
-    contrast: float = 0.2  # scale about the mean, uniform in 1 +- c
-    blur_prob: float = 0.2  # Gaussian blur with sigma in [0.1, 1.0]
+    blur_noise: bool = True  # one of Gaussian blur, median blur or noise (sd up to 0.05 of the range)
+    hue: float = 8.0  # OpenCV's 8-bit hue units (2 degrees each), uniform in +-hue
+    saturation: float = 0.2  # mixed with the grey value: factor uniform in 1 +- saturation
+    brightness: float = 26 / 255  # added to [0, 1] values, uniform in +-b
+    contrast: float = 0.25  # each channel scaled about its mean, uniform in 1 +- c
 
     @property
     def affine(self) -> bool:
@@ -230,14 +274,22 @@ class Augment:
         x = image.astype(np.float32) / 255.0
         if self.hed_sigma > 0:
             x = _jitter_stains(x, rng, self.hed_sigma)
-        if self.contrast > 0:
-            mean = x.mean()
-            x = (x - mean) * np.float32(1.0 + rng.uniform(-self.contrast, self.contrast)) + mean
-        if self.brightness > 0:
-            x = x + np.float32(rng.uniform(-self.brightness, self.brightness))
-        if rng.random() < self.blur_prob:
-            sigma = rng.uniform(0.1, 1.0)
-            x = ndi.gaussian_filter(x, (sigma, sigma, 0))
+        if self.blur_noise:
+            x = _blur_median_or_noise(x, rng, 0.05)
+        for step in rng.permutation(4):  # HoVer-Net's Sequential(random_order=True)
+            x = np.clip(x, 0.0, 1.0)  # each of its steps clips to the image's range
+            if step == 0 and self.hue > 0:
+                x = _shift_hue(x, rng.uniform(-self.hue, self.hue) / 180.0)
+            elif step == 1 and self.saturation > 0:
+                grey = x @ np.array([0.299, 0.587, 0.114], np.float32)  # OpenCV's RGB2GRAY
+                value = np.float32(1.0 + rng.uniform(-self.saturation, self.saturation))
+                x = x * value + (grey * (1 - value))[..., None]
+            elif step == 2 and self.brightness > 0:
+                x = x + np.float32(rng.uniform(-self.brightness, self.brightness))
+            elif step == 3 and self.contrast > 0:
+                value = np.float32(1.0 + rng.uniform(-self.contrast, self.contrast))
+                mean = x.mean(axis=(0, 1), keepdims=True)
+                x = (x - mean) * value + mean
         return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8), inst
 
 

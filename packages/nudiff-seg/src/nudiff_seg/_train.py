@@ -40,7 +40,7 @@ __all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
 
 STATE_NAME = "train_state.pt"
 DEFAULT_AUGMENT = Augment()
-NO_AFFINE = Augment(scale=0.0, shear=0.0, rotate=0.0, translate=0.0)  # nudiff-seg's augmentation before 2026-12-04
+NO_AFFINE = Augment(scale=0.0, shear=0.0, rotate=0.0, translate=0.0)  # --no-affine: the rest as DEFAULT_AUGMENT
 _LOG_FIELDS = [
     "epoch",
     "phase",
