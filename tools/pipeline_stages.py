@@ -34,8 +34,9 @@ def _fresh(path: Path) -> Path:
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    from nudiff_postproc._io import replace_folder
+
+    replace_folder(tmp, path)
 
 
 def _pair_files(src_dir: Path, name: str) -> list[Path]:

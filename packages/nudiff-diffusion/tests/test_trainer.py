@@ -77,6 +77,34 @@ def test_a_resume_after_a_kill_logs_every_step_once(tmp_path):
     assert [r["loss"] for r in logs["split"]] == [r["loss"] for r in logs["whole"]]
 
 
+def test_a_resume_redoes_the_run_folders_copies_and_clears_a_kills_leftovers(tmp_path):
+    """Killed after the last checkpoint was renamed into place but before the run folder got
+    its copies (the model of step 10 there, config.json half-written): the resume trains
+    nothing more but publishes step 20, and removes the temporary files the kill left."""
+    config = TrainConfig(steps=20, batch_size=4, save_every=10)
+    train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    shutil.copyfile(ckpts / "step_0000010" / "model.safetensors", tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{")
+    leftovers = [tmp_path / ".model.4242.0123456789ab.part.safetensors", tmp_path / ".log.4242.abcdef012345.part.csv"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (ckpts / ".step_0000030.part").mkdir()
+    train(_model(), _data(), SCHEDULE, tmp_path, config, resume=True, progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).read_bytes() == (ckpts / "step_0000020" / name).read_bytes()
+    assert not any(p.exists() for p in leftovers) and not (ckpts / ".step_0000030.part").exists()
+    load_model(tmp_path)  # loads: weights and config agree
+
+
+def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    config = TrainConfig(steps=10, batch_size=4, save_every=10, log_every=5)
+    train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
+    shutil.rmtree(tmp_path / "checkpoints")  # killed after the log row of step 5, before any checkpoint
+    train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)  # no --resume: nothing to resume
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "log.csv"))] == ["5", "10"]
+
+
 def test_a_resume_with_other_settings_or_a_broken_state_is_refused(tmp_path):
     config = TrainConfig(steps=4, batch_size=4, save_every=2)
     train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False, diffusion={"schedule": "linear"})

@@ -153,6 +153,9 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(run, monkeypatch, caps
     for path in sorted((full / "images").iterdir()):
         a, b = read_image(path), read_image(killed / "images" / path.name)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same noise; batches round differently
+    # the preview shows the first pairs by name, whichever call painted them
+    a, b = read_image(full / "preview.png"), read_image(killed / "preview.png")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_two_ranks_give_the_single_run(run):
@@ -461,6 +464,28 @@ def test_seg_tiles_upsample_and_lay_pairs_side_by_side(tmp_path, capsys):
     assert main(["seg-tiles", "--samples", str(samples), "--out", str(out), "--preset", "tiny-64"]) == 2
     assert "s0.png' is 32x32; the tiny-64 preset paints 64x64" in capsys.readouterr().err
     assert (out / "images" / "mosaic_0000.png").is_file()  # the earlier tiles stay until a run succeeds
+
+
+def test_seg_tiles_refuse_an_out_that_would_delete_the_samples_or_another_folder(tmp_path, capsys):
+    samples = tmp_path / "par" / "samples"
+    for i in range(4):
+        write_instance_map(
+            samples / "instance_maps" / f"s{i}.png", synthetic_instance_map((64, 64), n_nuclei=4, seed=i)
+        )
+        write_image(samples / "images" / f"s{i}.png", np.full((64, 64, 3), 200, np.uint8))
+    before = sorted(p.relative_to(samples) for p in samples.rglob("*"))
+    for out in (samples, tmp_path / "par", samples / "seg"):  # is, holds, lies inside --samples
+        assert main(["seg-tiles", "--samples", str(samples), "--out", str(out)]) == 2
+        assert "is, holds or lies inside --samples" in capsys.readouterr().err
+    other = tmp_path / "other"
+    (other / "notes").mkdir(parents=True)
+    assert main(["seg-tiles", "--samples", str(samples), "--out", str(other)]) == 2
+    assert "already exists and is not a seg-tiles output" in capsys.readouterr().err
+    assert (other / "notes").is_dir() and sorted(p.relative_to(samples) for p in samples.rglob("*")) == before
+    out = tmp_path / "seg"
+    assert main(["seg-tiles", "--samples", str(samples), "--out", str(out)]) == 0
+    assert main(["seg-tiles", "--samples", str(samples), "--out", str(out)]) == 0  # its own output: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "par", "seg"]  # nothing left aside
 
 
 def test_seg_tiles_keep_nuclei_whose_ids_exceed_int32(tmp_path):

@@ -310,3 +310,32 @@ def test_geojson_keeps_parts_touching_at_a_corner_and_holes():
     (feature,) = to_geojson(ring)["features"]
     assert feature["geometry"]["type"] == "Polygon" and len(feature["geometry"]["coordinates"]) == 2  # outer, hole
     np.testing.assert_array_equal(_redraw(to_geojson(ring), ring.shape), ring)
+
+
+def test_replace_folder_never_leaves_a_mix(tmp_path, monkeypatch):
+    """A kill between renaming the old folder aside and the new one in leaves no target
+    (not half of each); the next replacement removes what was left aside."""
+    import os
+
+    from nudiff_postproc._io import replace_folder
+
+    target, staging = tmp_path / "out", tmp_path / "out.partial"
+    for folder, name in ((target, "old.png"), (staging, "new.png")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    real_replace, calls = os.replace, []
+
+    def killed_at_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(staging, target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not target.exists() and (staging / "new.png").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.old.")]  # the old one aside, whole
+    replace_folder(staging, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "new.png").is_file()

@@ -51,7 +51,10 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
         err = capsys.readouterr().err
         assert re.search(message, err), err
         assert (out / "train_state.pt").read_bytes() == state  # nothing trained, nothing written
+    leftover = out / ".train_state.4242.0123456789ab.part.pt"  # a kill's half-written state
+    leftover.write_bytes(b"half")
     assert _train(data, out, "--resume", "--max-batches", "1") == 0  # the same settings resume
+    assert not leftover.exists()
 
 
 @pytest.mark.parametrize(

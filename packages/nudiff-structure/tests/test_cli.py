@@ -155,6 +155,11 @@ def test_a_killed_sampling_run_resumes_without_loss_or_duplicates(run):
         np.testing.assert_allclose(again[name], value, atol=1e-5)
     assert len(list((out / "instance_maps").glob("*.png"))) == 6
     assert json.loads((out / "manifest.json").read_text())["drawn_now"] == 2
+    # killed before the preview was written: a rerun with nothing left to draw writes it, from the files
+    preview = (out / "preview.png").read_bytes()
+    (out / "preview.png").unlink()
+    assert _sample(run, out) == 0 and json.loads((out / "manifest.json").read_text())["drawn_now"] == 0
+    assert (out / "preview.png").read_bytes() == preview
 
 
 def test_two_shards_make_the_single_run(run):

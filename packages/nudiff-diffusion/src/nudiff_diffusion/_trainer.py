@@ -138,11 +138,26 @@ def _save(
     os.replace(tmp, final)  # a checkpoint directory appears whole or not at all
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -config.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    # the run folder holds the latest model: the checkpoint's two files, copied (not serialised
-    # and hashed again), weights first as save_model writes them
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        _atomic_write(out / name, lambda p, name=name: shutil.copyfile(final / name, p))
+    _publish(out, final)
     return final
+
+
+def _publish(out: Path, ckpt: Path) -> None:
+    """The run folder holds the latest model: the checkpoint's two files, copied (not
+    serialised and hashed again), weights first as ``save_model`` writes them."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        _atomic_write(out / name, lambda p, name=name: shutil.copyfile(ckpt / name, p))
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed run left half-written: temporary files of the run folder (the model,
+    its config, the log) and checkpoint folders that were never renamed into place."""
+    from nudiff_postproc._io import remove_stale_parts
+
+    remove_stale_parts(out)
+    if (out / "checkpoints").is_dir():
+        for staging in (out / "checkpoints").glob(".step_*.part"):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 _RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "log_every", "microbatch", "device")
@@ -288,11 +303,13 @@ def train(
             f"'{out}' already holds a training run (checkpoints up to {ckpt.name}); pass --resume to continue it "
             "or choose another --out"
         )
-    if resume:
-        if ckpt is not None:
-            start = _restore(ckpt, model, ema, optimizer, scaler, config, settings, device)
-        if rank == 0:
-            _drop_log_rows_after(out / "log.csv", start)
+    if resume and ckpt is not None:
+        start = _restore(ckpt, model, ema, optimizer, scaler, config, settings, device)
+        if rank == 0:  # a kill after the checkpoint, before the run folder's copies: redo them
+            _publish(out, ckpt)
+    if rank == 0:  # a killed run's leftovers: its temporary files, log rows past the checkpoint
+        _remove_leftovers(out)
+        _drop_log_rows_after(out / "log.csv", start)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -21,6 +21,7 @@ from nudiff_diffusion import (
 from nudiff_postproc import (
     outline_overlay,
     picture_grid,
+    read_image,
     read_instance_map,
     write_image,
     write_instance_map,
@@ -170,7 +171,6 @@ def sample_histology(
 
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="images", unit="image")
         t0 = time.perf_counter()
-        preview: list[list[np.ndarray]] = []
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             maps = [conditions[names[i]] for i in chunk]
@@ -192,8 +192,6 @@ def sample_histology(
                 with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
                     np.save(fh, s.astype(np.float32))
                 write_image(out / "images" / f"{name}.png", image)  # last: marks the name done
-                if len(preview) < 8:
-                    preview.append([image, outline_overlay(image, inst)])
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -216,6 +214,13 @@ def sample_histology(
         }
         with atomic_path(out / ("manifest.json" if rank == 0 else f"manifest-rank{rank}.json")) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
-        if rank == 0 and preview:
-            write_image(out / "preview.png", picture_grid(preview, columns=4))
+        if rank == 0 and mine:  # its first 8 pairs, from the files: the same after a resume
+            shown = [
+                (
+                    read_image(out / "images" / f"{names[i]}.png"),
+                    read_instance_map(out / "instance_maps" / f"{names[i]}.png"),
+                )
+                for i in mine[:8]
+            ]
+            write_image(out / "preview.png", picture_grid([[im, outline_overlay(im, m)] for im, m in shown], columns=4))
     return manifest

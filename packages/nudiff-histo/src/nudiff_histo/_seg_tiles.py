@@ -20,6 +20,7 @@ from nudiff_postproc import (
     write_instance_map,
 )
 from nudiff_postproc._folders import dataset_pairs
+from nudiff_postproc._io import replace_folder
 
 __all__ = ["write_seg_tiles", "seg_tile_grid"]
 
@@ -32,6 +33,29 @@ def seg_tile_grid(preset: str, window: int) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"`window` (--window) must be a positive integer, got {window!r}")
     return -(-window // PATCH_GEOMETRY[preset].patch_size)
+
+
+def _check_out(samples: Path, out: Path) -> None:
+    """Refuse an ``out`` whose replacement would delete the samples or another folder."""
+    a, b = samples.resolve(), out.resolve()
+    if a == b or b in a.parents or a in b.parents:
+        raise ValueError(
+            f"--out '{out}' is, holds or lies inside --samples '{samples}' (replacing it would delete the samples); "
+            "give another output folder"
+        )
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_seg_tiles(out))):
+        raise ValueError(
+            f"--out '{out}' already exists and is not a seg-tiles output (no manifest.json of one); "
+            "give a new folder, or remove it"
+        )
+
+
+def _is_seg_tiles(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"tiles", "grid", "tile_size"} <= manifest.keys()
 
 
 def write_seg_tiles(
@@ -50,7 +74,8 @@ def write_seg_tiles(
     lost or split, 15.5% of the painted nuclei's pixels labelled background. ``grid`` x
     ``grid`` pairs, in name order, are laid side by side into one tile (ids kept apart),
     and a remainder that cannot fill a tile is left out. The folder is built beside ``out`` and renamed into
-    place (an existing ``out`` is replaced).
+    place: an earlier seg-tiles output there is replaced; any other existing folder, and an
+    ``out`` that is, holds or lies inside ``samples``, is refused (``ValueError``).
 
     Parameters
     ----------
@@ -76,6 +101,7 @@ def write_seg_tiles(
     geometry = PATCH_GEOMETRY[preset]
     side = geometry.image_size * geometry.downscale
     src, out = Path(samples), Path(out)
+    _check_out(src, out)
     pairs = {name: (image, inst) for name, image, inst in dataset_pairs(src)}
     names = sorted(pairs)
     groups = [names[i : i + grid * grid] for i in range(0, len(names) - grid * grid + 1, grid * grid)]
@@ -116,9 +142,7 @@ def write_seg_tiles(
             "tile_size": grid * side,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)  # a kill never leaves a half-deleted ``out``
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

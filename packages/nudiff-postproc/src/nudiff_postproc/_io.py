@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -23,6 +25,8 @@ __all__ = [
     "read_monuseg_xml",
     "to_geojson",
     "atomic_path",
+    "replace_folder",
+    "remove_stale_parts",
     "INSTANCE_MAP_SUFFIXES",
     "IMAGE_SUFFIXES",
 ]
@@ -69,6 +73,40 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the finished folder ``staging`` at ``target``, replacing whatever is there, so
+    that no reader and no kill ever finds a half-deleted ``target``: the old one is renamed
+    aside (``.NAME.old.PID``), the new one renamed in, then the old one deleted. A kill
+    between the two renames leaves no ``target`` (the old one aside, which the next call
+    removes), never a mix of the two."""
+    staging, target = Path(staging), Path(target)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.old.*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    aside = None
+    if target.exists() or target.is_symlink():
+        aside = target.with_name(f".{target.name}.old.{os.getpid()}")
+        os.replace(target, aside)
+    os.replace(staging, target)
+    if aside is not None:
+        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+
+
+def remove_stale_parts(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` left in ``folder`` (not its
+    subfolders) when a writer was killed (SIGKILL) between creating and renaming them.
+    Only for a folder that one process writes at a time (a training's run folder): another
+    writer's file in progress would be deleted too. Returns the files deleted."""
+    import re
+
+    pattern = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.part(\.[^.]+)?$")
+    removed = (
+        [p for p in Path(folder).iterdir() if p.is_file() and pattern.match(p.name)] if Path(folder).is_dir() else []
+    )
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def check_output_file(path: str | os.PathLike[str] | None, flag: str = "--out") -> None:

@@ -22,6 +22,7 @@ from ._io import (
     read_image,
     read_instance_map,
     read_monuseg_xml,
+    replace_folder,
     write_image,
     write_instance_map,
 )
@@ -212,11 +213,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
             writer = csv.writer(fh)
             writer.writerow(["patch", "source", "row", "col", "nuclei"])
             writer.writerows(index)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(staging, out)
+        replace_folder(staging, out)  # a kill never leaves a half-deleted --out
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {len(index)} patch pairs of {args.size}x{args.size} to {out}")

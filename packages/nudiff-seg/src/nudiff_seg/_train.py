@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from nudiff_diffusion import check_resume_settings, names_digest, read_train_state, refuse_train_state
+from nudiff_postproc._io import remove_stale_parts
 
 from ._data import Augment, MixedBatches, Tiles
 from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
@@ -276,6 +277,8 @@ def train_hovernet(
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
             refuse_train_state(state_path, exc)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "last"):  # what a killed call left half-written (one writer per run folder)
+        remove_stale_parts(folder)
     done = 0
 
     def save_state(next_epoch: int, next_batch: int, phase: int, running: dict[str, Any] | None = None) -> None:

@@ -18,7 +18,13 @@ from nudiff_diffusion import (
     shard_indices,
     step_noise_generators,
 )
-from nudiff_postproc import instances_from_structures, structure_grid, write_image, write_instance_map
+from nudiff_postproc import (
+    instances_from_structures,
+    read_instance_map,
+    structure_grid,
+    write_image,
+    write_instance_map,
+)
 from nudiff_postproc._io import atomic_path
 
 from ._data import from_model_output
@@ -101,7 +107,6 @@ def sample_structures(
 
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="structures", unit="sample")
         t0 = time.perf_counter()
-        preview = None
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             x_T = initial_noise(seed, chunk, shape)
@@ -123,8 +128,6 @@ def sample_structures(
                 with atomic_path(out / "structures" / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
                     np.save(fh, s.astype(np.float32))
                 write_instance_map(out / "instance_maps" / f"{name}.png", inst)
-            if preview is None:
-                preview = (structures[:8], maps[:8])
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -148,6 +151,9 @@ def sample_structures(
         manifest_name = "manifest.json" if rank == 0 else f"manifest-rank{rank}.json"
         with atomic_path(out / manifest_name) as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
-        if rank == 0 and preview is not None:
-            write_image(out / "preview.png", structure_grid(*preview))
+        if rank == 0 and mine:  # its first 8 samples, from the files: the same after a resume
+            shown = [structure_name(seed, i) for i in mine[:8]]
+            structures = np.stack([np.load(out / "structures" / f"{name}.npy") for name in shown])
+            maps = np.stack([read_instance_map(out / "instance_maps" / f"{name}.png") for name in shown])
+            write_image(out / "preview.png", structure_grid(structures, maps))
     return manifest
