@@ -193,7 +193,16 @@ def test_gradient_clipping_is_passed_only_where_it_is_not_the_default(tmp_path):
     assert len(structure) == 1 and "--grad-clip 0.0 " in structure[0]
     assert len(histo) == 2 and all("--grad-clip 0.5 " in line for line in histo)
     default = _run(tmp_path / "out", "--dry-run")
-    assert default.returncode == 0 and "--grad-clip" not in default.stdout  # earlier runs' commands unchanged
+    assert default.returncode == 0  # earlier runs' commands unchanged
+    assert not any(f in default.stdout for f in ("--grad-clip", "--optimizer", "--weight-decay", "--lr-cycle"))
+    paper = ["histo.optimizer='adam'", "histo.weight_decay=0.01", "histo.lr_cycle=100", "histo.lr_warmup=20"]
+    result = _run(tmp_path / "out", *[w for setting in paper for w in ("--set", setting)], "--dry-run")
+    histo = [line for line in result.stdout.splitlines() if "nudiff_histo.cli --quiet train" in line]
+    assert len(histo) == 2
+    assert all("--optimizer adam --weight-decay 0.01 --lr-cycle 100 --lr-warmup 20" in line for line in histo)
+    assert "histo.lr_warmup (100) must be below histo.lr_cycle (100)" in _config_error(
+        "histo.lr_cycle=100", "histo.lr_warmup=100"
+    )
     assert "structure.grad_clip must be a finite number in [0, inf), got -1.0" in _config_error(
         "structure.grad_clip=-1"
     )

@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
         "lr": 2e-4,
         "ema": 0.999,
         "grad_clip": 1.0,  # the gradients' global norm is clipped to this; 0: not clipped (the paper's code)
+        "optimizer": "adamw",  # or "adam" (weight decay as L2: the paper's histology model)
+        "weight_decay": 0.05,
+        "lr_cycle": 0,  # cosine cycles of this many steps; 0: a constant rate
+        "lr_warmup": 0,  # linear warm-up steps at the start of each cycle
         "save_every": 200,
     },
     "histo": {
@@ -50,7 +54,11 @@ DEFAULTS: dict[str, Any] = {
         "finetune_lr": 2e-5,
         "drop_prob": 0.2,
         "ema": 0.999,
-        "grad_clip": 1.0,  # as structure.grad_clip
+        "grad_clip": 1.0,  # as structure.grad_clip, and the four below
+        "optimizer": "adamw",
+        "weight_decay": 0.05,
+        "lr_cycle": 0,
+        "lr_warmup": 0,
         "save_every": 100,
         # where the SPADE layers sit: "decoder" (the paper's) or "all" (every normalisation:
         # a model of a few hundred CPU steps paints from its structure only this way)
@@ -240,6 +248,10 @@ _AT_LEAST = [
     ("histo", "finetune_steps", 0),
     ("histo", "batch", 1),
     ("histo", "save_every", 1),
+    ("structure", "lr_cycle", 0),
+    ("structure", "lr_warmup", 0),
+    ("histo", "lr_cycle", 0),
+    ("histo", "lr_warmup", 0),
     ("sample", "num", 1),
     ("sample", "steps", 1),
     ("sample", "batch", 1),
@@ -254,6 +266,8 @@ _WITHIN = [
     ("structure", "ema", 0.0, 1.0, True, False),
     ("structure", "grad_clip", 0.0, math.inf, True, False),
     ("histo", "grad_clip", 0.0, math.inf, True, False),
+    ("structure", "weight_decay", 0.0, math.inf, True, False),
+    ("histo", "weight_decay", 0.0, math.inf, True, False),
     ("histo", "lr", 0.0, math.inf, False, False),
     ("histo", "finetune_lr", 0.0, math.inf, False, False),
     ("histo", "drop_prob", 0.0, 1.0, True, True),
@@ -369,6 +383,16 @@ def _check(config: dict[str, Any], source: str) -> None:
         if config[section]["preset"] not in PATCH_GEOMETRY:
             raise ConfigError(
                 f"{source}: {section}.preset {config[section]['preset']!r} is not one of {sorted(PATCH_GEOMETRY)}"
+            )
+        if config[section]["optimizer"] not in ("adamw", "adam"):
+            raise ConfigError(
+                f"{source}: {section}.optimizer {config[section]['optimizer']!r} must be 'adamw' or 'adam'"
+            )
+        cycle, warmup = config[section]["lr_cycle"], config[section]["lr_warmup"]
+        if warmup and warmup >= cycle:
+            raise ConfigError(
+                f"{source}: {section}.lr_warmup ({warmup}) must be below {section}.lr_cycle ({cycle}): "
+                "the warm-up starts each cycle"
             )
     from nudiff_histo import COND_FOREGROUNDS, SPADE_LAYERS
 

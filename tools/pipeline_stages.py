@@ -188,8 +188,14 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         return command
 
     def common(section: dict[str, Any]) -> list[Any]:
-        # --grad-clip only where it is not the default: earlier runs' commands stay the same
-        clip = [] if section["grad_clip"] == 1.0 else ["--grad-clip", section["grad_clip"]]
+        # optimiser flags only where they are not the defaults: earlier runs' commands stay the same
+        defaults = {"grad_clip": 1.0, "optimizer": "adamw", "weight_decay": 0.05, "lr_cycle": 0, "lr_warmup": 0}
+        clip = [
+            word
+            for key, default in defaults.items()
+            if section[key] != default
+            for word in ("--" + key.replace("_", "-"), section[key])
+        ]
         return [
             "--batch",
             section["batch"],

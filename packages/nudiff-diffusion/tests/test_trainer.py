@@ -370,3 +370,40 @@ def test_the_train_flags_make_the_config():
     assert (default.grad_clip, default.weight_decay, default.batch_size) == (1.0, 0.05, 4)
     unclipped = train_config_from_args(parser.parse_args(["--device", "cpu", "--grad-clip", "0", "--batch", "2"]))
     assert (unclipped.grad_clip, unclipped.batch_size) == (0.0, 2)
+    paper = ["--optimizer", "adam", "--weight-decay", "0.01", "--lr-cycle", "10000", "--lr-warmup", "2000"]
+    histo = train_config_from_args(parser.parse_args(["--device", "cpu", *paper]))
+    assert (histo.optimizer, histo.weight_decay, histo.lr_cycle, histo.lr_warmup) == ("adam", 0.01, 10000, 2000)
+
+
+def test_the_learning_rate_rises_then_falls_in_each_cycle():
+    from nudiff_diffusion import learning_rate
+
+    assert learning_rate(TrainConfig(lr=1e-4), 12345) == 1e-4
+    cycle = TrainConfig(lr=1e-4, lr_cycle=10000, lr_warmup=2000)
+    for step, want in ((0, 0.0), (1000, 0.5e-4), (2000, 1e-4), (6000, 0.5e-4), (10000, 0.0), (21000, 0.5e-4)):
+        assert learning_rate(cycle, step) == pytest.approx(want, abs=1e-15), step
+    assert 0 < learning_rate(cycle, 9999) < 1e-10
+    with pytest.raises(ValueError, match="lr_warmup < lr_cycle"):
+        TrainConfig(lr_cycle=100, lr_warmup=100)
+    with pytest.raises(ValueError, match="`optimizer` must be 'adamw' or 'adam'"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_a_cycle_starts_at_rate_zero_and_resumes_exactly(tmp_path):
+    """Step 0 of a cycle trains at rate 0 (the weights stay as they were, Adam or not); the
+    rate is a function of the step, so 2 + 2 resumed steps are the 4 steps of one run."""
+    cycle = TrainConfig(
+        steps=1, batch_size=4, save_every=1, optimizer="adam", weight_decay=0.01, lr_cycle=4, lr_warmup=2
+    )
+    model = _model()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, _data(), SCHEDULE, tmp_path / "one", cycle, progress=False)
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    whole = dataclass_replace(cycle, steps=4, save_every=2)
+    train(_model(), _data(), SCHEDULE, tmp_path / "whole", whole, progress=False)
+    train(_model(), _data(), SCHEDULE, tmp_path / "split", dataclass_replace(whole, steps=2), progress=False)
+    train(_model(), _data(), SCHEDULE, tmp_path / "split", whole, resume=True, progress=False)
+    a = torch.load(latest_checkpoint(tmp_path / "whole") / "train_state.pt", weights_only=True)["model"]
+    b = torch.load(latest_checkpoint(tmp_path / "split") / "train_state.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(first[k], a[k]) for k in a)  # steps 1-3 trained

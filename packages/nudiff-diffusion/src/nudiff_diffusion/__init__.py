@@ -72,7 +72,7 @@ from ._runtime import (
 from ._sampling import EpsFn, check_sampler_settings, gaussian_eps_fn, sample, sampling_timesteps, seeded_generator
 from ._schedule import NoiseSchedule, space_timesteps
 from ._tensorrt import EngineUnavailableError, TensorRTDenoiser, build_engine, check_engine_args, require_tensorrt
-from ._trainer import TrainConfig, latest_checkpoint, setup_distributed, train
+from ._trainer import TrainConfig, latest_checkpoint, learning_rate, setup_distributed, train
 from ._unet import GroupNorm32, UNet, timestep_embedding
 
 __version__ = "0.1.0"
@@ -145,6 +145,7 @@ __all__ = [
     "resolve_device",
     "warn_if_emulated_precision",
     "TrainConfig",
+    "learning_rate",
     "latest_checkpoint",
     "setup_distributed",
     "train",

@@ -62,19 +62,41 @@ def int_at_least(low: int, why: str = "") -> Callable[[str], int]:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """``--steps --batch --lr --ema --precision --save-every --resume --seed --weight-decay
-    --grad-clip --device`` (the defaults: batch 4, AdamW at lr 1e-4 with weight decay 0.05,
-    the paper code's settings for its structure model; its histology code uses Adam with an
-    L2 penalty of 0.01, batch 1 and a cyclic rate, and neither model clips gradients)."""
+    --optimizer --lr-cycle --lr-warmup --grad-clip --device`` (the defaults: batch 4, AdamW
+    at a constant lr 1e-4 with weight decay 0.05, the paper code's settings for its structure
+    model; its histology code: --optimizer adam --weight-decay 0.01 --batch 1 --lr-cycle 10000
+    --lr-warmup 2000; neither clips gradients: --grad-clip 0)."""
     parser.add_argument("--steps", type=int, default=10000, help="training steps")
     parser.add_argument("--batch", type=int, default=4, help="batch size (the paper's structure model: 4)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (the peak of each cycle with --lr-cycle)")
     parser.add_argument("--ema", type=float, default=0.9999, help="EMA rate")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and previews")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
     parser.add_argument(
-        "--weight-decay", type=float, default=0.05, help="AdamW weight decay (the paper's structure model: 0.05)"
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="weight decay (the paper's structure model: 0.05 with adamw; its histology model: 0.01 with adam)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adam"),
+        default="adamw",
+        help="adamw (decoupled weight decay); adam: weight decay as an L2 penalty (the paper's histology model)",
+    )
+    parser.add_argument(
+        "--lr-cycle",
+        type=int,
+        default=0,
+        help="cosine learning-rate cycles of this many steps (0: constant; the paper's histology model: 10000)",
+    )
+    parser.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=0,
+        help="linear warm-up steps at the start of each cycle (the paper's histology model: 2000)",
     )
     parser.add_argument(
         "--grad-clip",
@@ -102,6 +124,9 @@ def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfi
         lr=args.lr,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
+        optimizer=args.optimizer,
+        lr_cycle=args.lr_cycle,
+        lr_warmup=args.lr_warmup,
         device=args.device,
         ema_rate=args.ema,
         precision=args.precision,

@@ -27,24 +27,28 @@ from ._sampling import seeded_generator
 from ._schedule import NoiseSchedule
 from ._unet import UNet
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint", "setup_distributed"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "learning_rate", "setup_distributed"]
 
 STATE_NAME = "train_state.pt"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings: AdamW at a constant rate, by default lr 1e-4, weight decay
-    0.05 and batch 4 (the paper code's structure model; its histology model uses Adam with an
-    L2 penalty of 0.01, batch 1 and cosine cycles of 10,000 steps after 2,000 warm-up steps,
-    which nudiff does not reproduce), gradients clipped to a global norm of 1 (``grad_clip``;
-    None or 0: no clipping, as neither of the paper's models does)."""
+    """Optimisation settings. By default AdamW at a constant rate, lr 1e-4, weight decay
+    0.05 and batch 4 (the paper code's structure model), gradients clipped to a global norm
+    of 1 (``grad_clip``; None or 0: no clipping, as neither of the paper's models does). The
+    paper code's histology model: ``optimizer="adam"`` (Adam with ``weight_decay`` as an L2
+    penalty added to the gradient), weight decay 0.01, batch 1, ``lr_cycle=10000`` and
+    ``lr_warmup=2000`` (:func:`learning_rate`)."""
 
     steps: int = 1000
     batch_size: int = 4
     microbatch: int = 0  # split each batch into chunks of this size (0: no split)
     lr: float = 1e-4
     weight_decay: float = 0.05
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam: weight decay as L2 in the gradient
+    lr_cycle: int = 0  # 0: a constant rate; else cosine cycles of this many steps
+    lr_warmup: int = 0  # steps of linear warm-up from 0 at the start of each cycle
     ema_rate: float = 0.9999
     ema_warmup: bool = True  # rate min(ema_rate, (1 + step) / (10 + step)): the EMA forgets the random init
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -70,8 +74,30 @@ class TrainConfig:
             raise ValueError(f"`lr` must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"`optimizer` must be 'adamw' or 'adam', got {self.optimizer!r}")
+        if self.lr_cycle < 0 or self.lr_warmup < 0 or (self.lr_warmup and self.lr_warmup >= self.lr_cycle):
+            raise ValueError(
+                f"`lr_cycle` and `lr_warmup` must be >= 0 with lr_warmup < lr_cycle when warming up, "
+                f"got lr_cycle {self.lr_cycle}, lr_warmup {self.lr_warmup}"
+            )
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ValueError(f"`grad_clip` must be None or 0 (no clipping) or finite > 0, got {self.grad_clip}")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of training step ``step`` (0-based): ``config.lr`` throughout, or
+    with ``lr_cycle`` the schedule of the paper code's histology model
+    (``CosineAnnealingWarmupRestarts`` with ``min_lr`` 0, stepped once per step): each cycle
+    of ``lr_cycle`` steps rises linearly from 0 over ``lr_warmup`` steps, then falls to 0
+    along half a cosine, and the next cycle starts again from 0. A function of the step
+    alone, so a resume continues it exactly."""
+    if not config.lr_cycle:
+        return config.lr
+    k, warm = step % config.lr_cycle, config.lr_warmup
+    if k < warm:
+        return config.lr * k / warm
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (k - warm) / (config.lr_cycle - warm)))
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int]:
@@ -293,7 +319,8 @@ def train(
     device = resolve_device(config.device)
     model.to(device)  # in place, as the training itself
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     start = 0
     settings = {"num_timesteps": schedule.num_timesteps, **(diffusion or {})}
@@ -350,6 +377,8 @@ def train(
         t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(0, config.batch_size, micro):
