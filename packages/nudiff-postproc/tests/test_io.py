@@ -339,3 +339,14 @@ def test_replace_folder_never_leaves_a_mix(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.old.")]  # the old one aside, whole
     replace_folder(staging, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "new.png").is_file()
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path):
+    from nudiff_postproc._io import check_output_outside
+
+    data = tmp_path / "data"
+    for out in (data, data / "run", data / "a" / ".." / "run"):
+        with pytest.raises(ValueError, match=r"--out '.*' is or lies inside --data '.*data'"):
+            check_output_outside(out, {"--init": None, "--data": data})
+    check_output_outside(tmp_path / "run", {"--data": data})  # beside it
+    check_output_outside(tmp_path, {"--data": data})  # holding it: nothing of the data is replaced

@@ -181,6 +181,9 @@ def test_bad_inputs(run, tmp_path, capsys):
         main(["--quiet", "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     )
     assert "holds no instance map files" in capsys.readouterr().err
+    inside = str(run / "data" / "run")  # checkpoints and logs among the data: refused before any work
+    assert main(["--quiet", "train", "--data", str(run / "data"), "--out", inside, "--steps", "1"]) == 2
+    assert "is or lies inside --data" in capsys.readouterr().err and not (run / "data" / "run").exists()
     assert (
         main(["--quiet", "sample", "--checkpoint", str(run / "data"), "--num", "1", "--out", str(tmp_path / "s")]) == 2
     )

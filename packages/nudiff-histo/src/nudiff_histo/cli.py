@@ -9,9 +9,11 @@ from collections.abc import Sequence
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from nudiff_diffusion import setup_distributed, train_config_from_args
+    from nudiff_postproc._io import check_output_outside
 
     from ._train import train_histo_model
 
+    check_output_outside(args.out, {"--pairs": args.pairs, "--init": args.init})
     setup_distributed(args.device)  # under torchrun: DDP over the ranks; else nothing
     config = train_config_from_args(args, cond_drop_prob=args.drop_prob)
     train_histo_model(

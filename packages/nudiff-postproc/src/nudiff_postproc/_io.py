@@ -26,6 +26,7 @@ __all__ = [
     "to_geojson",
     "atomic_path",
     "replace_folder",
+    "check_output_outside",
     "remove_stale_parts",
     "INSTANCE_MAP_SUFFIXES",
     "IMAGE_SUFFIXES",
@@ -107,6 +108,19 @@ def remove_stale_parts(folder: str | os.PathLike[str]) -> list[Path]:
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+def check_output_outside(out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an output folder that is one of the input folders or lies inside one (a
+    training's checkpoints and logs written among its data), naming both flags.
+    ``inputs``: flag -> folder (None: not given)."""
+    target = Path(out).resolve()
+    for flag, folder in inputs.items():
+        if folder is None:
+            continue
+        source = Path(folder).resolve()
+        if target == source or source in target.parents:
+            raise ValueError(f"--out '{out}' is or lies inside {flag} '{folder}'; give an output folder outside it")
 
 
 def check_output_file(path: str | os.PathLike[str] | None, flag: str = "--out") -> None:

@@ -30,11 +30,13 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from nudiff_diffusion import warn_if_emulated_precision
+    from nudiff_postproc._io import check_output_outside
 
     from ._data import load_tiles, read_name_list
     from ._hovernet import PRESETS
     from ._train import DEFAULT_AUGMENT, NO_AFFINE, SegTrainConfig, train_hovernet
 
+    check_output_outside(args.out, {"--real": args.real, "--synthetic": args.synthetic, "--val": args.val})
     config = SegTrainConfig(
         preset=args.preset,
         epochs=args.epochs,
