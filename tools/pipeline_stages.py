@@ -24,6 +24,18 @@ def cli_args(*args: Any) -> list[str]:
     return [str(a) for a in args]
 
 
+def _train_flag_defaults() -> dict[str, Any]:
+    """The train commands' defaults of the optimiser flags the configs may set, read off
+    their parser (so that a changed default cannot silently change what a config trains)."""
+    import argparse
+
+    from nudiff_diffusion import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return {key: parser.get_default(key) for key in ("grad_clip", "optimizer", "weight_decay", "lr_cycle", "lr_warmup")}
+
+
 def _fresh(path: Path) -> Path:
     """``path`` with a ``.partial`` suffix, emptied: where a stage builds a folder before it
     renames it into place (a killed stage leaves no half-written result)."""
@@ -188,8 +200,8 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         return command
 
     def common(section: dict[str, Any]) -> list[Any]:
-        # optimiser flags only where they are not the defaults: earlier runs' commands stay the same
-        defaults = {"grad_clip": 1.0, "optimizer": "adamw", "weight_decay": 0.05, "lr_cycle": 0, "lr_warmup": 0}
+        # optimiser flags only where they are not the commands' defaults: earlier runs' commands stay the same
+        defaults = _train_flag_defaults()
         clip = [
             word
             for key, default in defaults.items()

@@ -86,7 +86,7 @@ def test_a_resume_redoes_the_run_folders_copies_and_clears_a_kills_leftovers(tmp
     ckpts = tmp_path / "checkpoints"
     shutil.copyfile(ckpts / "step_0000010" / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{")
-    leftovers = [tmp_path / ".model.4242.0123456789ab.part.safetensors", tmp_path / ".log.4242.abcdef012345.part.csv"]
+    leftovers = [tmp_path / ".model.4242.0123456789ab.part.safetensors", tmp_path / ".log.csv.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
     (ckpts / ".step_0000030.part").mkdir()
@@ -103,6 +103,21 @@ def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_logs_each_s
     shutil.rmtree(tmp_path / "checkpoints")  # killed after the log row of step 5, before any checkpoint
     train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)  # no --resume: nothing to resume
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "log.csv"))] == ["5", "10"]
+
+
+def test_a_run_saved_before_the_optimiser_settings_resumes_only_as_adamw_at_a_constant_rate(tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, save_every=2)
+    train(_model(), _data(), SCHEDULE, tmp_path, config, progress=False)
+    path = latest_checkpoint(tmp_path) / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("optimizer", "lr_cycle", "lr_warmup"):  # as a checkpoint of 2026-12-03 holds it
+        del saved["train"][key]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="was started with --optimizer 'adamw', this resume gives 'adam'"):
+        train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, steps=4, optimizer="adam"), resume=True)
+    with pytest.raises(ValueError, match="was started with --lr-cycle 0, this resume gives 100"):
+        train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, steps=4, lr_cycle=100), resume=True)
+    train(_model(), _data(), SCHEDULE, tmp_path, dataclass_replace(config, steps=4), resume=True, progress=False)
 
 
 def test_a_resume_with_other_settings_or_a_broken_state_is_refused(tmp_path):

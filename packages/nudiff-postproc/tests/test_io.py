@@ -350,3 +350,16 @@ def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path):
             check_output_outside(out, {"--init": None, "--data": data})
     check_output_outside(tmp_path / "run", {"--data": data})  # beside it
     check_output_outside(tmp_path, {"--data": data})  # holding it: nothing of the data is replaced
+
+
+def test_replace_folder_clears_a_symlink_left_aside(tmp_path):
+    from nudiff_postproc._io import replace_folder
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.png").write_text("x")
+    (tmp_path / ".out.old.999").symlink_to(real)  # a kill left the replaced link aside
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    replace_folder(staging, tmp_path / "out")
+    assert (tmp_path / "out").is_dir() and not (tmp_path / ".out.old.999").exists() and (real / "keep.png").is_file()

@@ -280,3 +280,46 @@ def test_augment_with_nothing_on_gives_the_window_back(tmp_path):
     )
     image, _, _ = cut_window(tiles, 0, (20, 30), 256, 164, none, np.random.default_rng(0))
     np.testing.assert_array_equal(image, tiles.images[0][20:276, 30:286])
+
+
+class _HighestDraws:
+    """A generator stand-in whose uniform draws are the top of their range."""
+
+    def uniform(self, low, high, size=None):
+        return np.full(size, high, float) if size is not None else float(high)
+
+
+def test_a_drawn_scale_of_1_2_magnifies_the_window():
+    """Each axis scaled by 1.2: the window shows 1/1.2 of its side of the tile."""
+    matrix, shift = Augment(shear=0.0, rotate=0.0, translate=0.0).draw_affine(256, _HighestDraws())
+    np.testing.assert_allclose(matrix, np.eye(2) / 1.2, atol=1e-12)
+    rows, cols = affine_source((1000, 1000), (300, 300), 256, matrix, shift)
+    assert rows.max() - rows.min() == pytest.approx(255 / 1.2, abs=1) and cols.max() - cols.min() == pytest.approx(
+        255 / 1.2, abs=1
+    )
+
+
+def test_augmented_hue_moves_by_at_most_hovernets_8_units():
+    from skimage.color import rgb2hsv
+
+    tiles = Tiles(
+        None, ["red"], [np.tile(np.array([200, 40, 40], np.uint8), (256, 256, 1))], [np.zeros((256, 256), np.int32)]
+    )
+    hue_only = Augment(
+        scale=0,
+        shear=0,
+        rotate=0,
+        translate=0,
+        dihedral=False,
+        hed_sigma=0,
+        blur_noise=False,
+        saturation=0,
+        brightness=0,
+        contrast=0,
+    )
+    rng, shifts = np.random.default_rng(0), []
+    for _ in range(100):
+        image, _, _ = cut_window(tiles, 0, (0, 0), 256, 164, hue_only, rng)
+        hue = rgb2hsv(image[:1, :1] / 255.0)[0, 0, 0]
+        shifts.append(min(hue, 1 - hue))  # red sits at hue 0
+    assert max(shifts) <= 8 / 180 + 2e-3 and max(shifts) > 0.9 * 8 / 180  # 8 OpenCV units: 16 degrees

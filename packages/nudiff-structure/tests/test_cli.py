@@ -296,6 +296,23 @@ def test_ddpm_samples_do_not_depend_on_batches_or_ranks(run, tmp_path, capsys):
     assert "start a new run with another --out" in err and len(list((cut / "structures").iterdir())) == 5
 
 
+def test_a_few_step_dpmpp2m_folder_of_the_earlier_solver_is_not_resumed(run, tmp_path, capsys):
+    """Since 2026-12-04 a dpmpp2m run of under 10 updates takes its last in first order: a
+    folder drawn before (no `final_update` recorded) would mix the two solvers."""
+    out = tmp_path / "few"
+    assert main(_sample_args(run / "run", out, num="3", sampler="dpmpp2m", steps="4")) == 0
+    stamp = out / RUN_STAMP
+    record = json.loads(stamp.read_text())
+    assert record["final_update"] == "first order"
+    del record["final_update"]
+    stamp.write_text(json.dumps(record))
+    assert main(_sample_args(run / "run", out, num="4", sampler="dpmpp2m", steps="4")) == 2
+    assert "recorded no dpmpp2m final update (this one uses 'first order')" in capsys.readouterr().err
+    many = tmp_path / "many"  # 10 updates and more: the solver did not change, nothing recorded
+    assert main(_sample_args(run / "run", many, num="1", sampler="dpmpp2m", steps="11")) == 0
+    assert "final_update" not in json.loads((many / RUN_STAMP).read_text())
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

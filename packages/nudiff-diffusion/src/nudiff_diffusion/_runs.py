@@ -19,7 +19,7 @@ from nudiff_postproc._runs import report_interrupt, sigterm_as_interrupt
 
 from ._resume import MODEL_FLAG, claimed_output_folder, runtime_precision, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
-from ._sampling import seeded_generator
+from ._sampling import LOWER_ORDER_FINAL_BELOW, seeded_generator
 from ._trainer import TrainConfig
 
 __all__ = [
@@ -225,6 +225,9 @@ def step_noise_generators(seed: int, indices: Sequence[int], *, stream: int = 0)
 #: what a folder of samples records for a sampler that draws step noise (``ddpm``): per
 #: sample since 2026-12-03; earlier folders drew it per batch and cannot be resumed
 STEP_NOISE = "per sample"
+#: what a folder of dpmpp2m samples of few steps records: since 2026-12-04 the last of under
+#: 10 updates is first order (DPM-Solver's lower_order_final); earlier folders cannot be resumed
+FINAL_UPDATE = "first order"
 
 
 def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extra: Any) -> dict[str, Any]:
@@ -232,7 +235,8 @@ def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extr
     model (its weights' digest) and the precision it runs in (:func:`runtime_precision`;
     a float16 graph of a checkpoint shares its weights' digest), sampler, steps, seed and
     ``extra``; with ``ddpm``, how its step noise is drawn (``step_noise``: a folder that
-    records none drew it per batch)."""
+    records none drew it per batch); with ``dpmpp2m`` of under 10 updates, that the last is
+    first order (``final_update``: a folder that records none took it in second order)."""
     settings = {
         "model": runtime_weights_digest(runtime),
         "precision": runtime_precision(runtime),
@@ -243,6 +247,8 @@ def sampling_record(runtime: Any, *, sampler: str, steps: int, seed: int, **extr
     }
     if sampler == "ddpm":
         settings["step_noise"] = STEP_NOISE
+    if sampler == "dpmpp2m" and steps - 1 < LOWER_ORDER_FINAL_BELOW:
+        settings["final_update"] = FINAL_UPDATE
     return settings
 
 
@@ -251,16 +257,17 @@ def claimed_samples_folder(
 ) -> AbstractContextManager[Path]:
     """:func:`claimed_output_folder` for the work that fills a folder of samples
     (``settings`` from :func:`sampling_record`; a first try that fails before its first
-    sample leaves nothing): a folder whose record lacks the ``step_noise`` this run
-    records drew its ddpm step noise per batch, and is refused by name. ``flags``: how the
+    sample leaves nothing): a folder whose record lacks the ``step_noise`` or
+    ``final_update`` this run records was drawn by an older sampler, and is refused by name. ``flags``: how the
     caller's own keys read in a refusal."""
     named = {
         **MODEL_FLAG,
         "precision": "the precision (--precision, or the graph's)",
         "step_noise": "ddpm step-noise scheme",
+        "final_update": "dpmpp2m final update",
         **(flags or {}),
     }
-    return claimed_output_folder(out, settings, flags=named, required=("step_noise",))
+    return claimed_output_folder(out, settings, flags=named, required=("step_noise", "final_update"))
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:

@@ -20,7 +20,7 @@ Spacing = Literal["uniform", "quadratic", "logsnr"]
 _DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
 #: DPM-Solver++(2M) runs of fewer updates (model evaluations less the final one) take
 #: their last update in first order: ``lower_order_final`` of DPM-Solver's reference code
-_LOWER_ORDER_FINAL_BELOW = 10
+LOWER_ORDER_FINAL_BELOW = 10
 
 
 def gaussian_eps_fn(schedule: NoiseSchedule, mean: float, std: float) -> EpsFn:
@@ -258,7 +258,7 @@ def sample(
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0) of earlier dpmpp2m steps
     # DPM-Solver's lower_order_final (its default): with under 10 updates, the last one is
     # first order, which steadies few-step runs (dpm_solver_pytorch's multistep sample)
-    first_order_last = sub.num_timesteps - 1 < _LOWER_ORDER_FINAL_BELOW
+    first_order_last = sub.num_timesteps - 1 < LOWER_ORDER_FINAL_BELOW
     x0 = x
     for i in order:
         eps, v, x0, t_sub = predict(i, x)

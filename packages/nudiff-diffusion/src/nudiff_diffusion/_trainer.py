@@ -177,15 +177,18 @@ def _publish(out: Path, ckpt: Path) -> None:
 
 def _remove_leftovers(out: Path) -> None:
     """What a killed run left half-written: temporary files of the run folder (the model,
-    its config, the log) and checkpoint folders that were never renamed into place."""
+    its config), the log's rewrite and checkpoint folders that were never renamed into place."""
     from nudiff_postproc._io import remove_stale_parts
 
     remove_stale_parts(out)
+    (out / ".log.csv.tmp").unlink(missing_ok=True)  # _drop_log_rows_after's
     if (out / "checkpoints").is_dir():
         for staging in (out / "checkpoints").glob(".step_*.part"):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+#: the optimiser settings added on 2026-12-04, as every run saved before then trained
+_BEFORE_2026_12_04 = {"optimizer": "adamw", "lr_cycle": 0, "lr_warmup": 0}
 _RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "log_every", "microbatch", "device")
 _TRAIN_FLAGS = {
     "batch_size": "--batch",
@@ -218,7 +221,9 @@ def _restore(
 
     saved, run = read_config(ckpt), ckpt.parent.parent
     given_train = dataclasses.asdict(config)
-    check_resume_settings(run, saved.get("train", {}), given_train, may_change=_RESUMABLE_CHANGES, flags=_TRAIN_FLAGS)
+    # runs saved before these settings existed trained with what they were then
+    saved_train = {**_BEFORE_2026_12_04, **saved.get("train", {})}
+    check_resume_settings(run, saved_train, given_train, may_change=_RESUMABLE_CHANGES, flags=_TRAIN_FLAGS)
     # folders move and init only starts a run; the data's patches are compared first (the
     # held-out names, chosen from them, would differ too and hide the cause)
     given = {k: v for k, v in settings.items() if k not in ("data", "init")}

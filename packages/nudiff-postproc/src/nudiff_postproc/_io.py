@@ -84,7 +84,7 @@ def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[st
     removes), never a mix of the two."""
     staging, target = Path(staging), Path(target)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.old.*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
     aside = None
     if target.exists() or target.is_symlink():
         aside = target.with_name(f".{target.name}.old.{os.getpid()}")
