@@ -263,21 +263,15 @@ def test_blur_median_and_noise_each_keep_a_flat_image_flat_but_the_noise():
     assert kinds == {"noise", "filter"}
 
 
+def _only(**on) -> Augment:
+    """An Augment with every part off but ``on``."""
+    off = dict(scale=0, shear=0, rotate=0, translate=0, dihedral=False, hed_sigma=0, blur_noise=False)
+    return Augment(**{**off, "hue": 0, "saturation": 0, "brightness": 0, "contrast": 0, **on})
+
+
 def test_augment_with_nothing_on_gives_the_window_back(tmp_path):
     tiles = _tiles(tmp_path, 1, 300)
-    none = Augment(
-        scale=0,
-        shear=0,
-        rotate=0,
-        translate=0,
-        dihedral=False,
-        hed_sigma=0,
-        blur_noise=False,
-        hue=0,
-        saturation=0,
-        brightness=0,
-        contrast=0,
-    )
+    none = _only()
     image, _, _ = cut_window(tiles, 0, (20, 30), 256, 164, none, np.random.default_rng(0))
     np.testing.assert_array_equal(image, tiles.images[0][20:276, 30:286])
 
@@ -305,18 +299,7 @@ def test_augmented_hue_moves_by_at_most_hovernets_8_units():
     tiles = Tiles(
         None, ["red"], [np.tile(np.array([200, 40, 40], np.uint8), (256, 256, 1))], [np.zeros((256, 256), np.int32)]
     )
-    hue_only = Augment(
-        scale=0,
-        shear=0,
-        rotate=0,
-        translate=0,
-        dihedral=False,
-        hed_sigma=0,
-        blur_noise=False,
-        saturation=0,
-        brightness=0,
-        contrast=0,
-    )
+    hue_only = _only(hue=8.0)
     rng, shifts = np.random.default_rng(0), []
     for _ in range(100):
         image, _, _ = cut_window(tiles, 0, (0, 0), 256, 164, hue_only, rng)
