@@ -379,15 +379,16 @@ def _check(config: dict[str, Any], source: str) -> None:
                 f"{source}: the data folder '{data['source']}' lies inside the output folder '{config['out']}', whose "
                 "folders the stages replace; move it or give another --out"
             )
+    from nudiff_diffusion._trainer import OPTIMIZERS
+
     for section in ("structure", "histo"):
         if config[section]["preset"] not in PATCH_GEOMETRY:
             raise ConfigError(
                 f"{source}: {section}.preset {config[section]['preset']!r} is not one of {sorted(PATCH_GEOMETRY)}"
             )
-        if config[section]["optimizer"] not in ("adamw", "adam"):
-            raise ConfigError(
-                f"{source}: {section}.optimizer {config[section]['optimizer']!r} must be 'adamw' or 'adam'"
-            )
+        if config[section]["optimizer"] not in OPTIMIZERS:
+            optimizer = config[section]["optimizer"]
+            raise ConfigError(f"{source}: {section}.optimizer {optimizer!r} must be one of {OPTIMIZERS}")
         cycle, warmup = config[section]["lr_cycle"], config[section]["lr_warmup"]
         if warmup and warmup >= cycle:
             raise ConfigError(

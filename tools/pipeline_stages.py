@@ -45,12 +45,6 @@ def _fresh(path: Path) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    from nudiff_postproc._io import replace_folder
-
-    replace_folder(tmp, path)
-
-
 def _pair_files(src_dir: Path, name: str) -> list[Path]:
     """``src_dir/images/name.*`` and ``src_dir/instance_maps/name.*``."""
     from nudiff_postproc._io import IMAGE_SUFFIXES, INSTANCE_MAP_SUFFIXES
@@ -131,6 +125,7 @@ def prepare(run: Run, *, config: dict[str, Any]) -> None:
     built in ``data.partial`` and renamed to ``data``."""
     from nudiff_postproc import write_synthetic_dataset
     from nudiff_postproc._folders import read_name_list
+    from nudiff_postproc._io import replace_folder
 
     out = Path(config["out"])
     tmp = _fresh(out / "data")
@@ -157,11 +152,13 @@ def prepare(run: Run, *, config: dict[str, Any]) -> None:
     run(cli("nudiff_postproc", "subset", *subset))
     for name in read_name_list(tmp / "subset.txt"):
         _link_pair(tmp / "patches", name, tmp / "subset")
-    _publish(tmp, out / "data")
+    replace_folder(tmp, out / "data")
 
 
 def export_engine(run: Run, *, config: dict[str, Any]) -> None:
     """The histology model as ONNX graphs with the SPADE modulation cached per batch."""
+    from nudiff_postproc._io import replace_folder
+
     out = Path(config["out"])
     tmp = _fresh(out / "engines")
     batch = 2 * config["sample"]["batch"]  # guidance runs the conditional and unconditional halves as one batch
@@ -170,7 +167,7 @@ def export_engine(run: Run, *, config: dict[str, Any]) -> None:
         cli_args(sys.executable, TOOLS / "export_onnx.py", out / "histo", "-o", graph, "--cached-modulation")
         + cli_args("--batch-max", batch)
     )
-    _publish(tmp, out / "engines")
+    replace_folder(tmp, out / "engines")
 
 
 def synthetic_for_seg(run: Run, *, config: dict[str, Any]) -> None:

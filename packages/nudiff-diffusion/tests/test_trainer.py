@@ -86,7 +86,7 @@ def test_a_resume_redoes_the_run_folders_copies_and_clears_a_kills_leftovers(tmp
     ckpts = tmp_path / "checkpoints"
     shutil.copyfile(ckpts / "step_0000010" / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{")
-    leftovers = [tmp_path / ".model.4242.0123456789ab.part.safetensors", tmp_path / ".log.csv.tmp"]
+    leftovers = [tmp_path / ".model.4242.0123456789ab.part.safetensors", tmp_path / ".log.4242.abcdef012345.part.csv"]
     for path in leftovers:
         path.write_bytes(b"half")
     (ckpts / ".step_0000030.part").mkdir()

@@ -20,7 +20,7 @@ from nudiff_postproc._runs import report_interrupt, sigterm_as_interrupt
 from ._resume import MODEL_FLAG, claimed_output_folder, runtime_precision, runtime_weights_digest
 from ._runtime import PRECISIONS, resolve_device, warn_if_emulated_precision
 from ._sampling import LOWER_ORDER_FINAL_BELOW, seeded_generator
-from ._trainer import TrainConfig
+from ._trainer import OPTIMIZERS, TrainConfig
 
 __all__ = [
     "noise_generator",
@@ -82,7 +82,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--optimizer",
-        choices=("adamw", "adam"),
+        choices=OPTIMIZERS,
         default="adamw",
         help="adamw (decoupled weight decay); adam: weight decay as an L2 penalty (the paper's histology model)",
     )

@@ -30,6 +30,8 @@ from ._unet import UNet
 __all__ = ["TrainConfig", "train", "latest_checkpoint", "learning_rate", "setup_distributed"]
 
 STATE_NAME = "train_state.pt"
+#: ``TrainConfig.optimizer``'s choices: AdamW (decoupled weight decay) or Adam (L2 penalty)
+OPTIMIZERS = ("adamw", "adam")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"`lr` must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
-        if self.optimizer not in ("adamw", "adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be 'adamw' or 'adam', got {self.optimizer!r}")
         if self.lr_cycle < 0 or self.lr_warmup < 0 or (self.lr_warmup and self.lr_warmup >= self.lr_cycle):
             raise ValueError(
@@ -177,11 +179,10 @@ def _publish(out: Path, ckpt: Path) -> None:
 
 def _remove_leftovers(out: Path) -> None:
     """What a killed run left half-written: temporary files of the run folder (the model,
-    its config), the log's rewrite and checkpoint folders that were never renamed into place."""
+    its config, the log's rewrite) and checkpoint folders that were never renamed into place."""
     from nudiff_postproc._io import remove_stale_parts
 
     remove_stale_parts(out)
-    (out / ".log.csv.tmp").unlink(missing_ok=True)  # _drop_log_rows_after's
     if (out / "checkpoints").is_dir():
         for staging in (out / "checkpoints").glob(".step_*.part"):
             shutil.rmtree(staging, ignore_errors=True)
@@ -251,10 +252,12 @@ def _drop_log_rows_after(path: Path, step: int) -> None:
     kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) == len(rows):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows(kept)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: _write_rows(tmp, kept))
+
+
+def _write_rows(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
 
 
 def train(

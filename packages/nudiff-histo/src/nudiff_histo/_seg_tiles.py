@@ -20,7 +20,7 @@ from nudiff_postproc import (
     write_instance_map,
 )
 from nudiff_postproc._folders import dataset_pairs
-from nudiff_postproc._io import replace_folder
+from nudiff_postproc._io import lies_within, replace_folder
 
 __all__ = ["write_seg_tiles", "seg_tile_grid"]
 
@@ -37,8 +37,7 @@ def seg_tile_grid(preset: str, window: int) -> int:
 
 def _check_out(samples: Path, out: Path) -> None:
     """Refuse an ``out`` whose replacement would delete the samples or another folder."""
-    a, b = samples.resolve(), out.resolve()
-    if a == b or b in a.parents or a in b.parents:
+    if lies_within(out, samples) or lies_within(samples, out):
         raise ValueError(
             f"--out '{out}' is, holds or lies inside --samples '{samples}' (replacing it would delete the samples); "
             "give another output folder"

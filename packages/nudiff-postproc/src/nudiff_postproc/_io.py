@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
@@ -76,6 +77,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+#: the names :func:`atomic_path` gives its temporary files (``.STEM.PID.HEX12.partSUFFIX``)
+_PART_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.part(\.[^.]+)?$")
+
+
+def lies_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved: links followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Put the finished folder ``staging`` at ``target``, replacing whatever is there, so
     that no reader and no kill ever finds a half-deleted ``target``: the old one is renamed
@@ -99,11 +110,10 @@ def remove_stale_parts(folder: str | os.PathLike[str]) -> list[Path]:
     subfolders) when a writer was killed (SIGKILL) between creating and renaming them.
     Only for a folder that one process writes at a time (a training's run folder): another
     writer's file in progress would be deleted too. Returns the files deleted."""
-    import re
-
-    pattern = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.part(\.[^.]+)?$")
     removed = (
-        [p for p in Path(folder).iterdir() if p.is_file() and pattern.match(p.name)] if Path(folder).is_dir() else []
+        [p for p in Path(folder).iterdir() if p.is_file() and _PART_NAME.match(p.name)]
+        if Path(folder).is_dir()
+        else []
     )
     for path in removed:
         path.unlink(missing_ok=True)
@@ -114,12 +124,8 @@ def check_output_outside(out: str | os.PathLike[str], inputs: dict[str, str | os
     """Refuse an output folder that is one of the input folders or lies inside one (a
     training's checkpoints and logs written among its data), naming both flags.
     ``inputs``: flag -> folder (None: not given)."""
-    target = Path(out).resolve()
     for flag, folder in inputs.items():
-        if folder is None:
-            continue
-        source = Path(folder).resolve()
-        if target == source or source in target.parents:
+        if folder is not None and lies_within(out, folder):
             raise ValueError(f"--out '{out}' is or lies inside {flag} '{folder}'; give an output folder outside it")
 
 

@@ -19,6 +19,7 @@ from ._io import (
     INSTANCE_MAP_SUFFIXES,
     atomic_path,
     check_output_file,
+    lies_within,
     read_image,
     read_instance_map,
     read_monuseg_xml,
@@ -172,17 +173,11 @@ def _cmd_xml2inst(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def _cmd_patches(args: argparse.Namespace) -> int:
     pairs = dataset_pairs(args.data)
     out = Path(args.out)
     inputs = [Path(args.data), Path(args.data) / "images", Path(args.data) / "instance_maps"]
-    if _inside(Path(args.data), out) or any(_inside(out, folder) for folder in inputs[1:]):
+    if lies_within(Path(args.data), out) or any(lies_within(out, folder) for folder in inputs[1:]):
         # --overwrite would delete the data it cuts
         raise ValueError(
             f"--out '{out}' is, holds or lies inside the --data folder '{args.data}' or its images/ or "
