@@ -393,10 +393,6 @@ def _prepare_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def _file_digest(path: str) -> str:
     """sha256 of a file's content (16 hex)."""
-    import hashlib
+    from nudiff_postproc._io import file_sha256
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]

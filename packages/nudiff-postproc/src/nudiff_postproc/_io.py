@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -81,6 +82,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 _PART_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.part(\.[^.]+)?$")
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes (64 hex digits), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def lies_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (both resolved: links followed)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
@@ -111,9 +121,7 @@ def remove_stale_parts(folder: str | os.PathLike[str]) -> list[Path]:
     Only for a folder that one process writes at a time (a training's run folder): another
     writer's file in progress would be deleted too. Returns the files deleted."""
     removed = (
-        [p for p in Path(folder).iterdir() if p.is_file() and _PART_NAME.match(p.name)]
-        if Path(folder).is_dir()
-        else []
+        [p for p in Path(folder).iterdir() if p.is_file() and _PART_NAME.match(p.name)] if Path(folder).is_dir() else []
     )
     for path in removed:
         path.unlink(missing_ok=True)

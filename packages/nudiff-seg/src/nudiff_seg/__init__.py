@@ -3,8 +3,8 @@
 The model (:mod:`._hovernet`: the reference's original and fast modes, a light variant for
 CPUs), its targets and losses (:mod:`._losses`), window sampling with augmentation and
 real/synthetic mixing (:mod:`._data`), resumable training (:mod:`._train`), tiled
-inference (:mod:`._predict`) and a torchvision-layout ResNet for ImageNet weights and
-patch embeddings.
+inference (:mod:`._predict`), HoVer-Net's own released weights (:mod:`._reference_weights`)
+and a torchvision-layout ResNet for ImageNet weights and patch embeddings.
 """
 
 from ._data import Augment, MixedBatches, Tiles, load_tiles, read_name_list, window_origins
@@ -20,6 +20,7 @@ from ._hovernet import (
 )
 from ._losses import hovernet_loss, targets
 from ._predict import predict_instances, predict_structure, score_pairs, write_prediction
+from ._reference_weights import load_encoder_from_reference, load_encoder_weights, load_reference_hovernet
 from ._resnet import ResNet, load_resnet_weights, resnet18, resnet50
 from ._train import SegTrainConfig, train_hovernet
 
@@ -39,8 +40,11 @@ __all__ = [
     "build_hovernet",
     "hovernet_loss",
     "load_backbone",
+    "load_encoder_from_reference",
     "load_encoder_from_torchvision",
+    "load_encoder_weights",
     "load_hovernet",
+    "load_reference_hovernet",
     "load_resnet_weights",
     "load_tiles",
     "patch_embeddings",

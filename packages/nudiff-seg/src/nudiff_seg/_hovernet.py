@@ -5,11 +5,10 @@ The layout follows the reference PyTorch implementation (github vqdang/hover_net
 keeps the full resolution (``conv0`` 7x7 stride 1, no max-pooling), a 1x1 bottleneck
 ``conv_bot``, and one decoder per branch (NP: nuclear pixels, HV: horizontal/vertical
 distance maps) of three upsampling stages with dense blocks of valid convolutions. The
-module and parameter names are the reference's except the batch norms inside units, whose
-``/`` is a ``_`` here (``preact/bn`` -> ``preact_bn``, ``conv1/bn`` -> ``conv1_bn``,
-``preact_bna/bn`` -> ``preact_bna_bn``; 460 keys of the original mode): with that renaming a
-reference state dict of the NP and HV branches loads with no key missing or left over
-(checked in a review of 2026-12-04; no loader for the reference's checkpoints is provided).
+module and parameter names are the reference's except the batch norms inside units
+(``preact/bn``, ``conv1/bn``, ``conv2/bn`` of residual units and ``preact_bna/bn`` of dense
+units are ``preact_bn``, ``conv1_bn``, ``conv2_bn``, ``preact_bn`` here):
+:mod:`._reference_weights` loads the reference's released weights through that renaming.
 
 Two modes, as in the reference: ``original`` (270 px in, 80 px out, 5x5 decoder
 convolutions) and ``fast`` (256 px in, 164 px out, 3x3 decoder convolutions). The
@@ -344,8 +343,9 @@ def load_encoder_from_torchvision(model: HoVerNet, path: str | os.PathLike[str])
     ``conv1_bn``/``conv2_bn``; ``bn3`` of unit i (after its last convolution) -> the
     pre-activation of unit i+1, or the stage's closing ``blk_bna`` for the last unit.
     torchvision's ResNet is post-activation, so the result is an initialisation with
-    ImageNet filters, not the same function (the reference used TensorPack's
-    pre-activation ResNet-50 weights, which torchvision does not publish).
+    ImageNet filters, not the same function (the reference starts from TensorPack's
+    pre-activation ResNet-50, ``ImageNet-ResNet50-Preact_pytorch.tar``, which
+    :func:`nudiff_seg.load_encoder_from_reference` loads as it is).
     """
     from ._resnet import load_resnet_weights, resnet50
 

@@ -9,10 +9,11 @@ into :class:`ResNet` unchanged. HoVer-Net's encoder is this network (issue: nudi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._weights_file import read_state_dict
 
 __all__ = ["ResNet", "resnet18", "resnet50", "load_resnet_weights"]
 
@@ -131,22 +132,7 @@ def load_resnet_weights(model: ResNet, path: str | os.PathLike[str]) -> ResNet:
     the file; ``fc.*`` (backbone-only files) and BatchNorm's ``num_batches_tracked``
     (files from before PyTorch 0.4.1) may be absent.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: '{path}'")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  # any reader failure: name the file
-        raise ValueError(f"'{path}' could not be read as a weights file ({exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"'{path}' does not hold a state dict (got {type(state).__name__})")
+    state = read_state_dict(path)
     expected = model.state_dict()
     # torchvision files saved before PyTorch 0.4.1 (resnet50-19c8e357.pth) have no BatchNorm
     # step counters, which load_state_dict itself also lets pass

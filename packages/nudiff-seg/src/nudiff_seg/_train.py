@@ -33,9 +33,10 @@ from nudiff_diffusion import check_resume_settings, names_digest, read_train_sta
 from nudiff_postproc._io import remove_stale_parts
 
 from ._data import Augment, MixedBatches, Tiles
-from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, load_encoder_from_torchvision, save_hovernet
+from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, save_hovernet
 from ._losses import MSGE_GRADIENTS, hovernet_loss
 from ._predict import score_pairs
+from ._reference_weights import load_encoder_weights
 
 __all__ = ["SegTrainConfig", "train_hovernet", "STATE_NAME"]
 
@@ -218,7 +219,7 @@ def train_hovernet(
         torch.manual_seed(config.seed)
         model = build_hovernet(config.preset).to(device)
     if config.encoder_weights:
-        load_encoder_from_torchvision(model, config.encoder_weights)
+        load_encoder_weights(model, config.encoder_weights)
     batches = {  # per phase: its batch size
         phase: MixedBatches(
             real,

@@ -1,5 +1,5 @@
-"""``nudiff-seg``: train HoVer-Net on real (+ synthetic) pairs, predict, evaluate, check
-label fidelity, and ResNet patch embeddings."""
+"""``nudiff-seg``: train HoVer-Net on real (+ synthetic) pairs, import HoVer-Net's released
+weights, predict, evaluate, check label fidelity, and ResNet patch embeddings."""
 
 from __future__ import annotations
 
@@ -135,6 +135,37 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_hovernet(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ._hovernet import save_hovernet
+    from ._reference_weights import load_reference_hovernet
+
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"--out '{out}' already exists; give a new folder for the imported model")
+    model, record = load_reference_hovernet(args.weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:  # the folder appears whole or not at all
+        save_hovernet(staging, model, extra={"imported": record})
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    config = model.config
+    print(
+        f"imported {record['file']} ({config.mode} mode, {config.input_size} px in, {config.output_size} px out, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters)"
+        + (f"; left out {', '.join(record['left_out'])}" if record["left_out"] else "")
+        + f" -> {out}"
+    )
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nudiff_postproc.cli import main as postproc_main
 
@@ -229,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="phase-1 epochs with the encoder frozen (default: half with --encoder-weights, else 0)",
     )
     p.add_argument(
-        "--encoder-weights", help="torchvision ImageNet ResNet-50 weights for the encoder (.pth or .safetensors)"
+        "--encoder-weights",
+        help="ImageNet ResNet-50 weights for the encoder (full-width presets): HoVer-Net's own "
+        "ImageNet-ResNet50-Preact_pytorch.tar (the reference's start) or torchvision's resnet50 .pth/.safetensors",
     )
     p.add_argument("--batch", type=int, default=4, help="windows per batch")
     p.add_argument(
@@ -269,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max", type=int, default=16, help="largest batch the graph accepts")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (the dynamo exporter needs >= 18)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "import-hovernet",
+        help="HoVer-Net's released weights -> a run directory for predict, export and fidelity",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="a trained HoVer-Net in the reference's layout: vqdang/hover_net's .tar "
+        "(hovernet_original_kumar_notype_tf2pytorch.tar, ...) or TIAToolbox's .pth; a type branch is left out",
+    )
+    p.add_argument("--out", required=True, help="new run directory (config.json, model.safetensors)")
+    p.set_defaults(func=_cmd_import_hovernet)
 
     p = sub.add_parser("evaluate", help="Dice, AJI, AJI+, DQ, SQ, PQ per image and the mean", formatter_class=fmt)
     p.add_argument("--true", required=True, help="folder of reference instance maps")
