@@ -81,8 +81,10 @@ DEFAULTS: dict[str, Any] = {
         "batch": 4,
         "lr": 1e-3,
         "seed": 0,
-        # torchvision ImageNet ResNet-50 weights (.pth / .safetensors) for the encoder; "": from scratch
+        # ImageNet ResNet-50 weights for the encoder: HoVer-Net's ImageNet-ResNet50-Preact_pytorch.tar or
+        # torchvision's .pth / .safetensors; "": from scratch
         "encoder_weights": "",
+        "windows": "mirror",  # "mirror" (HoVer-Net's extract_patches: outputs cover each tile) or "valid"
         "frozen_epochs": -1,  # phase-1 epochs with the encoder frozen; -1: nudiff-seg's default
         "frozen_batch": 0,  # phase 1's batch; 0: seg.batch
         "runs": [
@@ -423,6 +425,10 @@ def _check(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: sample.engine must be 'onnx' or 'pytorch', got {config['sample']['engine']!r}")
     if not 0 < config["prepare"]["fraction"] <= 1:
         raise ConfigError(f"{source}: prepare.fraction must be in (0, 1], got {config['prepare']['fraction']}")
+    from nudiff_seg._data import WINDOWS
+
+    if config["seg"]["windows"] not in WINDOWS:
+        raise ConfigError(f"{source}: seg.windows {config['seg']['windows']!r} must be one of {WINDOWS}")
     weights = config["seg"]["encoder_weights"]
     if weights and not Path(weights).is_file():
         raise ConfigError(f"{source}: seg.encoder_weights file '{weights}' not found")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from nudiff_postproc import synthetic_instance_map, write_image, write_instance_map
@@ -22,28 +24,67 @@ def _tiles(folder, n, size, seed=0):
     return Tiles(folder, [f"t{i}" for i in range(n)], images, maps)
 
 
-def test_window_origins_cover_the_image_with_their_output_regions():
-    for shape in [(1000, 1000), (256, 300), (420, 256)]:
+def _patch_extractor_origins(length, win, step, mirror):
+    """Window starts of HoVer-Net's PatchExtractor along one axis (misc/patch_extractor.py:
+    ``mirror`` pads by ``(win - step) // 2`` first; then windows at ``step`` while they fit,
+    plus one flush with the end when they do not end there), in unpadded coordinates."""
+    pad = (win - step) // 2 if mirror else 0
+    length += (win - step) if mirror else 0
+    last = (math.floor((length - win) / step) + 1) * step
+    starts = list(range(0, last, step)) + ([length - win] if (length - win) % step else [])
+    return [s - pad for s in starts]
+
+
+@pytest.mark.parametrize("windows", ["mirror", "valid"])
+@pytest.mark.parametrize(("input_size", "output_size"), [(256, 164), (270, 80)])
+def test_window_origins_are_hovernets_patches_and_cover_the_image(windows, input_size, output_size):
+    margin = (input_size - output_size) // 2
+    for shape in [(1000, 1000), (256, 300), (420, 256), (270, 500)]:
+        if windows == "valid" and min(shape) < input_size:
+            continue  # no valid window (training refuses such tiles)
+        origins = window_origins(shape, input_size, output_size, windows=windows)
+        expected = [_patch_extractor_origins(length, input_size, output_size, windows == "mirror") for length in shape]
+        assert sorted(map(tuple, origins.tolist())) == sorted((r, c) for r in expected[0] for c in expected[1])
         for rng in (None, np.random.default_rng(3)):
-            origins = window_origins(shape, 256, 164, rng)
+            origins = window_origins(shape, input_size, output_size, rng, windows=windows)
             covered = np.zeros(shape, bool)
             for r, c in origins:
-                assert 0 <= r <= shape[0] - 256 and 0 <= c <= shape[1] - 256
-                covered[r + 46 : r + 210, c + 46 : c + 210] = True
-            # every pixel except the outer 46 px band is the output of some window
-            assert covered[46:-46, 46:-46].all()
+                low, high = (-margin, margin) if windows == "mirror" else (0, 0)
+                assert low <= r <= shape[0] - input_size + high and low <= c <= shape[1] - input_size + high
+                covered[r + margin : r + margin + output_size, c + margin : c + margin + output_size] = True
+            if windows == "mirror":  # every pixel is the output of some window
+                assert covered.all()
+            else:  # every pixel except the outer band
+                assert covered[margin:-margin, margin:-margin].all() and not covered[:margin].any()
+    with pytest.raises(ValueError, match="`windows` must be one of \\('mirror', 'valid'\\), got 'same'"):
+        window_origins((300, 300), 256, 164, windows="same")
+
+
+def test_a_window_beyond_the_tile_shows_it_mirrored(tmp_path):
+    tiles = _tiles(tmp_path, 1, 256)
+    image, np_t, _ = cut_window(tiles, 0, (-46, 46), 256, 164, None, np.random.default_rng(0))
+    padded = np.pad(tiles.images[0], ((46, 46), (46, 46), (0, 0)), mode="reflect")  # HoVer-Net's padding
+    np.testing.assert_array_equal(image, padded[0:256, 92:348])
+    # the output region is the tile's own rows 0..163 and columns 92..255
+    np.testing.assert_array_equal(np_t > 0, tiles.maps[0][:164, 92:] > 0)
 
 
 def test_mixing_by_ratio_and_by_pool(tmp_path):
     real, synthetic = _tiles(tmp_path / "r", 3, 256), _tiles(tmp_path / "s", 5, 256, seed=10)
     mixed = MixedBatches(real, synthetic, ratio=0.5, batch=4, input_size=256, output_size=164, augment=None)
     plan = mixed.epoch(np.random.default_rng(0))
-    # every real window once; each batch half synthetic
-    assert sorted(i for b in plan for t, i, _ in b if t is real) == [0, 1, 2]
+    # every real window once (2 x 2 per 256 px tile); each batch half synthetic
+    assert sorted(i for b in plan for t, i, _ in b if t is real) == [0] * 4 + [1] * 4 + [2] * 4
     assert all(sum(t is synthetic for t, _, _ in b) == 2 for b in plan)
     pooled = MixedBatches(real, synthetic, ratio="pool", batch=4, input_size=256, output_size=164, augment=None)
     flat = [w for b in pooled.epoch(np.random.default_rng(0)) for w in b]
-    assert len(flat) == 8 and sum(t is synthetic for t, _, _ in flat) == 5
+    assert len(flat) == 32 and sum(t is synthetic for t, _, _ in flat) == 20
+    # the same windows every epoch, HoVer-Net's 2 x 2 patches of a 256 px tile
+    again = {tuple(o) for b in pooled.epoch(np.random.default_rng(1)) for t, i, o in b if t is real and i == 0}
+    assert again == {(-46, -46), (-46, 46), (46, -46), (46, 46)}
+    sizes = {"batch": 4, "input_size": 256, "output_size": 164, "augment": None}
+    valid = MixedBatches(real, None, ratio="pool", windows="valid", **sizes)
+    assert sorted(i for b in valid.epoch(np.random.default_rng(0)) for _, i, _ in b) == [0, 1, 2]
     with pytest.raises(ValueError, match="must be in \\[0, 1\\) or 'pool', got 1.5"):
         MixedBatches(real, synthetic, ratio=1.5, batch=4, input_size=256, output_size=164, augment=None)
     for ratio, batch in ((0.6, 1), (0.9, 4), (0.75, 2)):  # rounds to a whole batch of synthetic windows

@@ -108,20 +108,41 @@ def load_tiles(
     return Tiles(folder, [p[0] for p in pairs], images, maps)
 
 
+#: how training windows are cut from a tile (HoVer-Net's ``extract_patches.py`` offers both)
+WINDOWS = ("mirror", "valid")
+
+
 def window_origins(
-    shape: tuple[int, int], input_size: int, output_size: int, rng: np.random.Generator | None = None
+    shape: tuple[int, int],
+    input_size: int,
+    output_size: int,
+    rng: np.random.Generator | None = None,
+    *,
+    windows: str = "mirror",
 ) -> np.ndarray:
-    """Top-left corners of input windows inside an image of ``shape`` whose output
-    regions cover it at stride ``output_size`` (the last window flush with the border);
-    with ``rng``, the grid is shifted by a random offset. Returns (K, 2) int."""
+    """Top-left corners of input windows whose output regions cover an image of ``shape``
+    at stride ``output_size``, the last one flush with the border.
+
+    ``windows="mirror"`` (HoVer-Net's default extraction, which the Nudiff paper's
+    ``extract_patches.py`` also uses): the output regions cover the whole image and the
+    input windows reach ``(input_size - output_size) // 2`` pixels beyond it, into the
+    image mirrored at its border (origins may be negative; :func:`cut_window` mirrors);
+    a 256 px tile gives 2 x 2 fast-mode windows. ``"valid"``: input windows inside the
+    image, so a band of that width along the border is never an output (a 256 px tile:
+    one window, its centre 164 px supervised, 41% of the tile). With ``rng``, the grid is
+    shifted by a random offset, plus a window flush with the start. Returns (K, 2) int.
+    """
+    if windows not in WINDOWS:
+        raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
+    margin = (input_size - output_size) // 2 if windows == "mirror" else 0
     axes = []
     for length in shape:
-        span = length - input_size
+        span = length + 2 * margin - input_size
         count = math.ceil(span / output_size) + 1 if span > 0 else 1
         starts = np.minimum(np.arange(count) * output_size, span)
         if rng is not None and span > 0:  # shifted grid, plus a window flush with the start
             starts = np.concatenate([[0], np.clip(starts + rng.integers(0, output_size), 0, span)])
-        axes.append(np.unique(starts))
+        axes.append(np.unique(starts) - margin)
     rows, cols = np.meshgrid(*axes, indexing="ij")
     return np.stack([rows.ravel(), cols.ravel()], axis=1)
 
@@ -313,9 +334,10 @@ def cut_window(
     if augment is not None and augment.affine:  # drawn first, from the same generator
         rows, cols = affine_source(tiles.maps[index].shape, (r, c), input_size, *augment.draw_affine(input_size, rng))
         image, inst = tiles.images[index][rows, cols], tiles.maps[index][rows, cols]
-    else:
-        image = tiles.images[index][r : r + input_size, c : c + input_size]
-        inst = tiles.maps[index][r : r + input_size, c : c + input_size]
+    else:  # mirrored where the window reaches beyond the tile (reflect-101, as HoVer-Net pads)
+        rows = _mirror(np.arange(r, r + input_size), tiles.maps[index].shape[0])
+        cols = _mirror(np.arange(c, c + input_size), tiles.maps[index].shape[1])
+        image, inst = tiles.images[index][np.ix_(rows, cols)], tiles.maps[index][np.ix_(rows, cols)]
     if augment is not None:
         image, inst = augment(image, inst, rng)
     np_target, hv_target = targets(inst, output_size)
@@ -328,6 +350,9 @@ class MixedBatches:
     ``ratio``: the share of each batch taken from the synthetic tiles (a float in
     [0, 1)), or ``"pool"`` to shuffle real and synthetic windows together (the paper's
     setting). An epoch is one pass over the real windows (with ``"pool"``: over all).
+    ``windows``: how tiles are cut (:func:`window_origins`): ``"mirror"``, HoVer-Net's
+    patches, the same in every epoch (a 256 px tile: 4 fast-mode windows); ``"valid"``,
+    windows inside the tile on a grid shifted at random each epoch.
     """
 
     def __init__(
@@ -340,7 +365,10 @@ class MixedBatches:
         input_size: int,
         output_size: int,
         augment: Augment | None,
+        windows: str = "mirror",
     ) -> None:
+        if windows not in WINDOWS:
+            raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
         if batch < 1:
             raise ValueError(f"`batch` must be >= 1, got {batch}")
         if synthetic is not None and ratio != "pool":
@@ -357,11 +385,16 @@ class MixedBatches:
                 )
         self.real, self.synthetic, self.ratio = real, synthetic, ratio
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
+        self.windows = windows
 
     def _windows(self, tiles: Tiles, rng: np.random.Generator) -> list[tuple[Tiles, int, np.ndarray]]:
         out = []
         for i, inst in enumerate(tiles.maps):
-            out.extend((tiles, i, o) for o in window_origins(inst.shape, self.input_size, self.output_size, rng))
+            # mirror: the reference's patches, the same every epoch (as its extract_patches writes
+            # them once; the augmentation varies them); valid: a grid shifted at random each epoch
+            shift = rng if self.windows == "valid" else None
+            origins = window_origins(inst.shape, self.input_size, self.output_size, shift, windows=self.windows)
+            out.extend((tiles, i, o) for o in origins)
         return [out[j] for j in rng.permutation(len(out))]
 
     def epoch(self, rng: np.random.Generator) -> list[list[tuple[Tiles, int, np.ndarray]]]:

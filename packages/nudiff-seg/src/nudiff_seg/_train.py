@@ -32,7 +32,7 @@ import torch
 from nudiff_diffusion import check_resume_settings, names_digest, read_train_state, refuse_train_state
 from nudiff_postproc._io import remove_stale_parts
 
-from ._data import Augment, MixedBatches, Tiles
+from ._data import WINDOWS, Augment, MixedBatches, Tiles
 from ._hovernet import CONFIG_NAME, HoVerNet, build_hovernet, save_hovernet
 from ._losses import MSGE_GRADIENTS, hovernet_loss
 from ._predict import score_pairs
@@ -75,8 +75,11 @@ class SegTrainConfig:
     seed: int = 0
     save_every: int = 50  # batches between resumable saves
     encoder_weights: str | None = None
+    windows: str = "mirror"  # how tiles are cut into windows (window_origins); "valid" before 2026-12-04
 
     def __post_init__(self) -> None:
+        if self.windows not in WINDOWS:
+            raise ValueError(f"`--windows` must be one of {WINDOWS}, got {self.windows!r}")
         if self.epochs < 1:
             raise ValueError(f"`--epochs` must be >= 1, got {self.epochs}")
         if self.frozen_epochs is not None and not 0 <= self.frozen_epochs <= self.epochs:
@@ -229,6 +232,7 @@ def train_hovernet(
             input_size=model.config.input_size,
             output_size=model.config.output_size,
             augment=augment,
+            windows=config.windows,
         )
         for phase, size in ((1, config.frozen_batch or config.batch), (2, config.batch))
     }
@@ -255,7 +259,7 @@ def train_hovernet(
             given,
             may_change=("save_every",),
             flags=_FLAG_NAMES,
-            required=("msge_gradients", "rng_streams", "augment"),
+            required=("msge_gradients", "rng_streams", "augment", "windows"),
         )
         try:
             model.load_state_dict(state["model"])

@@ -48,6 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         seed=args.seed,
         encoder_weights=args.encoder_weights,
+        windows=args.windows,
     )
     if args.synthetic_ratio != "pool" and not args.synthetic:
         raise ValueError(
@@ -281,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-affine",
         action="store_true",
         help="leave out HoVer-Net's affine augmentation (scale, shear, rotation, translation); keep the rest",
+    )
+    p.add_argument(
+        "--windows",
+        choices=("mirror", "valid"),
+        default="mirror",
+        help="mirror: the output regions cover each tile, the input mirrored beyond its border (HoVer-Net's "
+        "extract_patches, which the paper used); valid: inputs inside the tile, its border band never an output",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (resumable; for time-boxed runs)")
