@@ -214,7 +214,7 @@ def test_the_frozen_phases_batch_and_the_windows_are_passed_only_when_set(tmp_pa
     trainings = [line for line in result.stdout.splitlines() if "nudiff_seg.cli --quiet train" in line]
     assert len(trainings) == 2 and all("--frozen-batch 32" in line and "--windows valid" in line for line in trainings)
     default = _run(tmp_path / "out", "--dry-run").stdout
-    assert "--frozen-batch" not in default and "--windows" not in default
+    assert "--frozen-batch" not in default and default.count("--windows mirror") == 2  # always named
     assert "seg.frozen_batch must be >= 0, got -1" in _config_error("seg.frozen_batch=-1")
     assert "seg.windows 'same' must be one of ('mirror', 'valid')" in _config_error("seg.windows=same")
 

@@ -56,6 +56,12 @@ def test_window_origins_are_hovernets_patches_and_cover_the_image(windows, input
                 assert covered.all()
             else:  # every pixel except the outer band
                 assert covered[margin:-margin, margin:-margin].all() and not covered[:margin].any()
+    # a tile one output region wide has one mirror window, its output the tile itself
+    assert window_origins((164, 200), 256, 164).tolist() == [[-46, -46], [-46, -10]]
+    with pytest.raises(ValueError, match=r"an image of \(163, 300\) px has no mirror window: .* >= 164"):
+        window_origins((163, 300), 256, 164)
+    with pytest.raises(ValueError, match=r"an image of \(255, 300\) px has no valid window: .* >= 256"):
+        window_origins((255, 300), 256, 164, windows="valid")
     with pytest.raises(ValueError, match="`windows` must be one of \\('mirror', 'valid'\\), got 'same'"):
         window_origins((300, 300), 256, 164, windows="same")
 

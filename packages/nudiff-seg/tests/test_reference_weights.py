@@ -203,7 +203,7 @@ def test_encoder_weights_from_the_reference_preact_resnet50(tmp_path):
         load_encoder_weights(build_hovernet("hovernet-fast"), tmp_path / "other.pth")
 
 
-def test_import_hovernet_cli_makes_a_run_directory_that_predicts(tmp_path, capsys):
+def test_import_hovernet_cli_makes_a_run_directory_that_predicts(tmp_path, capsys, monkeypatch):
     config = HoVerNetConfig("fast", 8, (1, 1, 1, 1))
     source = _randomised(config, 4)
     _reference_file(source, tmp_path / "ref.tar", types=5)
@@ -227,6 +227,18 @@ def test_import_hovernet_cli_makes_a_run_directory_that_predicts(tmp_path, capsy
     before = (out / "model.safetensors").read_bytes()
     assert main(["import-hovernet", "--weights", str(tmp_path / "ref.tar"), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777  # not owner-only
+    # a failure while writing leaves neither --out nor the staging folder
+    import nudiff_seg._hovernet
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nudiff_seg._hovernet, "save_hovernet", fail)
+    assert main(["import-hovernet", "--weights", str(tmp_path / "ref.tar"), "--out", str(tmp_path / "new")]) == 2
+    assert "disk full" in capsys.readouterr().err
+    monkeypatch.undo()
     (tmp_path / "bad.tar").write_bytes(b"\0" * 100)
     assert main(["import-hovernet", "--weights", str(tmp_path / "bad.tar"), "--out", str(tmp_path / "new")]) == 2
     assert "bad.tar' could not be read" in capsys.readouterr().err

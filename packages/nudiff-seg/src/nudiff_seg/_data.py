@@ -2,9 +2,11 @@
 
 A dataset folder is the DESIGN.md layout (``images/NAME.png|tif`` + ``instance_maps/NAME.*``);
 real tiles, patches cut from them, and synthetic pairs all use it. Each epoch covers
-every image with input windows whose centres (the output region) tile it, shifted by a
-random offset; windows lie inside their image, so an image must be at least one input
-window wide. Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
+every image with input windows whose centres (the output regions) tile it: by default
+HoVer-Net's "mirror" patches, which reach beyond the image into its mirror image so that
+the outputs cover all of it (an image must be at least one output region wide), or
+"valid" windows inside the image on a randomly shifted grid (at least one input window
+wide). Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
 translation; nearest-neighbour, the tile mirrored beyond its border) and the 8 dihedral
 transforms applied to the image and the instance map *before* the targets are made (so the
 h/v targets transform equivariantly by construction), then HED stain jitter and
@@ -135,6 +137,9 @@ def window_origins(
     if windows not in WINDOWS:
         raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
     margin = (input_size - output_size) // 2 if windows == "mirror" else 0
+    least = output_size if windows == "mirror" else input_size
+    if min(shape) < least:  # an output region would reach beyond the image
+        raise ValueError(f"an image of {tuple(shape)} px has no {windows} window: its sides must be >= {least}")
     axes = []
     for length in shape:
         span = length + 2 * margin - input_size

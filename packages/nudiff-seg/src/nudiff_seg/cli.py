@@ -57,7 +57,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     device = _device(args)
     warn_if_emulated_precision(device, args.precision)
-    size = PRESETS[args.preset].input_size
+    # the smallest tile with a window: an output region (mirror) or an input window (valid)
+    size = PRESETS[args.preset].output_size if args.windows == "mirror" else PRESETS[args.preset].input_size
     names = read_name_list(args.subset) if args.subset else None
     real = load_tiles(args.real, names=names, min_size=size, what="--real")
     synthetic = load_tiles(args.synthetic, min_size=size, what="--synthetic") if args.synthetic else None
@@ -137,9 +138,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hovernet(args: argparse.Namespace) -> int:
+    import glob
     import os
     import shutil
-    import tempfile
+    import uuid
     from pathlib import Path
 
     from ._hovernet import save_hovernet
@@ -150,10 +152,14 @@ def _cmd_import_hovernet(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out '{out}' already exists; give a new folder for the imported model")
     model, record = load_reference_hovernet(args.weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.part"):  # a killed import's
+        shutil.rmtree(stale, ignore_errors=True)
+    # made by mkdir, so it gets the usual permissions (mkdtemp's are the owner's only)
+    staging = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    staging.mkdir()
     try:  # the folder appears whole or not at all
         save_hovernet(staging, model, extra={"imported": record})
-        os.replace(staging, out)
+        os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
