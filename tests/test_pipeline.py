@@ -209,14 +209,20 @@ def test_gradient_clipping_is_passed_only_where_it_is_not_the_default(tmp_path):
 
 
 def test_the_frozen_phases_batch_and_the_windows_are_passed_only_when_set(tmp_path):
-    result = _run(tmp_path / "out", "--set", "seg.frozen_batch=32", "--set", "seg.windows=valid", "--dry-run")
+    sets = ["--set", "seg.frozen_batch=32", "--set", "seg.windows=mirror", "--set", "seg.synthetic_windows=valid"]
+    result = _run(tmp_path / "out", *sets, "--dry-run")
     assert result.returncode == 0, result.stderr
     trainings = [line for line in result.stdout.splitlines() if "nudiff_seg.cli --quiet train" in line]
-    assert len(trainings) == 2 and all("--frozen-batch 32" in line and "--windows valid" in line for line in trainings)
+    assert len(trainings) == 2
+    assert all(
+        "--frozen-batch 32" in line and "--windows mirror --synthetic-windows valid" in line for line in trainings
+    )
     default = _run(tmp_path / "out", "--dry-run").stdout
-    assert "--frozen-batch" not in default and default.count("--windows mirror") == 2  # always named
+    # the windows always named (a stage from before the flags cut other synthetic windows)
+    assert "--frozen-batch" not in default and default.count("--windows valid --synthetic-windows mirror") == 2
     assert "seg.frozen_batch must be >= 0, got -1" in _config_error("seg.frozen_batch=-1")
     assert "seg.windows 'same' must be one of ('mirror', 'valid')" in _config_error("seg.windows=same")
+    assert "seg.synthetic_windows 'x' must be one of" in _config_error("seg.synthetic_windows=x")
 
 
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):

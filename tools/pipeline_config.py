@@ -84,7 +84,10 @@ DEFAULTS: dict[str, Any] = {
         # ImageNet ResNet-50 weights for the encoder: HoVer-Net's ImageNet-ResNet50-Preact_pytorch.tar or
         # torchvision's .pth / .safetensors; "": from scratch
         "encoder_weights": "",
-        "windows": "mirror",  # "mirror" (HoVer-Net's extract_patches: outputs cover each tile) or "valid"
+        # how the real and the synthetic tiles are cut: "valid" (windows inside the tile) or "mirror"
+        # (HoVer-Net's extract_patches: the outputs cover the tile, the input mirrored beyond it)
+        "windows": "valid",
+        "synthetic_windows": "mirror",
         "frozen_epochs": -1,  # phase-1 epochs with the encoder frozen; -1: nudiff-seg's default
         "frozen_batch": 0,  # phase 1's batch; 0: seg.batch
         "runs": [
@@ -427,8 +430,9 @@ def _check(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: prepare.fraction must be in (0, 1], got {config['prepare']['fraction']}")
     from nudiff_seg._data import WINDOWS
 
-    if config["seg"]["windows"] not in WINDOWS:
-        raise ConfigError(f"{source}: seg.windows {config['seg']['windows']!r} must be one of {WINDOWS}")
+    for key in ("windows", "synthetic_windows"):
+        if config["seg"][key] not in WINDOWS:
+            raise ConfigError(f"{source}: seg.{key} {config['seg'][key]!r} must be one of {WINDOWS}")
     weights = config["seg"]["encoder_weights"]
     if weights and not Path(weights).is_file():
         raise ConfigError(f"{source}: seg.encoder_weights file '{weights}' not found")

@@ -57,9 +57,9 @@ def test_window_origins_are_hovernets_patches_and_cover_the_image(windows, input
             else:  # every pixel except the outer band
                 assert covered[margin:-margin, margin:-margin].all() and not covered[:margin].any()
     # a tile one output region wide has one mirror window, its output the tile itself
-    assert window_origins((164, 200), 256, 164).tolist() == [[-46, -46], [-46, -10]]
+    assert window_origins((164, 200), 256, 164, windows="mirror").tolist() == [[-46, -46], [-46, -10]]
     with pytest.raises(ValueError, match=r"an image of \(163, 300\) px has no mirror window: .* >= 164"):
-        window_origins((163, 300), 256, 164)
+        window_origins((163, 300), 256, 164, windows="mirror")
     with pytest.raises(ValueError, match=r"an image of \(255, 300\) px has no valid window: .* >= 256"):
         window_origins((255, 300), 256, 164, windows="valid")
     with pytest.raises(ValueError, match="`windows` must be one of \\('mirror', 'valid'\\), got 'same'"):
@@ -79,18 +79,21 @@ def test_mixing_by_ratio_and_by_pool(tmp_path):
     real, synthetic = _tiles(tmp_path / "r", 3, 256), _tiles(tmp_path / "s", 5, 256, seed=10)
     mixed = MixedBatches(real, synthetic, ratio=0.5, batch=4, input_size=256, output_size=164, augment=None)
     plan = mixed.epoch(np.random.default_rng(0))
-    # every real window once (2 x 2 per 256 px tile); each batch half synthetic
-    assert sorted(i for b in plan for t, i, _ in b if t is real) == [0] * 4 + [1] * 4 + [2] * 4
+    # every real window once (valid: one per 256 px tile); each batch half synthetic
+    assert sorted(i for b in plan for t, i, _ in b if t is real) == [0, 1, 2]
     assert all(sum(t is synthetic for t, _, _ in b) == 2 for b in plan)
     pooled = MixedBatches(real, synthetic, ratio="pool", batch=4, input_size=256, output_size=164, augment=None)
     flat = [w for b in pooled.epoch(np.random.default_rng(0)) for w in b]
-    assert len(flat) == 32 and sum(t is synthetic for t, _, _ in flat) == 20
-    # the same windows every epoch, HoVer-Net's 2 x 2 patches of a 256 px tile
-    again = {tuple(o) for b in pooled.epoch(np.random.default_rng(1)) for t, i, o in b if t is real and i == 0}
+    # the synthetic tiles cut by mirror: 2 x 2 each, HoVer-Net's patches, the same every epoch
+    assert len(flat) == 3 + 5 * 4 and sum(t is synthetic for t, _, _ in flat) == 20
+    again = {tuple(o) for b in pooled.epoch(np.random.default_rng(1)) for t, i, o in b if t is synthetic and i == 0}
     assert again == {(-46, -46), (-46, 46), (46, -46), (46, 46)}
     sizes = {"batch": 4, "input_size": 256, "output_size": 164, "augment": None}
-    valid = MixedBatches(real, None, ratio="pool", windows="valid", **sizes)
-    assert sorted(i for b in valid.epoch(np.random.default_rng(0)) for _, i, _ in b) == [0, 1, 2]
+    swapped = MixedBatches(real, synthetic, ratio="pool", windows="mirror", synthetic_windows="valid", **sizes)
+    flat = [w for b in swapped.epoch(np.random.default_rng(0)) for w in b]
+    assert len(flat) == 3 * 4 + 5 and sum(t is synthetic for t, _, _ in flat) == 5
+    with pytest.raises(ValueError, match="`synthetic_windows` must be one of"):
+        MixedBatches(real, synthetic, ratio="pool", synthetic_windows="same", **sizes)
     with pytest.raises(ValueError, match="must be in \\[0, 1\\) or 'pool', got 1.5"):
         MixedBatches(real, synthetic, ratio=1.5, batch=4, input_size=256, output_size=164, augment=None)
     for ratio, batch in ((0.6, 1), (0.9, 4), (0.75, 2)):  # rounds to a whole batch of synthetic windows

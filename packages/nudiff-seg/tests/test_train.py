@@ -71,7 +71,9 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
             dataclasses.asdict(Augment()),
             "recorded no augmentation",
         ),
-        ("windows", "mirror", "recorded no --windows"),  # before 2026-12-04: valid windows, none recorded
+        # before 2026-12-04: valid windows for both, none recorded
+        ("windows", "valid", "recorded no --windows"),
+        ("synthetic_windows", "mirror", "recorded no --synthetic-windows"),
     ],
 )
 def test_a_state_saved_before_a_required_record_is_not_resumed(data, tmp_path, capsys, key, value, message):

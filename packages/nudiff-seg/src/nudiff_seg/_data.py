@@ -2,11 +2,11 @@
 
 A dataset folder is the DESIGN.md layout (``images/NAME.png|tif`` + ``instance_maps/NAME.*``);
 real tiles, patches cut from them, and synthetic pairs all use it. Each epoch covers
-every image with input windows whose centres (the output regions) tile it: by default
-HoVer-Net's "mirror" patches, which reach beyond the image into its mirror image so that
-the outputs cover all of it (an image must be at least one output region wide), or
-"valid" windows inside the image on a randomly shifted grid (at least one input window
-wide). Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
+every image with input windows whose centres (the output regions) tile it: "valid"
+windows inside the image on a randomly shifted grid (the default for real tiles, at least
+one input window wide), or HoVer-Net's "mirror" patches, which reach beyond the image into
+its mirror image so that the outputs cover all of it (the default for synthetic tiles, at
+least one output region wide). Augmentation: HoVer-Net's affine transform (scale, shear, rotation,
 translation; nearest-neighbour, the tile mirrored beyond its border) and the 8 dihedral
 transforms applied to the image and the instance map *before* the targets are made (so the
 h/v targets transform equivariantly by construction), then HED stain jitter and
@@ -120,19 +120,20 @@ def window_origins(
     output_size: int,
     rng: np.random.Generator | None = None,
     *,
-    windows: str = "mirror",
+    windows: str = "valid",
 ) -> np.ndarray:
     """Top-left corners of input windows whose output regions cover an image of ``shape``
     at stride ``output_size``, the last one flush with the border.
 
-    ``windows="mirror"`` (HoVer-Net's default extraction, which the Nudiff paper's
-    ``extract_patches.py`` also uses): the output regions cover the whole image and the
-    input windows reach ``(input_size - output_size) // 2`` pixels beyond it, into the
-    image mirrored at its border (origins may be negative; :func:`cut_window` mirrors);
-    a 256 px tile gives 2 x 2 fast-mode windows. ``"valid"``: input windows inside the
-    image, so a band of that width along the border is never an output (a 256 px tile:
-    one window, its centre 164 px supervised, 41% of the tile). With ``rng``, the grid is
-    shifted by a random offset, plus a window flush with the start. Returns (K, 2) int.
+    ``windows="valid"``: input windows inside the image, so a band of width
+    ``(input_size - output_size) // 2`` along the border is never an output (a 256 px
+    tile: one window, its centre 164 px supervised, 41% of the tile). ``"mirror"``
+    (HoVer-Net's default extraction, which the Nudiff paper's ``extract_patches.py`` also
+    uses): the output regions cover the whole image and the input windows reach that band's
+    width beyond it, into the image mirrored at its border (origins may be negative;
+    :func:`cut_window` mirrors); a 256 px tile gives 2 x 2 fast-mode windows. With
+    ``rng``, the grid is shifted by a random offset, plus a window flush with the start.
+    Returns (K, 2) int.
     """
     if windows not in WINDOWS:
         raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
@@ -355,9 +356,10 @@ class MixedBatches:
     ``ratio``: the share of each batch taken from the synthetic tiles (a float in
     [0, 1)), or ``"pool"`` to shuffle real and synthetic windows together (the paper's
     setting). An epoch is one pass over the real windows (with ``"pool"``: over all).
-    ``windows``: how tiles are cut (:func:`window_origins`): ``"mirror"``, HoVer-Net's
-    patches, the same in every epoch (a 256 px tile: 4 fast-mode windows); ``"valid"``,
-    windows inside the tile on a grid shifted at random each epoch.
+    ``windows`` and ``synthetic_windows``: how the real and the synthetic tiles are cut
+    (:func:`window_origins`): ``"valid"``, windows inside the tile on a grid shifted at
+    random each epoch; ``"mirror"``, HoVer-Net's patches, the same in every epoch (a 256 px
+    tile: 4 fast-mode windows).
     """
 
     def __init__(
@@ -370,10 +372,12 @@ class MixedBatches:
         input_size: int,
         output_size: int,
         augment: Augment | None,
-        windows: str = "mirror",
+        windows: str = "valid",
+        synthetic_windows: str = "mirror",
     ) -> None:
-        if windows not in WINDOWS:
-            raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
+        for name, value in (("windows", windows), ("synthetic_windows", synthetic_windows)):
+            if value not in WINDOWS:
+                raise ValueError(f"`{name}` must be one of {WINDOWS}, got {value!r}")
         if batch < 1:
             raise ValueError(f"`batch` must be >= 1, got {batch}")
         if synthetic is not None and ratio != "pool":
@@ -390,15 +394,16 @@ class MixedBatches:
                 )
         self.real, self.synthetic, self.ratio = real, synthetic, ratio
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
-        self.windows = windows
+        self.windows, self.synthetic_windows = windows, synthetic_windows
 
     def _windows(self, tiles: Tiles, rng: np.random.Generator) -> list[tuple[Tiles, int, np.ndarray]]:
+        mode = self.synthetic_windows if tiles is self.synthetic else self.windows
         out = []
         for i, inst in enumerate(tiles.maps):
             # mirror: the reference's patches, the same every epoch (as its extract_patches writes
             # them once; the augmentation varies them); valid: a grid shifted at random each epoch
-            shift = rng if self.windows == "valid" else None
-            origins = window_origins(inst.shape, self.input_size, self.output_size, shift, windows=self.windows)
+            shift = rng if mode == "valid" else None
+            origins = window_origins(inst.shape, self.input_size, self.output_size, shift, windows=mode)
             out.extend((tiles, i, o) for o in origins)
         return [out[j] for j in rng.permutation(len(out))]
 

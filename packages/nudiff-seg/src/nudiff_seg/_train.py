@@ -75,11 +75,13 @@ class SegTrainConfig:
     seed: int = 0
     save_every: int = 50  # batches between resumable saves
     encoder_weights: str | None = None
-    windows: str = "mirror"  # how tiles are cut into windows (window_origins); "valid" before 2026-12-04
+    windows: str = "valid"  # how the real tiles are cut into windows (window_origins)
+    synthetic_windows: str = "mirror"  # and the synthetic ones ("valid" before 2026-12-04)
 
     def __post_init__(self) -> None:
-        if self.windows not in WINDOWS:
-            raise ValueError(f"`--windows` must be one of {WINDOWS}, got {self.windows!r}")
+        for flag, value in (("--windows", self.windows), ("--synthetic-windows", self.synthetic_windows)):
+            if value not in WINDOWS:
+                raise ValueError(f"`{flag}` must be one of {WINDOWS}, got {value!r}")
         if self.epochs < 1:
             raise ValueError(f"`--epochs` must be >= 1, got {self.epochs}")
         if self.frozen_epochs is not None and not 0 <= self.frozen_epochs <= self.epochs:
@@ -233,6 +235,7 @@ def train_hovernet(
             output_size=model.config.output_size,
             augment=augment,
             windows=config.windows,
+            synthetic_windows=config.synthetic_windows,
         )
         for phase, size in ((1, config.frozen_batch or config.batch), (2, config.batch))
     }
@@ -259,7 +262,7 @@ def train_hovernet(
             given,
             may_change=("save_every",),
             flags=_FLAG_NAMES,
-            required=("msge_gradients", "rng_streams", "augment", "windows"),
+            required=("msge_gradients", "rng_streams", "augment", "windows", "synthetic_windows"),
         )
         try:
             model.load_state_dict(state["model"])

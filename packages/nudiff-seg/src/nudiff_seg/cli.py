@@ -49,6 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         encoder_weights=args.encoder_weights,
         windows=args.windows,
+        synthetic_windows=args.synthetic_windows,
     )
     if args.synthetic_ratio != "pool" and not args.synthetic:
         raise ValueError(
@@ -58,10 +59,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     device = _device(args)
     warn_if_emulated_precision(device, args.precision)
     # the smallest tile with a window: an output region (mirror) or an input window (valid)
-    size = PRESETS[args.preset].output_size if args.windows == "mirror" else PRESETS[args.preset].input_size
+    least = {"mirror": PRESETS[args.preset].output_size, "valid": PRESETS[args.preset].input_size}
     names = read_name_list(args.subset) if args.subset else None
-    real = load_tiles(args.real, names=names, min_size=size, what="--real")
-    synthetic = load_tiles(args.synthetic, min_size=size, what="--synthetic") if args.synthetic else None
+    real = load_tiles(args.real, names=names, min_size=least[args.windows], what="--real")
+    synthetic = (
+        load_tiles(args.synthetic, min_size=least[args.synthetic_windows], what="--synthetic")
+        if args.synthetic
+        else None
+    )
     val = load_tiles(args.val, what="--val") if args.val else None
     print(
         f"training {args.preset} on {len(real)} real"
@@ -291,10 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--windows",
-        choices=("mirror", "valid"),
+        choices=("valid", "mirror"),
+        default="valid",
+        help="how the real tiles are cut: valid, input windows inside the tile (the border band is context "
+        "only); mirror, the output regions cover the tile, the input mirrored beyond it (HoVer-Net's "
+        "extract_patches, which the paper used on its patches)",
+    )
+    p.add_argument(
+        "--synthetic-windows",
+        choices=("valid", "mirror"),
         default="mirror",
-        help="mirror: the output regions cover each tile, the input mirrored beyond its border (HoVer-Net's "
-        "extract_patches, which the paper used); valid: inputs inside the tile, its border band never an output",
+        help="how the synthetic tiles are cut (they have no context beyond them: valid would leave their border "
+        "band unsupervised, 59%% of a 256 px tile)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (resumable; for time-boxed runs)")
