@@ -208,7 +208,7 @@ def test_gradient_clipping_is_passed_only_where_it_is_not_the_default(tmp_path):
     )
 
 
-def test_the_frozen_phases_batch_and_the_windows_are_passed_only_when_set(tmp_path):
+def test_the_frozen_phases_batch_is_passed_when_set_and_the_windows_always(tmp_path):
     sets = ["--set", "seg.frozen_batch=32", "--set", "seg.windows=mirror", "--set", "seg.synthetic_windows=valid"]
     result = _run(tmp_path / "out", *sets, "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -315,8 +315,8 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         command += cli_args("--encoder-weights", seg["encoder_weights"]) if seg["encoder_weights"] else []
         command += cli_args("--frozen-epochs", seg["frozen_epochs"]) if seg["frozen_epochs"] >= 0 else []
         command += cli_args("--frozen-batch", seg["frozen_batch"]) if seg["frozen_batch"] > 0 else []
-        # always named: a stage that ran before the flags existed cut valid synthetic windows (with
-        # the same command line otherwise), so its marker must not match a run of today's default
+        # always named: stages that ran before these flags (or with only --windows) cut the synthetic
+        # tiles otherwise under the same command line, so their markers must not match
         command += cli_args("--windows", seg["windows"], "--synthetic-windows", seg["synthetic_windows"])
         deps = ["prepare"] + (["synthetic-seg"] if run["synthetic"] else [])
         add(

@@ -69,13 +69,18 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def load_tiles(
-    folder: str | os.PathLike[str], *, names: list[str] | None = None, min_size: int = 1, what: str = "--real"
+    folder: str | os.PathLike[str],
+    *,
+    names: list[str] | None = None,
+    min_size: int = 1,
+    what: str = "--real",
+    size_reason: str = "the model's input window",
 ) -> Tiles:
     """Read a dataset folder (optionally only ``names``), checking every pair.
 
     Raises ``ValueError`` naming the folder or file when an image lacks its map, the
     two differ in size, an image is not RGB, a listed name is missing, or an image is
-    smaller than ``min_size`` (one input window).
+    smaller than ``min_size`` (what ``size_reason`` says needs that size, for the message).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -100,8 +105,7 @@ def load_tiles(
                 else ""
             )
             raise ValueError(
-                f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; "
-                f"the model's input window needs {min_size}x{min_size}{hint}"
+                f"'{image_path}' is {inst.shape[0]}x{inst.shape[1]}; {size_reason} needs {min_size}x{min_size}{hint}"
             )
         images.append(image)
         if int(inst.max(initial=0)) > np.iinfo(np.int32).max:  # ids past int32 would wrap and merge nuclei
@@ -396,8 +400,7 @@ class MixedBatches:
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
         self.windows, self.synthetic_windows = windows, synthetic_windows
 
-    def _windows(self, tiles: Tiles, rng: np.random.Generator) -> list[tuple[Tiles, int, np.ndarray]]:
-        mode = self.synthetic_windows if tiles is self.synthetic else self.windows
+    def _windows(self, tiles: Tiles, mode: str, rng: np.random.Generator) -> list[tuple[Tiles, int, np.ndarray]]:
         out = []
         for i, inst in enumerate(tiles.maps):
             # mirror: the reference's patches, the same every epoch (as its extract_patches writes
@@ -409,11 +412,11 @@ class MixedBatches:
 
     def epoch(self, rng: np.random.Generator) -> list[list[tuple[Tiles, int, np.ndarray]]]:
         """The windows of one epoch, grouped into batches (the last one may be short)."""
-        real = self._windows(self.real, rng)
+        real = self._windows(self.real, self.windows, rng)
         if self.synthetic is None or self.ratio == 0:
             flat = real
         elif self.ratio == "pool":
-            both = real + self._windows(self.synthetic, rng)
+            both = real + self._windows(self.synthetic, self.synthetic_windows, rng)
             flat = [both[j] for j in rng.permutation(len(both))]
         else:
             n_syn = round(self.batch * float(self.ratio))
@@ -422,7 +425,7 @@ class MixedBatches:
             batches = []
             for start in range(0, len(real), n_real):
                 while len(synthetic) < n_syn:
-                    synthetic.extend(self._windows(self.synthetic, rng))
+                    synthetic.extend(self._windows(self.synthetic, self.synthetic_windows, rng))
                 batches.append(real[start : start + n_real] + synthetic[:n_syn])
                 synthetic = synthetic[n_syn:]
             return batches

@@ -60,10 +60,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     warn_if_emulated_precision(device, args.precision)
     # the smallest tile with a window: an output region (mirror) or an input window (valid)
     least = {"mirror": PRESETS[args.preset].output_size, "valid": PRESETS[args.preset].input_size}
+    out_px = f"{least['mirror']}x{least['mirror']}"
+
+    def reason(flag: str, mode: str) -> str:
+        if mode == "mirror":
+            return f"a {flag} mirror window (the model's output region)"
+        return f"a {flag} valid window (the model's input window; {flag} mirror needs {out_px})"
+
     names = read_name_list(args.subset) if args.subset else None
-    real = load_tiles(args.real, names=names, min_size=least[args.windows], what="--real")
+    real = load_tiles(
+        args.real,
+        names=names,
+        min_size=least[args.windows],
+        what="--real",
+        size_reason=reason("--windows", args.windows),
+    )
     synthetic = (
-        load_tiles(args.synthetic, min_size=least[args.synthetic_windows], what="--synthetic")
+        load_tiles(
+            args.synthetic,
+            min_size=least[args.synthetic_windows],
+            what="--synthetic",
+            size_reason=reason("--synthetic-windows", args.synthetic_windows),
+        )
         if args.synthetic
         else None
     )
