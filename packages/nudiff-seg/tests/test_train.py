@@ -71,7 +71,6 @@ def test_a_resume_with_other_settings_is_refused_by_flag(data, tmp_path, capsys)
             dataclasses.asdict(Augment()),
             "recorded no augmentation",
         ),
-        ("windows", "valid", "recorded no --windows"),  # before 2026-12-04: valid windows, none recorded
     ],
 )
 def test_a_state_saved_before_a_required_record_is_not_resumed(data, tmp_path, capsys, key, value, message):
@@ -88,20 +87,29 @@ def test_a_state_saved_before_a_required_record_is_not_resumed(data, tmp_path, c
     assert f"older version that {message}" in capsys.readouterr().err
 
 
-def test_a_run_that_recorded_one_windows_mode_resumes_with_it_for_both_sets(data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("dropped", "windows"),
+    [  # recorded on 2026-12-04 before the two were separate: one mode for both sets
+        (("synthetic_windows",), "mirror"),
+        (("windows", "synthetic_windows"), "valid"),  # before the flags: every tile cut valid
+    ],
+)
+def test_an_older_run_resumes_with_the_windows_it_was_cut_with(data, tmp_path, capsys, dropped, windows):
     import json
 
-    # recorded on 2026-12-04 before the sets were separate: "windows" cut real and synthetic tiles
     out = tmp_path / "run"
-    assert _train(data, out, "--max-batches", "1", "--windows", "mirror", "--synthetic-windows", "mirror") == 0
+    assert _train(data, out, "--max-batches", "1", "--windows", windows, "--synthetic-windows", windows) == 0
     state = torch.load(out / "train_state.pt", weights_only=True)
     settings = json.loads(state["settings"])
-    assert settings["train"].pop("synthetic_windows") == "mirror"
+    for key in dropped:
+        assert settings["train"].pop(key) == windows
     state["settings"] = json.dumps(settings)
     torch.save(state, out / "train_state.pt")
-    assert _train(data, out, "--resume", "--windows", "mirror", "--synthetic-windows", "valid") == 2
-    assert "--synthetic-windows 'mirror', this resume gives 'valid'" in capsys.readouterr().err
-    assert _train(data, out, "--resume", "--max-batches", "1", "--windows", "mirror") == 0
+    other = "valid" if windows == "mirror" else "mirror"
+    assert _train(data, out, "--resume", "--windows", windows, "--synthetic-windows", other) == 2
+    assert f"--synthetic-windows '{windows}', this resume gives '{other}'" in capsys.readouterr().err
+    same = ["--windows", windows, "--synthetic-windows", windows]
+    assert _train(data, out, "--resume", "--max-batches", "1", *same) == 0
 
 
 def test_an_epochs_plan_and_its_batches_draw_from_streams_of_their_own():

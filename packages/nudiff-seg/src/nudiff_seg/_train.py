@@ -254,9 +254,10 @@ def train_hovernet(
         # the folders may move; what must not change is the images they hold
         ignore = {"real", "synthetic"} if "real_images" in saved else set()
         given = {k: v for k, v in train_settings.items() if k not in ignore}
-        if "windows" in saved and "synthetic_windows" not in saved:
-            # recorded from 2026-12-04 until the two were separate: one mode cut both sets
-            saved["synthetic_windows"] = saved["windows"]
+        # what older runs did without recording it: before the windows flags every tile was cut
+        # valid; from their first version until the two were separate, one mode cut both sets
+        saved.setdefault("windows", "valid")
+        saved.setdefault("synthetic_windows", saved["windows"])
         if saved.get("encoder_weights") and given.get("encoder_weights"):
             given["encoder_weights"] = saved["encoder_weights"]  # the state holds the weights: their file may move
         check_resume_settings(
@@ -265,7 +266,7 @@ def train_hovernet(
             given,
             may_change=("save_every",),
             flags=_FLAG_NAMES,
-            required=("msge_gradients", "rng_streams", "augment", "windows", "synthetic_windows"),
+            required=("msge_gradients", "rng_streams", "augment"),
         )
         try:
             model.load_state_dict(state["model"])
