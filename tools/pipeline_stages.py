@@ -196,10 +196,11 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch}"] + command[1:]
         return command
 
+    defaults = _train_flag_defaults()
+
     def common(section: dict[str, Any]) -> list[Any]:
         # optimiser flags only where they are not the commands' defaults: earlier runs' commands stay the same
-        defaults = _train_flag_defaults()
-        clip = [
+        optimiser_flags = [
             word
             for key, default in defaults.items()
             if section[key] != default
@@ -210,7 +211,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
             section["batch"],
             "--ema",
             section["ema"],
-            *clip,
+            *optimiser_flags,
             "--save-every",
             section["save_every"],
             "--resume",

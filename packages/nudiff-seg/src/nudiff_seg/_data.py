@@ -344,10 +344,14 @@ def cut_window(
     if augment is not None and augment.affine:  # drawn first, from the same generator
         rows, cols = affine_source(tiles.maps[index].shape, (r, c), input_size, *augment.draw_affine(input_size, rng))
         image, inst = tiles.images[index][rows, cols], tiles.maps[index][rows, cols]
-    else:  # mirrored where the window reaches beyond the tile (reflect-101, as HoVer-Net pads)
-        rows = _mirror(np.arange(r, r + input_size), tiles.maps[index].shape[0])
-        cols = _mirror(np.arange(c, c + input_size), tiles.maps[index].shape[1])
-        image, inst = tiles.images[index][np.ix_(rows, cols)], tiles.maps[index][np.ix_(rows, cols)]
+    else:
+        height, width = tiles.maps[index].shape
+        if 0 <= r and r + input_size <= height and 0 <= c and c + input_size <= width:  # views, no copy
+            image = tiles.images[index][r : r + input_size, c : c + input_size]
+            inst = tiles.maps[index][r : r + input_size, c : c + input_size]
+        else:  # mirrored where the window reaches beyond the tile (reflect-101, as HoVer-Net pads)
+            rows, cols = _mirror(np.arange(r, r + input_size), height), _mirror(np.arange(c, c + input_size), width)
+            image, inst = tiles.images[index][np.ix_(rows, cols)], tiles.maps[index][np.ix_(rows, cols)]
     if augment is not None:
         image, inst = augment(image, inst, rng)
     np_target, hv_target = targets(inst, output_size)

@@ -146,8 +146,12 @@ def load_encoder_from_reference(model: HoVerNet, path: str | os.PathLike[str]) -
     the same function) or the encoder of a trained HoVer-Net. Every encoder tensor must be
     in the file; the rest of the file (bottleneck, decoders) is not read. In place;
     returns ``model``."""
-    path = Path(path)
-    state = _renamed(read_state_dict(path))
+    return _load_encoder(model, read_state_dict(path), Path(path))
+
+
+def _load_encoder(model: HoVerNet, state: dict[str, torch.Tensor], path: Path) -> HoVerNet:
+    """:func:`load_encoder_from_reference` of a file's tensors already read."""
+    state = _renamed(state)
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
     given = {k: v for k, v in state.items() if k.startswith(_ENCODER_PREFIXES)}
     what = f"this model's encoder ({model.config.mode}, width 1/{model.config.width_divisor})"
@@ -159,10 +163,11 @@ def load_encoder_weights(model: HoVerNet, path: str | os.PathLike[str]) -> HoVer
     """``nudiff-seg train --encoder-weights``: a reference file (its stem is ``conv0./``)
     through :func:`load_encoder_from_reference`, a torchvision ResNet-50 (``conv1``)
     through :func:`nudiff_seg.load_encoder_from_torchvision`."""
-    keys = read_state_dict(path).keys()
+    state = read_state_dict(path)
+    keys = state.keys()
     if "conv0./.weight" in keys:
-        return load_encoder_from_reference(model, path)
-    if "conv1.weight" in keys:
+        return _load_encoder(model, state, Path(path))
+    if "conv1.weight" in keys:  # read again there (torchvision's loader takes a file)
         return load_encoder_from_torchvision(model, path)
     raise ValueError(
         f"'{path}' is neither HoVer-Net's encoder (no 'conv0./.weight') nor a torchvision ResNet-50 "
