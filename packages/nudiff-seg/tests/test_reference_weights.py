@@ -13,6 +13,7 @@ from nudiff_seg import (
     HoVerNet,
     HoVerNetConfig,
     build_hovernet,
+    load_encoder_from_torchvision,
     load_encoder_weights,
     load_hovernet,
     load_reference_hovernet,
@@ -196,8 +197,12 @@ def test_encoder_weights_from_the_reference_preact_resnet50(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit this model's encoder \(fast, width 1/8\).*wrong shape"):
         load_encoder_weights(build_hovernet("light"), tmp_path / "ImageNet-ResNet50-Preact_pytorch.tar")
     # a torchvision ResNet-50 goes its own way; anything else is named
+    torch.manual_seed(4)
     torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
-    load_encoder_weights(build_hovernet("hovernet-fast"), tmp_path / "resnet50.pth")
+    dispatched = load_encoder_weights(build_hovernet("hovernet-fast"), tmp_path / "resnet50.pth").state_dict()
+    direct = load_encoder_from_torchvision(build_hovernet("hovernet-fast"), tmp_path / "resnet50.pth").state_dict()
+    assert torch.equal(dispatched["d2.units.3.conv2.weight"], direct["d2.units.3.conv2.weight"])
+    assert all(torch.equal(dispatched[k], direct[k]) for k in encoder)
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="neither HoVer-Net's encoder .* nor a torchvision ResNet-50"):
         load_encoder_weights(build_hovernet("hovernet-fast"), tmp_path / "other.pth")
@@ -241,5 +246,5 @@ def test_import_hovernet_cli_makes_a_run_directory_that_predicts(tmp_path, capsy
     monkeypatch.undo()
     (tmp_path / "bad.tar").write_bytes(b"\0" * 100)
     assert main(["import-hovernet", "--weights", str(tmp_path / "bad.tar"), "--out", str(tmp_path / "new")]) == 2
-    assert "bad.tar' could not be read" in capsys.readouterr().err
+    assert "error: --weights: '" in (err := capsys.readouterr().err) and "bad.tar' could not be read" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".new", "new"))) == []

@@ -172,6 +172,21 @@ def test_bad_numbers_fail_before_any_work(data, tmp_path, capsys, extra, message
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("absent.pth", None, "weights file not found"),
+        ("bad.pth", b"not a torch file", "could not be read as a weights file"),
+    ],
+)
+def test_unusable_encoder_weights_are_named_by_their_flag(data, tmp_path, capsys, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    assert _train(data, tmp_path / "run", "--encoder-weights", str(tmp_path / name)) == 2
+    err = capsys.readouterr().err
+    assert "error: --encoder-weights: " in err and name in err and message in err, err
+
+
 def test_diverged_weights_are_never_saved(data, tmp_path, capsys, monkeypatch):
     """A batch whose loss is finite but whose gradient is NaN (0 * d sqrt(0)) turns the
     weights to NaN in Adam's step; only the check before saving can catch it."""

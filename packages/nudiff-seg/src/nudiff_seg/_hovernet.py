@@ -347,13 +347,23 @@ def load_encoder_from_torchvision(model: HoVerNet, path: str | os.PathLike[str])
     pre-activation ResNet-50, ``ImageNet-ResNet50-Preact_pytorch.tar``, which
     :func:`nudiff_seg.load_encoder_from_reference` loads as it is).
     """
-    from ._resnet import load_resnet_weights, resnet50
+    from ._weights_file import read_state_dict
+
+    return _encoder_from_torchvision_state(model, read_state_dict(path), path)
+
+
+def _encoder_from_torchvision_state(
+    model: HoVerNet, state: dict[str, torch.Tensor], path: str | os.PathLike[str]
+) -> HoVerNet:
+    """:func:`load_encoder_from_torchvision` of a file's tensors already read (``path``
+    names them in messages)."""
+    from ._resnet import _fit_resnet_state, resnet50
 
     if model.config.width_divisor != 1 or model.config.blocks != (3, 4, 6, 3):
         raise ValueError(
             "ImageNet ResNet-50 weights fit only the full-width presets (hovernet-fast, hovernet-original)"
         )
-    src = load_resnet_weights(resnet50(), path).state_dict()
+    src = _fit_resnet_state(resnet50(), state, path).state_dict()
     dst = model.state_dict()
     pairs = {"conv0./.weight": "conv1.weight"}
     for suffix in ("weight", "bias", "running_mean", "running_var"):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from nudiff_postproc._io import file_sha256
 
-from ._hovernet import HoVerNet, HoVerNetConfig, load_encoder_from_torchvision
+from ._hovernet import HoVerNet, HoVerNetConfig, _encoder_from_torchvision_state
 from ._weights_file import read_state_dict
 
 __all__ = ["load_encoder_from_reference", "load_encoder_weights", "load_reference_hovernet", "nudiff_key"]
@@ -167,8 +167,8 @@ def load_encoder_weights(model: HoVerNet, path: str | os.PathLike[str]) -> HoVer
     keys = state.keys()
     if "conv0./.weight" in keys:
         return _load_encoder(model, state, Path(path))
-    if "conv1.weight" in keys:  # read again there (torchvision's loader takes a file)
-        return load_encoder_from_torchvision(model, path)
+    if "conv1.weight" in keys:
+        return _encoder_from_torchvision_state(model, state, path)
     raise ValueError(
         f"'{path}' is neither HoVer-Net's encoder (no 'conv0./.weight') nor a torchvision ResNet-50 "
         f"(no 'conv1.weight'); its first keys: {sorted(keys)[:3]}"

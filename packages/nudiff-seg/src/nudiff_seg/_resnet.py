@@ -132,7 +132,11 @@ def load_resnet_weights(model: ResNet, path: str | os.PathLike[str]) -> ResNet:
     the file; ``fc.*`` (backbone-only files) and BatchNorm's ``num_batches_tracked``
     (files from before PyTorch 0.4.1) may be absent.
     """
-    state = read_state_dict(path)
+    return _fit_resnet_state(model, read_state_dict(path), path)
+
+
+def _fit_resnet_state(model: ResNet, state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> ResNet:
+    """:func:`load_resnet_weights` of a file's tensors already read (``path`` names them)."""
     expected = model.state_dict()
     # torchvision files saved before PyTorch 0.4.1 (resnet50-19c8e357.pth) have no BatchNorm
     # step counters, which load_state_dict itself also lets pass

@@ -224,7 +224,10 @@ def train_hovernet(
         torch.manual_seed(config.seed)
         model = build_hovernet(config.preset).to(device)
     if config.encoder_weights:
-        load_encoder_weights(model, config.encoder_weights)
+        try:
+            load_encoder_weights(model, config.encoder_weights)
+        except (ValueError, OSError) as exc:  # the messages name the file: name the setting too
+            raise type(exc)(f"--encoder-weights: {exc}") from exc
     batches = {  # per phase: its batch size
         phase: MixedBatches(
             real,

@@ -173,7 +173,10 @@ def _cmd_import_hovernet(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"--out '{out}' already exists; give a new folder for the imported model")
-    model, record = load_reference_hovernet(args.weights)
+    try:
+        model, record = load_reference_hovernet(args.weights)
+    except (ValueError, OSError) as exc:  # the messages name the file: name the flag too
+        raise type(exc)(f"--weights: {exc}") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.*.part"):  # a killed import's
         shutil.rmtree(stale, ignore_errors=True)
