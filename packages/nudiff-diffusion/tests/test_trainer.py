@@ -400,7 +400,7 @@ def test_the_learning_rate_rises_then_falls_in_each_cycle():
     assert 0 < learning_rate(cycle, 9999) < 1e-10
     with pytest.raises(ValueError, match="lr_warmup < lr_cycle"):
         TrainConfig(lr_cycle=100, lr_warmup=100)
-    with pytest.raises(ValueError, match="`optimizer` must be 'adamw' or 'adam'"):
+    with pytest.raises(ValueError, match=r"`optimizer` must be one of \('adamw', 'adam'\), got 'sgd'"):
         TrainConfig(optimizer="sgd")
 
 

@@ -77,7 +77,7 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be 'adamw' or 'adam', got {self.optimizer!r}")
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_cycle < 0 or self.lr_warmup < 0 or (self.lr_warmup and self.lr_warmup >= self.lr_cycle):
             raise ValueError(
                 f"`lr_cycle` and `lr_warmup` must be >= 0 with lr_warmup < lr_cycle when warming up, "
