@@ -228,7 +228,10 @@ def test_export_trt_without_tensorrt_says_what_to_install_and_writes_nothing(run
 @pytest.mark.skipif(not HAVE_TENSORRT, reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_engines_build_check_and_sample(runs):
     build = _tool("export_trt")
-    for name, graph, extra in (("s_trt", "s_onnx", []), ("h_trt", "h_guided", ["--fp16"])):
+    # a float16 graph builds strongly typed (TensorRT 11's only way to float16)
+    assert _export_tool()([str(runs / "s"), "-o", str(runs / "s_onnx16" / "model.onnx"), "--fp16"]) == 0
+    cases = (("s_trt", "s_onnx", []), ("h_trt", "h_guided", ["--fp16"]), ("s_trt16", "s_onnx16", ["--fp16"]))
+    for name, graph, extra in cases:
         out = runs / name / "model.plan"
         assert build([str(runs / graph / "model.onnx"), "-o", str(out), "--opt-batch", "2", *extra]) == 0
         config = json.loads((runs / name / "config.json").read_text())

@@ -3,15 +3,18 @@
     python tools/export_trt.py engines/histo/model.onnx -o engines/histo-trt/model.plan \\
         [--fp16 | --bf16] [--min-batch 1 --opt-batch 8 --max-batch 16] [--workspace 4] [--timing-cache FILE]
 
-Needs TensorRT 10 and an NVIDIA GPU (``pip install nudiff-diffusion[trt]`` on a machine with
-an NVIDIA driver); without them it stops with a message that says what is missing, writing
-nothing. The builder parses the float32 graph (an ``eps`` or ``--guided`` export), sets one
-optimisation profile over the batch axis (min/opt/max; max at most the graph's
-``--batch-max``), lets TensorRT use float16 (``--fp16``) or bfloat16 (``--bf16``) kernels
-while normalisation and softmax layers stay float32, serializes the engine, checks it
-against ONNX Runtime on random inputs and writes ``config.json`` beside it (a folder of its
-own). ``nudiff-histo sample --engine model.plan`` / ``nudiff-structure sample --engine``
-then run it. Not executed in this project's workplace (no TensorRT there).
+Needs TensorRT 10 or 11 and an NVIDIA GPU (``pip install nudiff-diffusion[trt]`` on a
+machine with an NVIDIA driver); without them it stops with a message that says what is
+missing, writing nothing. The builder parses the graph (an ``eps`` or ``--guided`` export),
+sets one optimisation profile over the batch axis (min/opt/max; max at most the graph's
+``--batch-max``), serializes the engine, checks it against ONNX Runtime on random inputs and
+writes ``config.json`` beside it (a folder of its own). Precision: from a float32 graph,
+``--fp16`` / ``--bf16`` let TensorRT 10 use float16 / bfloat16 kernels while normalisation
+and softmax layers stay float32 (weakly typed; TensorRT 11 removed this); from a float16
+graph (``tools/export_onnx.py ... --fp16``), ``--fp16`` builds a strongly typed network that
+keeps the graph's types (TensorRT 10 and 11). ``nudiff-histo sample --engine model.plan`` /
+``nudiff-structure sample --engine`` then run it. Not executed in this project's workplace
+(no TensorRT there).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("onnx", help="the .onnx graph (config.json beside it)")
     parser.add_argument("-o", "--output", required=True, help="the engine to write (.plan or .engine)")
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="allow float16 kernels")
+    precision.add_argument(
+        "--fp16", action="store_true", help="float16: kernels of a float32 graph, or the types of a float16 graph"
+    )
     precision.add_argument("--bf16", action="store_true", help="allow bfloat16 kernels")
     parser.add_argument("--min-batch", type=int, default=1, help="smallest batch of the profile")
     parser.add_argument("--opt-batch", type=int, help="batch TensorRT tunes for (default: --max-batch)")

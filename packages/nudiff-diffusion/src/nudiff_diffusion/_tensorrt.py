@@ -1,7 +1,7 @@
 """TensorRT: building an engine from an exported ONNX graph, and running it behind the same
 ``eps(x, t, cond)``.
 
-Written to the TensorRT 10 Python API (``tensorrt``: builder, ONNX parser, optimisation
+Written to the TensorRT 10 and 11 Python API (``tensorrt``: builder, ONNX parser, optimisation
 profile, ``execute_async_v3`` with tensor addresses). Neither part has been executed in
 this project's workplace, which has no TensorRT (see the nudiff-diffusion README); what runs
 here is everything around them: the argument checks and the error when TensorRT or a CUDA
@@ -93,10 +93,12 @@ def check_engine_args(
             f"'{onnx_path}' is a {config.get('layout')!r} export (two graphs); build engines from an "
             "'eps' or 'guided' export (tools/export_onnx.py without --cached-modulation)"
         )
-    if config.get("precision", "float32") != "float32":
+    graph_precision = config.get("precision", "float32")
+    if graph_precision != "float32" and precision != graph_precision:
         raise ValueError(
-            f"'{onnx_path}' is a {config['precision']} graph; build from the float32 graph and pass --fp16 "
-            "(TensorRT then keeps the normalisations and softmax in float32)"
+            f"'{onnx_path}' is a {graph_precision} graph, which builds strongly typed (the graph's own types, "
+            f"its normalisations and softmax already float32): pass --fp16; for a {precision} engine, build from "
+            "the float32 graph"
         )
     if plan_path.suffix not in (".plan", ".engine"):
         raise ValueError(f"'{plan_path}': the engine's name must end in .plan or .engine")
@@ -158,12 +160,15 @@ def build_engine(
     Parameters
     ----------
     onnx_path : path
-        A float32 ``eps`` or ``guided`` graph of ``tools/export_onnx.py``.
+        An ``eps`` or ``guided`` graph of ``tools/export_onnx.py``: float32, or float16
+        (``--fp16``) with ``precision="float16"``, built strongly typed (TensorRT 11's only
+        kind of network).
     plan_path : path
         The serialized engine (``.plan`` / ``.engine``), in a folder of its own.
     precision : {"float32", "float16", "bfloat16"}
-        Reduced precision lets TensorRT pick float16 / bfloat16 kernels; normalisation and
-        softmax layers stay float32 (precision constraints obeyed).
+        With a float32 graph, reduced precision lets TensorRT pick float16 / bfloat16
+        kernels; normalisation and softmax layers stay float32 (precision constraints
+        obeyed; TensorRT 10 only). A float16 graph needs "float16": its types are kept.
     min_batch, opt_batch, max_batch : int
         The optimisation profile over the batch axis (default: 1, max, the graph's limit).
     workspace_gib : float
@@ -188,22 +193,34 @@ def build_engine(
         timing_cache=timing_cache,
     )
     trt = require_tensorrt(plan_path)
-    if precision != "float32" and not hasattr(trt.BuilderFlag, "FP16" if precision == "float16" else "BF16"):
+    # a float16 graph (export_onnx --fp16) carries its types: a strongly typed network keeps
+    # them (TensorRT 10 with the flag; TensorRT 11 builds nothing else and ignores the flag).
+    # A float32 graph with --fp16/--bf16 is weakly typed: TensorRT picks the kernels' types.
+    strongly_typed = config.get("precision", "float32") != "float32"
+    weak_flag = {"float16": "FP16", "bfloat16": "BF16"}.get(precision)
+    if not strongly_typed and weak_flag and not hasattr(trt.BuilderFlag, weak_flag):
+        hint = (
+            "export a float16 graph (tools/export_onnx.py CHECKPOINT_DIR -o model.onnx --fp16) and build from it "
+            "with --fp16, which builds strongly typed"
+            if precision == "float16"
+            else "build a float32 engine"
+        )
         raise EngineUnavailableError(
-            f"TensorRT {trt.__version__} has no weakly typed {precision} builds (TensorRT 11 removed the precision "
-            "flags this builder sets); build a float32 engine, or install TensorRT 10: pip install 'tensorrt>=10,<11'"
+            f"TensorRT {trt.__version__} has no weakly typed {precision} builds of a float32 graph (TensorRT 11 "
+            f"removed the precision flags): {hint}, or install TensorRT 10: pip install 'tensorrt>=10,<11'"
         )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) if strongly_typed else None
+    network = builder.create_network(0 if typed_flag is None else 1 << int(typed_flag))  # batch: always explicit
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"TensorRT could not parse '{onnx_path}': {errors}")
     build = builder.create_builder_config()
     build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if precision != "float32":
-        build.set_flag(trt.BuilderFlag.FP16 if precision == "float16" else trt.BuilderFlag.BF16)
+    if weak_flag and not strongly_typed:  # (a strongly typed network refuses layer precisions)
+        build.set_flag(getattr(trt.BuilderFlag, weak_flag))
         build.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         keep = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
         for i in range(network.num_layers):
