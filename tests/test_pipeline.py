@@ -225,6 +225,26 @@ def test_the_frozen_phases_batch_is_passed_when_set_and_the_windows_always(tmp_p
     assert "seg.synthetic_windows 'x' must be one of" in _config_error("seg.synthetic_windows=x")
 
 
+def test_a_runs_synthetic_share_of_each_batch_is_passed_and_checked_first(tmp_path):
+    runs = (
+        'seg.runs=[{name="pooled", real="subset", synthetic=true, epochs=1}, '
+        '{name="half", real="subset", synthetic=true, epochs=2, synthetic_ratio=0.5}]'
+    )
+    result = _run(tmp_path / "out", "--set", runs, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    trainings = [line for line in result.stdout.splitlines() if "nudiff_seg.cli --quiet train" in line]
+    assert ["--synthetic-ratio pool" in t and "seg/pooled" in t for t in trainings] == [True, False]
+    assert ["--synthetic-ratio 0.5" in t and "seg/half" in t for t in trainings] == [False, True]
+    for run, message in (
+        ("synthetic=false, epochs=1, synthetic_ratio=0.5", "must be 'pool' or, with synthetic = true, a share"),
+        ("synthetic=true, epochs=1, synthetic_ratio=1.0", "(0, 1), got 1.0 (synthetic = true)"),
+        ('synthetic=true, epochs=1, synthetic_ratio="half"', "got 'half'"),
+        # nudiff-seg's rule for the batch (seg.batch 4), before any work
+        ("synthetic=true, epochs=1, synthetic_ratio=0.1", "synthetic_ratio (seg.batch 4) 0.1 of a batch of 4 is no"),
+    ):
+        assert message in _config_error(f'seg.runs=[{{name="a", real="subset", {run}}}]'), run
+
+
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     result = _run(tmp_path / "out", "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -314,3 +334,12 @@ def test_end_to_end_killed_midway_resumes_and_writes_the_report(tmp_path):
     )
     assert changed.returncode == 2
     assert "stage histo-sample" in changed.stderr and "--redo histo-sample" in changed.stderr
+
+
+def test_the_report_plots_hovernet_losses_against_the_windows_seen():
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    from pipeline_report import windows_seen
+
+    rows = [{"epoch": "1", "windows": "22"}, {"epoch": "2", "windows": "22"}, {"epoch": "3", "windows": "534"}]
+    assert windows_seen(rows) == [22, 44, 578] and windows_seen([]) == []

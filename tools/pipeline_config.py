@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 SEG_RUN_KEYS = {"name": str, "real": str, "synthetic": bool, "epochs": int}
+#: keys a run may leave out, and their defaults: "pool" shuffles real and synthetic windows
+#: together (the paper); a number in (0, 1) is the synthetic share of every batch
+SEG_RUN_OPTIONAL = {"synthetic_ratio": "pool"}
 
 #: Defaults of every section and key (types are taken from these values).
 DEFAULTS: dict[str, Any] = {
@@ -155,11 +158,12 @@ def _typed(value: Any, default: Any, name: str, source: str) -> Any:
 def _seg_run(run: Any, name: str, source: str) -> dict[str, Any]:
     if not isinstance(run, dict):
         raise ConfigError(f"{source}: {name} must be a table, got {run!r}")
-    unknown = sorted(set(run) - set(SEG_RUN_KEYS))
+    unknown = sorted(set(run) - set(SEG_RUN_KEYS) - set(SEG_RUN_OPTIONAL))
     missing = sorted(set(SEG_RUN_KEYS) - set(run))
     if unknown or missing:
         raise ConfigError(
-            f"{source}: {name} has unknown key(s) {unknown} / lacks {missing}; a run has {sorted(SEG_RUN_KEYS)}"
+            f"{source}: {name} has unknown key(s) {unknown} / lacks {missing}; a run has {sorted(SEG_RUN_KEYS)} "
+            f"and may have {sorted(SEG_RUN_OPTIONAL)}"
         )
     for key, kind in SEG_RUN_KEYS.items():
         if not isinstance(run[key], kind) or (kind is int and isinstance(run[key], bool)):
@@ -173,7 +177,16 @@ def _seg_run(run: Any, name: str, source: str) -> dict[str, Any]:
         )
     if run["epochs"] < 1:
         raise ConfigError(f"{source}: {name}.epochs must be >= 1, got {run['epochs']}")
-    return dict(run)
+    run = {**SEG_RUN_OPTIONAL, **run}
+    ratio = run["synthetic_ratio"]
+    if ratio != "pool" and (
+        not run["synthetic"] or isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1
+    ):
+        raise ConfigError(
+            f"{source}: {name}.synthetic_ratio must be 'pool' or, with synthetic = true, a share of each batch in "
+            f"(0, 1), got {ratio!r} (synthetic = {str(run['synthetic']).lower()})"
+        )
+    return run
 
 
 def _apply_overrides(given: dict[str, Any], overrides: list[str], source: str) -> None:
@@ -448,6 +461,17 @@ def _check(config: dict[str, Any], source: str) -> None:
             f"{source}: seg.frozen_epochs ({frozen}) must not exceed the epochs of every run "
             f"(run {shortest['name']!r} has {shortest['epochs']})"
         )
+    from nudiff_seg import check_synthetic_ratio
+
+    batches = {"seg.batch": config["seg"]["batch"]}
+    if config["seg"]["frozen_batch"] > 0 and frozen != 0:
+        batches["seg.frozen_batch"] = config["seg"]["frozen_batch"]
+    for i, run in enumerate(config["seg"]["runs"]):
+        for key, batch in batches.items():
+            try:  # nudiff-seg's own rule, checked here rather than when the training starts, hours in
+                check_synthetic_ratio(run["synthetic_ratio"], batch, f"seg.runs[{i}].synthetic_ratio ({key} {batch})")
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
     grid = synthetic_grid(config)  # synthetic-seg always runs (the judge scores its tiles)
     if config["sample"]["num"] < grid * grid:
         raise ConfigError(

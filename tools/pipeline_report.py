@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import itertools
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -105,8 +106,15 @@ def _real_vs_synthetic(out: Path, n: int) -> np.ndarray | None:
     return picture_grid([[r, s] for r, s in zip(real[:k], synthetic[:k], strict=True)], columns=2)
 
 
+def windows_seen(rows: list[dict[str, str]]) -> list[int]:
+    """The training windows a HoVer-Net run had seen at the end of each epoch of its
+    ``log.csv`` rows (the running sum of their ``windows`` column)."""
+    return list(itertools.accumulate(int(r["windows"]) for r in rows))
+
+
 def _curves(out: Path, config: dict[str, Any], path: Path) -> bool:
-    """Training losses of the diffusion models (per step) and of each HoVer-Net (per epoch)."""
+    """Training losses of the diffusion models (per step) and of each HoVer-Net (per epoch,
+    against the windows it had seen)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,13 +137,17 @@ def _curves(out: Path, config: dict[str, Any], path: Path) -> bool:
             [offset + int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], ".-", label=label, markersize=3
         )
         drawn = True
-    for run in config["seg"]["runs"]:
-        rows = _log(out / "seg" / run["name"] / "log.csv")
-        if rows:
-            axes[2].plot([int(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows], "o-", label=run["name"])
-            drawn = True
+    seg_logs = [(run["name"], _log(out / "seg" / run["name"] / "log.csv")) for run in config["seg"]["runs"]]
+    seg_logs = [(name, rows) for name, rows in seg_logs if rows]
+    # the runs' common budget is windows, not epochs (22 to 784 windows an epoch): x = windows seen
+    by_windows = all("windows" in rows[0] for _, rows in seg_logs)
+    for name, rows in seg_logs:
+        xs = windows_seen(rows) if by_windows else [int(r["epoch"]) for r in rows]
+        axes[2].plot(xs, [float(r["loss"]) for r in rows], ".-", label=name, markersize=4)
+        drawn = True
     titles = ("structure model (hybrid loss)", "histology model (hybrid loss)", "HoVer-Net (CE + Dice + MSE + MSGE)")
-    for ax, title, xlabel in zip(axes, titles, ("step", "step", "epoch"), strict=True):
+    seg_x = "windows seen (epochs' ends)" if by_windows else "epoch"
+    for ax, title, xlabel in zip(axes, titles, ("step", "step", seg_x), strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_yscale("log")
@@ -215,10 +227,10 @@ def report_blocks(
             windows = str(sum(int(r["windows"]) for r in log))
         else:  # a log from before nudiff-seg counted windows: full batches, an upper bound
             windows = f"<= {sum(int(r['batches']) for r in log) * config['seg']['batch']}"
-        rows.append(
-            [run["name"], real + (" + synthetic" if run["synthetic"] else ""), epochs, windows]
-            + [_fmt(mean.get(k)) for k in METRICS]
-        )
+        if run["synthetic"]:
+            ratio = run.get("synthetic_ratio", "pool")
+            real += " + synthetic" + ("" if ratio == "pool" else f", {ratio:.0%} of each batch")
+        rows.append([run["name"], real, epochs, windows] + [_fmt(mean.get(k)) for k in METRICS])
     header = ["run", "training data", "epochs", "windows", "Dice", "AJI", "AJI+", "DQ", "SQ", "PQ"]
     blocks.append(("table", header, rows))
     empty = [r["name"] for r in config["seg"]["runs"] if _predicted_nuclei(out, r["name"]) == 0]

@@ -310,7 +310,7 @@ def build_stages(config: dict[str, Any]) -> list[Stage]:
         command = cli("nudiff_seg", "train", "--real", data / "patches")
         command += cli_args("--subset", data / "subset.txt") if run["real"] == "subset" else []
         if run["synthetic"]:
-            command += cli_args("--synthetic", out / "synthetic-seg", "--synthetic-ratio", "pool")
+            command += cli_args("--synthetic", out / "synthetic-seg", "--synthetic-ratio", run["synthetic_ratio"])
         command += cli_args("--preset", seg["preset"], "--epochs", run["epochs"], "--batch", seg["batch"])
         command += cli_args("--lr", seg["lr"], "--seed", seg["seed"], "--out", out / "seg" / name, "--resume")
         command += cli_args("--encoder-weights", seg["encoder_weights"]) if seg["encoder_weights"] else []

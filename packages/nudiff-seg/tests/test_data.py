@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -357,3 +358,21 @@ def test_augmented_hue_moves_by_at_most_hovernets_8_units():
         hue = rgb2hsv(image[:1, :1] / 255.0)[0, 0, 0]
         shifts.append(min(hue, 1 - hue))  # red sits at hue 0
     assert max(shifts) <= 8 / 180 + 2e-3 and max(shifts) > 0.9 * 8 / 180  # 8 OpenCV units: 16 degrees
+
+
+def test_a_synthetic_share_that_a_batch_cannot_keep_is_refused_by_name():
+    from nudiff_seg import check_synthetic_ratio
+
+    for ratio, batch in (("pool", 1), (0, 4), (0.5, 4), (0.25, 4), (0.7, 4)):  # 0.7 of 4: 3 synthetic, 1 real
+        check_synthetic_ratio(ratio, batch)
+    for ratio, batch, message in (
+        (1.0, 4, "`--synthetic-ratio` must be in [0, 1) or 'pool', got 1.0"),
+        (True, 4, "got True"),
+        ("half", 4, "got 'half'"),
+        (0.1, 4, "`--synthetic-ratio` 0.1 of a batch of 4 is no synthetic window"),
+        (0.9, 4, "0.9 of a batch of 4 leaves no real window (it rounds to 4 synthetic)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_synthetic_ratio(ratio, batch)
+    with pytest.raises(ValueError, match=re.escape("runs[0].synthetic_ratio 0.1 of a batch of 2")):
+        check_synthetic_ratio(0.1, 2, "runs[0].synthetic_ratio")

@@ -7,7 +7,7 @@ inference (:mod:`._predict`), HoVer-Net's own released weights (:mod:`._referenc
 and a torchvision-layout ResNet for ImageNet weights and patch embeddings.
 """
 
-from ._data import Augment, MixedBatches, Tiles, load_tiles, read_name_list, window_origins
+from ._data import Augment, MixedBatches, Tiles, check_synthetic_ratio, load_tiles, read_name_list, window_origins
 from ._features import IMAGENET_MEAN, IMAGENET_STD, load_backbone, patch_embeddings
 from ._hovernet import (
     PRESETS,
@@ -38,6 +38,7 @@ __all__ = [
     "SegTrainConfig",
     "Tiles",
     "build_hovernet",
+    "check_synthetic_ratio",
     "hovernet_loss",
     "load_backbone",
     "load_encoder_from_reference",

@@ -39,6 +39,7 @@ __all__ = [
     "window_origins",
     "cut_window",
     "MixedBatches",
+    "check_synthetic_ratio",
 ]
 
 
@@ -358,6 +359,25 @@ def cut_window(
     return np.ascontiguousarray(image), np_target, hv_target
 
 
+def check_synthetic_ratio(ratio: float | str, batch: int, name: str = "`--synthetic-ratio`") -> None:
+    """Refuse a share of synthetic windows per batch that :class:`MixedBatches` cannot
+    keep: ``"pool"``, or a number in [0, 1) that leaves a batch of ``batch`` at least one
+    real window and, when above 0, at least one synthetic one. ``name`` names the setting
+    in the message (a flag, or the pipeline's config key)."""
+    if ratio == "pool":
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) or 'pool', got {ratio!r}")
+    synthetic = round(batch * float(ratio))
+    if synthetic == 0 and float(ratio) > 0:
+        raise ValueError(f"{name} {ratio} of a batch of {batch} is no synthetic window; raise either")
+    if synthetic >= batch:
+        raise ValueError(
+            f"{name} {ratio} of a batch of {batch} leaves no real window (it rounds to {synthetic} synthetic); "
+            "lower it or raise the batch"
+        )
+
+
 class MixedBatches:
     """Batches of windows from real and (optionally) synthetic tiles.
 
@@ -388,18 +408,8 @@ class MixedBatches:
                 raise ValueError(f"`{name}` must be one of {WINDOWS}, got {value!r}")
         if batch < 1:
             raise ValueError(f"`batch` must be >= 1, got {batch}")
-        if synthetic is not None and ratio != "pool":
-            if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-                raise ValueError(f"`--synthetic-ratio` must be in [0, 1) or 'pool', got {ratio!r}")
-            if round(batch * float(ratio)) == 0 and float(ratio) > 0:
-                raise ValueError(
-                    f"`--synthetic-ratio` {ratio} of a batch of {batch} is no synthetic window; raise either"
-                )
-            if round(batch * float(ratio)) >= batch:
-                raise ValueError(
-                    f"`--synthetic-ratio` {ratio} of a batch of {batch} leaves no real window (it rounds to "
-                    f"{round(batch * float(ratio))} synthetic); lower it or raise `--batch`"
-                )
+        if synthetic is not None:
+            check_synthetic_ratio(ratio, batch)
         self.real, self.synthetic, self.ratio = real, synthetic, ratio
         self.batch, self.input_size, self.output_size, self.augment = batch, input_size, output_size, augment
         self.windows, self.synthetic_windows = windows, synthetic_windows
