@@ -243,6 +243,10 @@ def test_a_runs_synthetic_share_of_each_batch_is_passed_and_checked_first(tmp_pa
         ("synthetic=true, epochs=1, synthetic_ratio=0.1", "synthetic_ratio (seg.batch 4) 0.1 of a batch of 4 is no"),
     ):
         assert message in _config_error(f'seg.runs=[{{name="a", real="subset", {run}}}]'), run
+    # phase 1's batch too, which nudiff-seg builds even for 0 frozen epochs
+    quarter = 'seg.runs=[{name="a", real="subset", synthetic=true, epochs=1, synthetic_ratio=0.25}]'
+    message = "synthetic_ratio (seg.frozen_batch 2) 0.25 of a batch of 2 is no synthetic window"
+    assert message in _config_error(quarter, "seg.frozen_epochs=0", "seg.frozen_batch=2")
 
 
 def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):

@@ -464,7 +464,7 @@ def _check(config: dict[str, Any], source: str) -> None:
     from nudiff_seg import check_synthetic_ratio
 
     batches = {"seg.batch": config["seg"]["batch"]}
-    if config["seg"]["frozen_batch"] > 0 and frozen != 0:
+    if config["seg"]["frozen_batch"] > 0:  # nudiff-seg builds phase 1's batches even for 0 frozen epochs
         batches["seg.frozen_batch"] = config["seg"]["frozen_batch"]
     for i, run in enumerate(config["seg"]["runs"]):
         for key, batch in batches.items():

@@ -229,7 +229,8 @@ def report_blocks(
             windows = f"<= {sum(int(r['batches']) for r in log) * config['seg']['batch']}"
         if run["synthetic"]:
             ratio = run.get("synthetic_ratio", "pool")
-            real += " + synthetic" + ("" if ratio == "pool" else f", {ratio:.0%} of each batch")
+            batch = config["seg"]["batch"]  # the share a batch gets: round(batch x ratio) windows
+            real += " + synthetic" + ("" if ratio == "pool" else f", {round(batch * ratio)} of every {batch} windows")
         rows.append([run["name"], real, epochs, windows] + [_fmt(mean.get(k)) for k in METRICS])
     header = ["run", "training data", "epochs", "windows", "Dice", "AJI", "AJI+", "DQ", "SQ", "PQ"]
     blocks.append(("table", header, rows))

@@ -75,7 +75,8 @@ def _tensorrt(version: str, *, weak_flags: bool) -> types.ModuleType:
     trt.float32 = "float32"
     flags = ["TF32"] + (["FP16", "BF16", "OBEY_PRECISION_CONSTRAINTS"] if weak_flags else [])
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    # TensorRT 10: EXPLICIT_BATCH (ignored) = 0, STRONGLY_TYPED = 1; TensorRT 11: STRONGLY_TYPED = 0
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1 if weak_flags else 0)
     trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", REDUCE="REDUCE")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.built = []
@@ -159,7 +160,7 @@ def test_fp16_of_a_float32_graph_on_tensorrt_10_pins_normalisation_and_softmax(g
 def test_a_float16_graph_builds_strongly_typed_without_precision_flags(graphs, monkeypatch, version):
     trt = _tensorrt(version, weak_flags=version.startswith("10"))
     network, config = _build(graphs, monkeypatch, trt, "float16", "float16")
-    assert network.flags == 1 << 0  # 1 << STRONGLY_TYPED
+    assert network.flags == 1 << (1 if version.startswith("10") else 0)  # 1 << STRONGLY_TYPED
     assert config.flags == [] and all(layer.precision is None and not layer.output_types for layer in network.layers)
 
 
