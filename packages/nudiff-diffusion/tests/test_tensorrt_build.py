@@ -125,10 +125,10 @@ def graphs(tmp_path_factory):
     return root
 
 
-def _build(graphs, monkeypatch, trt, graph: str, precision: str, name: str = "engine"):
+def _build(graphs, monkeypatch, trt, graph: str, precision: str):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = graphs.parent / f"{graphs.name}-{name}" / "model.plan"
+    plan = graphs.parent / f"{graphs.name}-engine" / "model.plan"
     with pytest.raises(RuntimeError, match="TensorRT failed to build an engine from"):
         build_engine(graphs / graph / "model.onnx", plan, precision=precision, opt_batch=2)
     assert not plan.parent.exists() or not any(plan.parent.iterdir())  # nothing written
@@ -137,7 +137,7 @@ def _build(graphs, monkeypatch, trt, graph: str, precision: str, name: str = "en
 
 
 @pytest.mark.parametrize("version", ["10.13.0", "11.0.0"])
-def test_a_float32_graph_builds_weakly_typed_in_float32_on_either_version(graphs, monkeypatch, version):
+def test_a_float32_graph_builds_float32_without_flags_on_either_version(graphs, monkeypatch, version):
     trt = _tensorrt(version, weak_flags=version.startswith("10"))
     network, config = _build(graphs, monkeypatch, trt, "float32", "float32")
     assert network.flags == 0 and config.flags == []
