@@ -119,6 +119,12 @@ def load_tiles(
 WINDOWS = ("mirror", "valid")
 
 
+def smallest_tile(windows: str, input_size: int, output_size: int) -> int:
+    """The shortest tile side that has a window: one output region (``"mirror"``, the
+    input mirrored beyond the tile) or one input window (``"valid"``)."""
+    return output_size if windows == "mirror" else input_size
+
+
 def window_origins(
     shape: tuple[int, int],
     input_size: int,
@@ -143,7 +149,7 @@ def window_origins(
     if windows not in WINDOWS:
         raise ValueError(f"`windows` must be one of {WINDOWS}, got {windows!r}")
     margin = (input_size - output_size) // 2 if windows == "mirror" else 0
-    least = output_size if windows == "mirror" else input_size
+    least = smallest_tile(windows, input_size, output_size)
     if min(shape) < least:  # an output region would reach beyond the image
         raise ValueError(f"an image of {tuple(shape)} px has no {windows} window: its sides must be >= {least}")
     axes = []

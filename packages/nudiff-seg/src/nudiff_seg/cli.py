@@ -32,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nudiff_diffusion import warn_if_emulated_precision
     from nudiff_postproc._io import check_output_outside
 
-    from ._data import load_tiles, read_name_list
+    from ._data import load_tiles, read_name_list, smallest_tile
     from ._hovernet import PRESETS
     from ._train import DEFAULT_AUGMENT, NO_AFFINE, SegTrainConfig, train_hovernet
 
@@ -58,8 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     device = _device(args)
     warn_if_emulated_precision(device, args.precision)
-    # the smallest tile with a window: an output region (mirror) or an input window (valid)
-    least = {"mirror": PRESETS[args.preset].output_size, "valid": PRESETS[args.preset].input_size}
+    sizes = PRESETS[args.preset].input_size, PRESETS[args.preset].output_size
+    least = {mode: smallest_tile(mode, *sizes) for mode in ("mirror", "valid")}
     out_px = f"{least['mirror']}x{least['mirror']}"
 
     def reason(flag: str, mode: str) -> str:
